@@ -1,0 +1,568 @@
+//! The signed objects Millrace writes to object storage.
+//!
+//! Every object is one signed envelope:
+//!
+//! ```text
+//! "MLRC" | kind u8 | version u8 | key id (u8 length + UTF-8) | payload (u32 length + bytes) | Ed25519 signature (64)
+//! ```
+//!
+//! The signature covers everything before it, so the kind, version and signer are bound to the
+//! content. Decoding is strict: the envelope is checked, the signature verified against a
+//! [`KeyRing`], and the payload parsed to its last byte; trailing bytes are refused. Encoding is
+//! deterministic (Ed25519 is), so a rerun produces byte-identical objects and create-only writes
+//! can compare instead of overwrite.
+
+use sha2::{Digest, Sha256};
+
+use crate::codec::{Reader, Writer};
+use crate::crypto::{KeyRing, Signer25519, ENCAPPED_KEY_LEN, SIGNATURE_LEN};
+use crate::error::FormatError;
+use crate::vdaf::ReportId;
+
+const MAGIC: &[u8; 4] = b"MLRC";
+
+/// The kinds of signed object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    IngestionBatch = 1,
+    ValidationBatch = 2,
+    VerifyStates = 3,
+    SumPart = 4,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::IngestionBatch => "ingestion batch",
+            Kind::ValidationBatch => "validation batch",
+            Kind::VerifyStates => "verify-state batch",
+            Kind::SumPart => "sum part",
+        }
+    }
+}
+
+/// Format versions this build writes and reads.
+pub const INGESTION_VERSION: u8 = 1;
+pub const VALIDATION_VERSION: u8 = 1;
+pub const VERIFY_STATES_VERSION: u8 = 1;
+pub const SUM_PART_VERSION: u8 = 1;
+
+fn seal(kind: Kind, version: u8, signer: &Signer25519, payload: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let mut w = Writer::with_capacity(payload.len() + 96);
+    w.raw(MAGIC);
+    w.u8(kind as u8);
+    w.u8(version);
+    w.short_str(signer.key_id())?;
+    w.bytes(payload)?;
+    let signature = signer.sign(&w.buf);
+    w.raw(&signature);
+    Ok(w.buf)
+}
+
+/// Checks the envelope and signature; returns the signer's key id and the payload.
+fn open<'a>(
+    kind: Kind,
+    version: u8,
+    keys: &KeyRing,
+    bytes: &'a [u8],
+) -> Result<(String, &'a [u8]), FormatError> {
+    let mut r = Reader::new(bytes);
+    if r.take(4, "magic").map_err(|_| FormatError::BadMagic)? != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let found = r.u8("kind")?;
+    if found != kind as u8 {
+        return Err(FormatError::WrongKind {
+            expected: kind.name(),
+            found,
+        });
+    }
+    let found_version = r.u8("version")?;
+    if found_version != version {
+        return Err(FormatError::UnsupportedVersion {
+            what: kind.name(),
+            found: found_version,
+            supported: version,
+        });
+    }
+    let key_id = r.short_str("key id")?;
+    let payload = r.bytes("payload")?;
+    let signed_len = r.position();
+    let signature: [u8; SIGNATURE_LEN] = r.array("signature")?;
+    r.finish(kind.name())?;
+    keys.verify(&key_id, &bytes[..signed_len], &signature)?;
+    Ok((key_id, payload))
+}
+
+/// One client report as a facilitator receives it: the public share in the clear and this
+/// facilitator's input share encrypted to its HPKE key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptedReport {
+    pub report_id: ReportId,
+    pub public_share: Vec<u8>,
+    pub encapped_key: [u8; ENCAPPED_KEY_LEN],
+    pub ciphertext: Vec<u8>,
+}
+
+/// A batch of reports from one ingestor for one facilitator, written as one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngestionBatch {
+    pub aggregation: String,
+    pub batch_id: String,
+    /// The facilitator (0 or 1) whose key the input shares are encrypted to.
+    pub facilitator: u8,
+    /// When the batch was collected (unix seconds); decides its time partition and window.
+    pub time: i64,
+    pub reports: Vec<EncryptedReport>,
+}
+
+/// HPKE `info` for input shares: binds the ciphertext to the aggregation and the recipient.
+pub fn input_share_info(aggregation: &str, facilitator: u8) -> Vec<u8> {
+    format!("millrace input share/{aggregation}/{facilitator}").into_bytes()
+}
+
+/// HPKE additional data for one input share: binds it to its report and public share.
+pub fn input_share_aad(report_id: &ReportId, public_share: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + public_share.len());
+    aad.extend_from_slice(report_id);
+    aad.extend_from_slice(public_share);
+    aad
+}
+
+impl IngestionBatch {
+    pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
+        let per_report: usize = self
+            .reports
+            .iter()
+            .map(|r| 16 + 8 + r.public_share.len() + ENCAPPED_KEY_LEN + r.ciphertext.len())
+            .sum();
+        let mut w = Writer::with_capacity(per_report + 128);
+        w.short_str(&self.aggregation)?;
+        w.short_str(&self.batch_id)?;
+        w.u8(self.facilitator);
+        w.i64(self.time);
+        w.u32(len_u32(self.reports.len())?);
+        for r in &self.reports {
+            w.raw(&r.report_id);
+            w.bytes(&r.public_share)?;
+            w.raw(&r.encapped_key);
+            w.bytes(&r.ciphertext)?;
+        }
+        seal(Kind::IngestionBatch, INGESTION_VERSION, signer, &w.buf)
+    }
+
+    /// Decodes and verifies; returns the batch and the ingestor key id that signed it.
+    pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
+        let (key_id, payload) = open(Kind::IngestionBatch, INGESTION_VERSION, keys, bytes)?;
+        let mut r = Reader::new(payload);
+        let aggregation = r.short_str("aggregation id")?;
+        let batch_id = r.short_str("batch id")?;
+        let facilitator = r.u8("facilitator")?;
+        let time = r.i64("time")?;
+        let n = r.count("reports", 16 + 4 + ENCAPPED_KEY_LEN + 4)?;
+        let mut reports = Vec::with_capacity(n);
+        for _ in 0..n {
+            reports.push(EncryptedReport {
+                report_id: r.array("report id")?,
+                public_share: r.bytes("public share")?.to_vec(),
+                encapped_key: r.array("encapsulated key")?,
+                ciphertext: r.bytes("ciphertext")?.to_vec(),
+            });
+        }
+        r.finish("ingestion batch payload")?;
+        Ok((
+            IngestionBatch {
+                aggregation,
+                batch_id,
+                facilitator,
+                time,
+                reports,
+            },
+            key_id,
+        ))
+    }
+}
+
+/// Why a report was marked invalid by a facilitator's intake-worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum InvalidReason {
+    /// HPKE decryption failed.
+    Undecryptable = 1,
+    /// The shares did not decode or `verify_init` refused them.
+    Unverifiable = 2,
+    /// The report id already appeared earlier in the batch.
+    Duplicate = 3,
+}
+
+impl InvalidReason {
+    fn from_u8(v: u8) -> Result<Self, FormatError> {
+        match v {
+            1 => Ok(InvalidReason::Undecryptable),
+            2 => Ok(InvalidReason::Unverifiable),
+            3 => Ok(InvalidReason::Duplicate),
+            other => Err(FormatError::Invalid(format!("unknown invalid reason {other}"))),
+        }
+    }
+}
+
+/// A facilitator's verdict on one report: its verifier share, or an explicit invalid entry so
+/// that both facilitators agree on which reports are excluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Valid(Vec<u8>),
+    Invalid(InvalidReason),
+}
+
+/// Per-report verdicts of one facilitator for one ingestion batch, in the batch's order. Written
+/// to the facilitator's own store and to its peer's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidationBatch {
+    pub aggregation: String,
+    pub batch_id: String,
+    pub facilitator: u8,
+    pub entries: Vec<(ReportId, Verdict)>,
+}
+
+impl ValidationBatch {
+    pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
+        let mut w = Writer::with_capacity(self.entries.len() * 64 + 64);
+        w.short_str(&self.aggregation)?;
+        w.short_str(&self.batch_id)?;
+        w.u8(self.facilitator);
+        w.u32(len_u32(self.entries.len())?);
+        for (id, verdict) in &self.entries {
+            w.raw(id);
+            match verdict {
+                Verdict::Valid(share) => {
+                    w.u8(0);
+                    w.bytes(share)?;
+                }
+                Verdict::Invalid(reason) => {
+                    w.u8(*reason as u8);
+                }
+            }
+        }
+        seal(Kind::ValidationBatch, VALIDATION_VERSION, signer, &w.buf)
+    }
+
+    pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
+        let (key_id, payload) = open(Kind::ValidationBatch, VALIDATION_VERSION, keys, bytes)?;
+        let mut r = Reader::new(payload);
+        let aggregation = r.short_str("aggregation id")?;
+        let batch_id = r.short_str("batch id")?;
+        let facilitator = r.u8("facilitator")?;
+        let n = r.count("entries", 17)?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.array("report id")?;
+            let verdict = match r.u8("verdict")? {
+                0 => Verdict::Valid(r.bytes("verifier share")?.to_vec()),
+                reason => Verdict::Invalid(InvalidReason::from_u8(reason)?),
+            };
+            entries.push((id, verdict));
+        }
+        r.finish("validation batch payload")?;
+        Ok((
+            ValidationBatch {
+                aggregation,
+                batch_id,
+                facilitator,
+                entries,
+            },
+            key_id,
+        ))
+    }
+}
+
+/// A facilitator's private `verify_init` states for one batch (never sent to the peer), so the
+/// aggregate step does not decrypt and verify every report a second time. `None` for reports
+/// marked invalid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyStates {
+    pub aggregation: String,
+    pub batch_id: String,
+    pub facilitator: u8,
+    pub states: Vec<Option<Vec<u8>>>,
+}
+
+impl VerifyStates {
+    pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
+        let mut w = Writer::with_capacity(self.states.len() * 64 + 64);
+        w.short_str(&self.aggregation)?;
+        w.short_str(&self.batch_id)?;
+        w.u8(self.facilitator);
+        w.u32(len_u32(self.states.len())?);
+        for state in &self.states {
+            match state {
+                Some(s) => {
+                    w.u8(1);
+                    w.bytes(s)?;
+                }
+                None => w.u8(0),
+            }
+        }
+        seal(Kind::VerifyStates, VERIFY_STATES_VERSION, signer, &w.buf)
+    }
+
+    pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<Self, FormatError> {
+        let (_, payload) = open(Kind::VerifyStates, VERIFY_STATES_VERSION, keys, bytes)?;
+        let mut r = Reader::new(payload);
+        let aggregation = r.short_str("aggregation id")?;
+        let batch_id = r.short_str("batch id")?;
+        let facilitator = r.u8("facilitator")?;
+        let n = r.count("states", 1)?;
+        let mut states = Vec::with_capacity(n);
+        for _ in 0..n {
+            states.push(match r.u8("state tag")? {
+                0 => None,
+                1 => Some(r.bytes("verify state")?.to_vec()),
+                other => {
+                    return Err(FormatError::Invalid(format!("unknown state tag {other}")))
+                }
+            });
+        }
+        r.finish("verify-state payload")?;
+        Ok(VerifyStates {
+            aggregation,
+            batch_id,
+            facilitator,
+            states,
+        })
+    }
+}
+
+/// One facilitator's share of one window's aggregate, for the mill.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SumPart {
+    pub aggregation: String,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub facilitator: u8,
+    /// Reports included in the aggregate share.
+    pub report_count: u64,
+    /// Reports excluded (invalid on either side, or duplicates).
+    pub invalid_count: u64,
+    /// SHA-256 over the sorted ids of the included reports: both parts must carry the same one.
+    pub report_digest: [u8; 32],
+    /// The ingestion batches this part covers, sorted.
+    pub batches: Vec<String>,
+    pub aggregate_share: Vec<u8>,
+}
+
+impl SumPart {
+    pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
+        let mut w = Writer::with_capacity(self.aggregate_share.len() + 64 * self.batches.len() + 128);
+        w.short_str(&self.aggregation)?;
+        w.i64(self.window_start);
+        w.i64(self.window_end);
+        w.u8(self.facilitator);
+        w.u64(self.report_count);
+        w.u64(self.invalid_count);
+        w.raw(&self.report_digest);
+        w.u32(len_u32(self.batches.len())?);
+        for b in &self.batches {
+            w.short_str(b)?;
+        }
+        w.bytes(&self.aggregate_share)?;
+        seal(Kind::SumPart, SUM_PART_VERSION, signer, &w.buf)
+    }
+
+    pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
+        let (key_id, payload) = open(Kind::SumPart, SUM_PART_VERSION, keys, bytes)?;
+        let mut r = Reader::new(payload);
+        let aggregation = r.short_str("aggregation id")?;
+        let window_start = r.i64("window start")?;
+        let window_end = r.i64("window end")?;
+        let facilitator = r.u8("facilitator")?;
+        let report_count = r.u64("report count")?;
+        let invalid_count = r.u64("invalid count")?;
+        let report_digest = r.array("report digest")?;
+        let n = r.count("batches", 1)?;
+        let mut batches = Vec::with_capacity(n);
+        for _ in 0..n {
+            batches.push(r.short_str("batch id")?);
+        }
+        let aggregate_share = r.bytes("aggregate share")?.to_vec();
+        r.finish("sum part payload")?;
+        Ok((
+            SumPart {
+                aggregation,
+                window_start,
+                window_end,
+                facilitator,
+                report_count,
+                invalid_count,
+                report_digest,
+                batches,
+                aggregate_share,
+            },
+            key_id,
+        ))
+    }
+}
+
+/// SHA-256 over the sorted report ids: what both sum parts of a window must agree on.
+pub fn report_digest(ids: &mut [ReportId]) -> [u8; 32] {
+    ids.sort_unstable();
+    let mut h = Sha256::new();
+    for id in ids.iter() {
+        h.update(id);
+    }
+    h.finalize().into()
+}
+
+fn len_u32(n: usize) -> Result<u32, FormatError> {
+    u32::try_from(n).map_err(|_| FormatError::Invalid(format!("{n} items is too many")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> Signer25519 {
+        Signer25519::generate("ingestor-1")
+    }
+
+    fn batch() -> IngestionBatch {
+        IngestionBatch {
+            aggregation: "clicks".into(),
+            batch_id: "b1".into(),
+            facilitator: 1,
+            time: 1_700_000_000,
+            reports: (0..3u8)
+                .map(|i| EncryptedReport {
+                    report_id: [i; 16],
+                    public_share: vec![i; 5],
+                    encapped_key: [9; 32],
+                    ciphertext: vec![i; 40],
+                })
+                .collect(),
+        }
+    }
+
+    /// Every way of damaging `bytes` that a strict decoder must refuse.
+    fn assert_rejects_damage<T: std::fmt::Debug>(bytes: &[u8], decode: impl Fn(&[u8]) -> Result<T, FormatError>) {
+        for cut in [0, 1, 5, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut]).is_err(), "truncated at {cut} accepted");
+        }
+        let mut trailing = bytes.to_vec();
+        trailing.push(0);
+        assert!(matches!(decode(&trailing), Err(FormatError::TrailingBytes { .. })));
+        for pos in [0, 4, 5, 12, bytes.len() / 2, bytes.len() - 1] {
+            let mut tampered = bytes.to_vec();
+            tampered[pos] ^= 0x40;
+            assert!(decode(&tampered).is_err(), "tampered byte {pos} accepted");
+        }
+    }
+
+    #[test]
+    fn ingestion_batch_round_trips_and_rejects_damage() {
+        let s = signer();
+        let keys = KeyRing::new().with(&s);
+        let bytes = batch().encode(&s).unwrap();
+        assert_eq!(bytes, batch().encode(&s).unwrap(), "encoding is deterministic");
+        let (decoded, key_id) = IngestionBatch::decode(&keys, &bytes).unwrap();
+        assert_eq!(decoded, batch());
+        assert_eq!(key_id, "ingestor-1");
+        assert_rejects_damage(&bytes, |b| IngestionBatch::decode(&keys, b));
+    }
+
+    #[test]
+    fn a_batch_signed_by_an_unknown_or_other_key_is_refused() {
+        let s = signer();
+        let other = Signer25519::generate("ingestor-1");
+        let bytes = batch().encode(&other).unwrap();
+        let keys = KeyRing::new().with(&s);
+        assert!(matches!(
+            IngestionBatch::decode(&keys, &bytes),
+            Err(FormatError::BadSignature { .. })
+        ));
+        let stranger = Signer25519::generate("stranger");
+        let bytes = batch().encode(&stranger).unwrap();
+        assert!(matches!(
+            IngestionBatch::decode(&keys, &bytes),
+            Err(FormatError::UnknownKey { .. })
+        ));
+    }
+
+    #[test]
+    fn a_validation_batch_is_not_accepted_as_an_ingestion_batch() {
+        let s = signer();
+        let keys = KeyRing::new().with(&s);
+        let v = ValidationBatch {
+            aggregation: "a".into(),
+            batch_id: "b".into(),
+            facilitator: 0,
+            entries: vec![],
+        };
+        let bytes = v.encode(&s).unwrap();
+        assert!(matches!(
+            IngestionBatch::decode(&keys, &bytes),
+            Err(FormatError::WrongKind { .. })
+        ));
+    }
+
+    #[test]
+    fn validation_batch_round_trips_and_rejects_damage() {
+        let s = signer();
+        let keys = KeyRing::new().with(&s);
+        let v = ValidationBatch {
+            aggregation: "clicks".into(),
+            batch_id: "b1".into(),
+            facilitator: 0,
+            entries: vec![
+                ([1; 16], Verdict::Valid(vec![1, 2, 3])),
+                ([2; 16], Verdict::Invalid(InvalidReason::Undecryptable)),
+                ([3; 16], Verdict::Invalid(InvalidReason::Duplicate)),
+            ],
+        };
+        let bytes = v.encode(&s).unwrap();
+        assert_eq!(ValidationBatch::decode(&keys, &bytes).unwrap().0, v);
+        assert_rejects_damage(&bytes, |b| ValidationBatch::decode(&keys, b));
+    }
+
+    #[test]
+    fn verify_states_round_trip_and_reject_damage() {
+        let s = signer();
+        let keys = KeyRing::new().with(&s);
+        let v = VerifyStates {
+            aggregation: "clicks".into(),
+            batch_id: "b1".into(),
+            facilitator: 1,
+            states: vec![Some(vec![7; 20]), None, Some(vec![])],
+        };
+        let bytes = v.encode(&s).unwrap();
+        assert_eq!(VerifyStates::decode(&keys, &bytes).unwrap(), v);
+        assert_rejects_damage(&bytes, |b| VerifyStates::decode(&keys, b));
+    }
+
+    #[test]
+    fn sum_part_round_trips_and_rejects_damage() {
+        let s = signer();
+        let keys = KeyRing::new().with(&s);
+        let p = SumPart {
+            aggregation: "clicks".into(),
+            window_start: 100,
+            window_end: 200,
+            facilitator: 1,
+            report_count: 10,
+            invalid_count: 2,
+            report_digest: [5; 32],
+            batches: vec!["a".into(), "b".into()],
+            aggregate_share: vec![1; 24],
+        };
+        let bytes = p.encode(&s).unwrap();
+        assert_eq!(SumPart::decode(&keys, &bytes).unwrap().0, p);
+        assert_rejects_damage(&bytes, |b| SumPart::decode(&keys, b));
+    }
+
+    #[test]
+    fn report_digest_ignores_order() {
+        let mut a = [[1u8; 16], [2; 16]];
+        let mut b = [[2u8; 16], [1; 16]];
+        assert_eq!(report_digest(&mut a), report_digest(&mut b));
+        assert_ne!(report_digest(&mut a), report_digest(&mut [[1u8; 16]]));
+    }
+}

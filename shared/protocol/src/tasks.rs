@@ -1,0 +1,203 @@
+//! The messages services send each other. The body on the bus is exactly this JSON (no
+//! envelope); decoding is strict (unknown fields, wrong versions and invalid ids are refused).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::FormatError;
+use crate::layout::{validate_id, Partition, Window};
+
+/// The task format version this build writes and reads.
+pub const TASK_VERSION: u32 = 1;
+
+/// One ingestion batch to validate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeTask {
+    pub version: u32,
+    pub aggregation: String,
+    pub batch: String,
+    /// The batch's time partition, `YYYY/MM/DD/HH`.
+    pub partition: String,
+}
+
+/// One batch of a window, as listed in an aggregate task.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRef {
+    pub batch: String,
+    pub partition: String,
+}
+
+/// One window to aggregate, with exactly the batches to include.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateTask {
+    pub version: u32,
+    pub aggregation: String,
+    /// The window's name, `START-END` (see [`Window::name`]).
+    pub window: String,
+    pub batches: Vec<BatchRef>,
+}
+
+/// A facilitator's sum part for a window is in the collector's store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SumPartReady {
+    pub version: u32,
+    pub aggregation: String,
+    pub window: String,
+    pub facilitator: u8,
+}
+
+/// A window's result is in the collector's store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultReady {
+    pub version: u32,
+    pub aggregation: String,
+    pub window: String,
+    pub result_key: String,
+}
+
+/// Shared by every task type: JSON in and out, with validation.
+pub trait TaskMessage: Serialize + DeserializeOwned {
+    const NAME: &'static str;
+    fn version(&self) -> u32;
+    /// Checks ids and fields beyond what the JSON shape says.
+    fn validate(&self) -> Result<(), FormatError>;
+
+    fn to_json(&self) -> Vec<u8> {
+        // Serializing these plain structs cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
+        let task: Self = serde_json::from_slice(bytes)
+            .map_err(|e| FormatError::Invalid(format!("{} task: {e}", Self::NAME)))?;
+        if task.version() != TASK_VERSION {
+            return Err(FormatError::Invalid(format!(
+                "{} task: unsupported version {} (this build reads {TASK_VERSION})",
+                Self::NAME,
+                task.version()
+            )));
+        }
+        task.validate()?;
+        Ok(task)
+    }
+}
+
+fn check_facilitator(f: u8) -> Result<(), FormatError> {
+    if f > 1 {
+        return Err(FormatError::Invalid(format!("facilitator {f} is not 0 or 1")));
+    }
+    Ok(())
+}
+
+impl TaskMessage for IntakeTask {
+    const NAME: &'static str = "intake";
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn validate(&self) -> Result<(), FormatError> {
+        validate_id("aggregation id", &self.aggregation)?;
+        validate_id("batch id", &self.batch)?;
+        Partition::parse(&self.partition)?;
+        Ok(())
+    }
+}
+
+impl TaskMessage for AggregateTask {
+    const NAME: &'static str = "aggregate";
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn validate(&self) -> Result<(), FormatError> {
+        validate_id("aggregation id", &self.aggregation)?;
+        Window::parse(&self.window)?;
+        for b in &self.batches {
+            validate_id("batch id", &b.batch)?;
+            Partition::parse(&b.partition)?;
+        }
+        Ok(())
+    }
+}
+
+impl TaskMessage for SumPartReady {
+    const NAME: &'static str = "sum-part-ready";
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn validate(&self) -> Result<(), FormatError> {
+        validate_id("aggregation id", &self.aggregation)?;
+        Window::parse(&self.window)?;
+        check_facilitator(self.facilitator)
+    }
+}
+
+impl TaskMessage for ResultReady {
+    const NAME: &'static str = "result-ready";
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn validate(&self) -> Result<(), FormatError> {
+        validate_id("aggregation id", &self.aggregation)?;
+        Window::parse(&self.window)?;
+        Ok(())
+    }
+}
+
+/// Topic names: `{prefix}.{facilitator}.intake`, `{prefix}.{facilitator}.aggregate`,
+/// `{prefix}.collect`, `{prefix}.results`.
+pub mod topics {
+    pub fn intake(prefix: &str, facilitator: u8) -> String {
+        format!("{prefix}.{facilitator}.intake")
+    }
+    pub fn aggregate(prefix: &str, facilitator: u8) -> String {
+        format!("{prefix}.{facilitator}.aggregate")
+    }
+    pub fn collect(prefix: &str) -> String {
+        format!("{prefix}.collect")
+    }
+    pub fn results(prefix: &str) -> String {
+        format!("{prefix}.results")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intake_task_round_trips() {
+        let t = IntakeTask {
+            version: TASK_VERSION,
+            aggregation: "clicks".into(),
+            batch: "b1".into(),
+            partition: "2026/11/23/12".into(),
+        };
+        assert_eq!(IntakeTask::from_json(&t.to_json()).unwrap(), t);
+    }
+
+    #[test]
+    fn malformed_tasks_are_refused_with_a_reason() {
+        let cases: [&[u8]; 6] = [
+            b"not json",
+            br#"{"version":1,"aggregation":"a","batch":"b","partition":"2026/11/23/12","extra":1}"#,
+            br#"{"version":2,"aggregation":"a","batch":"b","partition":"2026/11/23/12"}"#,
+            br#"{"version":1,"aggregation":"a","batch":"../etc","partition":"2026/11/23/12"}"#,
+            br#"{"version":1,"aggregation":"a","batch":"b","partition":"2026/11/23"}"#,
+            br#"{"version":1,"aggregation":"a","batch":"b","partition":"2026/11/23/12"} x"#,
+        ];
+        for c in cases {
+            let err = IntakeTask::from_json(c).unwrap_err();
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn sum_part_ready_refuses_a_third_facilitator() {
+        let bad = br#"{"version":1,"aggregation":"a","window":"20261123T1200Z-20261123T1300Z","facilitator":2}"#;
+        assert!(SumPartReady::from_json(bad).is_err());
+    }
+}
