@@ -1,0 +1,312 @@
+//! intake-worker: validates one ingestion batch per task.
+//!
+//! For an `intake` task it reads the signed ingestion batch from this facilitator's store,
+//! decrypts each report's input share, runs Prio3 `verify_init` (nonce = report id), and writes
+//! two objects: the signed validation batch (one verifier share or an explicit *invalid* entry per
+//! report) to its own store **and** to the peer's store, and its private verify states to its own
+//! store for the aggregate step. Everything written is deterministic and create-only, so the same
+//! task delivered twice changes nothing.
+//!
+//! A batch that cannot be read at all (truncated, tampered, wrongly signed) is logged with the
+//! object's key and answered with an empty validation batch, so both facilitators agree to exclude
+//! it and its window is not held up.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use millrace_protocol::config::{Aggregation, Config};
+use millrace_protocol::crypto::{HpkePrivateKey, KeyRing, Signer25519, VerifyKey};
+use millrace_protocol::formats::{
+    input_share_aad, input_share_info, IngestionBatch, InvalidReason, ValidationBatch, Verdict,
+    VerifyStates,
+};
+use millrace_protocol::layout::{ingestion_key, states_key, validation_key, Partition};
+use millrace_protocol::tasks::{IntakeTask, TaskMessage};
+use millrace_runtime::{Handler, Task, TaskError};
+use millrace_store::{Store, StoreError};
+
+/// What one intake-worker needs.
+pub struct IntakeWorker {
+    config: Arc<Config>,
+    facilitator: u8,
+    own: Store,
+    peer: Store,
+    signer: Signer25519,
+    own_keys: KeyRing,
+    hpke: HpkePrivateKey,
+    ingestors: KeyRing,
+    verify_keys: Vec<(String, VerifyKey)>,
+}
+
+/// Outcome of validating one batch, for logs and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IntakeOutcome {
+    pub reports: usize,
+    pub invalid: usize,
+    pub batch_rejected: bool,
+}
+
+pub(crate) fn store_error(e: StoreError) -> TaskError {
+    match e {
+        StoreError::Conflict { .. } | StoreError::InvalidKey { .. } => {
+            TaskError::Permanent(e.to_string())
+        }
+        _ => TaskError::Transient(e.to_string()),
+    }
+}
+
+impl IntakeWorker {
+    /// Loads this facilitator's keys from `config`.
+    pub fn new(
+        config: Arc<Config>,
+        facilitator: u8,
+        own: Store,
+        peer: Store,
+    ) -> anyhow::Result<Self> {
+        let signer = config.facilitator_signer(facilitator)?;
+        let own_keys = KeyRing::new().with(&signer);
+        let hpke = config.hpke_private_key(facilitator)?;
+        let ingestors = config.ingestor_keys()?;
+        let mut verify_keys = Vec::new();
+        for a in &config.aggregations {
+            verify_keys.push((a.id.clone(), config.verify_key(a)?));
+        }
+        Ok(IntakeWorker {
+            config,
+            facilitator,
+            own,
+            peer,
+            signer,
+            own_keys,
+            hpke,
+            ingestors,
+            verify_keys,
+        })
+    }
+
+    /// Validates the batch named by `task`.
+    pub async fn validate(&self, task: &IntakeTask) -> Result<IntakeOutcome, TaskError> {
+        let agg = self
+            .config
+            .aggregation(&task.aggregation)
+            .ok_or_else(|| {
+                TaskError::Permanent(format!(
+                    "aggregation {:?} is not in this facilitator's config",
+                    task.aggregation
+                ))
+            })?;
+        let verify_key = self
+            .verify_keys
+            .iter()
+            .find(|(id, _)| id == &agg.id)
+            .map(|(_, k)| k.clone())
+            .ok_or_else(|| TaskError::Permanent(format!("no verify key for {}", agg.id)))?;
+        let partition = Partition::parse(&task.partition)
+            .map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let f = self.facilitator;
+        let own_validation = validation_key(&agg.id, partition, &task.batch, f);
+        let states = states_key(&agg.id, partition, &task.batch);
+
+        // A rerun after a crash: if our own objects are there, only make sure the peer has its copy.
+        if self.own.exists(&states).await.map_err(store_error)? {
+            if let Some(v) = self.own.get(&own_validation).await.map_err(store_error)? {
+                self.peer
+                    .create(&own_validation, v)
+                    .await
+                    .map_err(store_error)?;
+                tracing::info!(batch = %task.batch, "already validated; peer copy ensured");
+                return Ok(IntakeOutcome::default());
+            }
+        }
+
+        let key = ingestion_key(&agg.id, partition, &task.batch);
+        let bytes = self.own.get(&key).await.map_err(store_error)?.ok_or_else(|| {
+            TaskError::Permanent(format!("{key}: ingestion batch not found"))
+        })?;
+
+        let (validation, verify_states, outcome) = {
+            let this = WorkerRef {
+                agg: agg.clone(),
+                facilitator: f,
+                hpke: self.hpke.clone(),
+                ingestors: self.ingestors.clone(),
+                verify_key,
+            };
+            let task = task.clone();
+            let key = key.clone();
+            tokio::task::spawn_blocking(move || this.validate_bytes(&task, &key, &bytes))
+                .await
+                .map_err(|e| TaskError::Transient(format!("validation task failed: {e}")))?
+        };
+
+        let validation_bytes = validation
+            .encode(&self.signer)
+            .map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let states_bytes = verify_states
+            .encode(&self.signer)
+            .map_err(|e| TaskError::Permanent(e.to_string()))?;
+        // Own objects first (states before the validation the workflow-manager looks for), then
+        // the peer's copy.
+        self.own
+            .create(&states, states_bytes)
+            .await
+            .map_err(store_error)?;
+        self.own
+            .create(&own_validation, validation_bytes.clone())
+            .await
+            .map_err(store_error)?;
+        self.peer
+            .create(&own_validation, validation_bytes)
+            .await
+            .map_err(store_error)?;
+        metrics::counter!("millrace_reports_validated_total", "aggregation" => agg.id.clone())
+            .increment(outcome.reports as u64);
+        metrics::counter!("millrace_reports_invalid_total", "aggregation" => agg.id.clone())
+            .increment(outcome.invalid as u64);
+        tracing::info!(
+            aggregation = %agg.id,
+            batch = %task.batch,
+            reports = outcome.reports,
+            invalid = outcome.invalid,
+            "batch validated"
+        );
+        Ok(outcome)
+    }
+
+    /// The key ring that verifies this facilitator's own objects.
+    pub fn own_keys(&self) -> &KeyRing {
+        &self.own_keys
+    }
+}
+
+/// The CPU-bound part, moved to a blocking thread.
+struct WorkerRef {
+    agg: Aggregation,
+    facilitator: u8,
+    hpke: HpkePrivateKey,
+    ingestors: KeyRing,
+    verify_key: VerifyKey,
+}
+
+impl WorkerRef {
+    fn validate_bytes(
+        &self,
+        task: &IntakeTask,
+        key: &str,
+        bytes: &[u8],
+    ) -> (ValidationBatch, VerifyStates, IntakeOutcome) {
+        let f = self.facilitator;
+        let empty = |reason: String| {
+            tracing::error!(object = %key, error = %reason, "ingestion batch rejected; excluded on both sides");
+            metrics::counter!("millrace_batches_rejected_total", "aggregation" => self.agg.id.clone())
+                .increment(1);
+            (
+                ValidationBatch {
+                    aggregation: task.aggregation.clone(),
+                    batch_id: task.batch.clone(),
+                    facilitator: f,
+                    entries: Vec::new(),
+                },
+                VerifyStates {
+                    aggregation: task.aggregation.clone(),
+                    batch_id: task.batch.clone(),
+                    facilitator: f,
+                    states: Vec::new(),
+                },
+                IntakeOutcome {
+                    batch_rejected: true,
+                    ..Default::default()
+                },
+            )
+        };
+        let (batch, signer) = match IngestionBatch::decode(&self.ingestors, bytes) {
+            Ok(x) => x,
+            Err(e) => return empty(e.in_object(key).to_string()),
+        };
+        if !self.agg.ingestors.contains(&signer) {
+            return empty(format!(
+                "signed by {signer:?}, which may not submit to aggregation {}",
+                self.agg.id
+            ));
+        }
+        if batch.aggregation != task.aggregation || batch.batch_id != task.batch {
+            return empty(format!(
+                "batch says it is {}/{}, but is stored as {}/{}",
+                batch.aggregation, batch.batch_id, task.aggregation, task.batch
+            ));
+        }
+        if batch.facilitator != f {
+            return empty(format!(
+                "batch is addressed to facilitator {}, not {f}",
+                batch.facilitator
+            ));
+        }
+        let info = input_share_info(&batch.aggregation, f);
+        let mut seen = HashSet::with_capacity(batch.reports.len());
+        let mut entries = Vec::with_capacity(batch.reports.len());
+        let mut states = Vec::with_capacity(batch.reports.len());
+        let mut invalid = 0;
+        for r in &batch.reports {
+            let verdict = if !seen.insert(r.report_id) {
+                Err(InvalidReason::Duplicate)
+            } else {
+                let aad = input_share_aad(&r.report_id, &r.public_share);
+                match self.hpke.open(&info, &aad, &r.encapped_key, &r.ciphertext) {
+                    Err(_) => Err(InvalidReason::Undecryptable),
+                    Ok(input_share) => self
+                        .agg
+                        .vdaf
+                        .prepare(
+                            &self.verify_key,
+                            usize::from(f),
+                            &r.report_id,
+                            &r.public_share,
+                            &input_share,
+                        )
+                        .map_err(|_| InvalidReason::Unverifiable),
+                }
+            };
+            match verdict {
+                Ok(prepared) => {
+                    entries.push((r.report_id, Verdict::Valid(prepared.verifier_share)));
+                    states.push(Some(prepared.state));
+                }
+                Err(reason) => {
+                    invalid += 1;
+                    entries.push((r.report_id, Verdict::Invalid(reason)));
+                    states.push(None);
+                }
+            }
+        }
+        let outcome = IntakeOutcome {
+            reports: batch.reports.len(),
+            invalid,
+            batch_rejected: false,
+        };
+        (
+            ValidationBatch {
+                aggregation: batch.aggregation.clone(),
+                batch_id: batch.batch_id.clone(),
+                facilitator: f,
+                entries,
+            },
+            VerifyStates {
+                aggregation: batch.aggregation,
+                batch_id: batch.batch_id,
+                facilitator: f,
+                states,
+            },
+            outcome,
+        )
+    }
+}
+
+#[async_trait]
+impl Handler for IntakeWorker {
+    async fn handle(&self, task: &Task) -> Result<(), TaskError> {
+        let intake = IntakeTask::from_json(&task.body)
+            .map_err(|e| TaskError::Permanent(format!("message {}: {e}", task.message_id)))?;
+        self.validate(&intake).await.map(|_| ())
+    }
+}

@@ -1,0 +1,79 @@
+//! The workflow-manager binary: one pass (`--once`, for a CronJob) or a loop (`--interval`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use millrace_protocol::config::Config;
+use millrace_protocol::tasks::topics;
+use millrace_runtime::cli::{parse_duration, BusArgs};
+use millrace_store::Store;
+use millrace_workflow_manager::{Settings, WorkflowManager};
+
+/// Finds new ingestion batches and closed windows in this facilitator's store and publishes
+/// intake and aggregate tasks, each exactly once (idempotency markers).
+#[derive(Parser, Debug)]
+#[command(name = "workflow-manager", version)]
+struct Args {
+    #[command(flatten)]
+    bus: BusArgs,
+    /// The aggregations file (TOML).
+    #[arg(long, env = "MILLRACE_CONFIG")]
+    config: PathBuf,
+    /// Which facilitator this is: 0 or 1.
+    #[arg(long, env = "MILLRACE_FACILITATOR", value_parser = clap::value_parser!(u8).range(0..=1))]
+    facilitator: u8,
+    /// This facilitator's object store.
+    #[arg(long, env = "MILLRACE_STORE")]
+    store: String,
+    /// Run one pass and exit (for a CronJob).
+    #[arg(long, env = "MILLRACE_ONCE", conflicts_with = "interval")]
+    once: bool,
+    /// Time between passes when running as a loop.
+    #[arg(long, env = "MILLRACE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    interval: Duration,
+    /// A claim older than this is taken over (its owner is presumed dead).
+    #[arg(long, env = "MILLRACE_CLAIM_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    claim_timeout: Duration,
+    /// Write no marker and publish nothing; log each action that would be taken.
+    #[arg(long, env = "MILLRACE_DRY_RUN")]
+    dry_run: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let prefix = &args.bus.topic_prefix;
+    let service = millrace_runtime::service::start(
+        "workflow-manager",
+        &args.bus,
+        &[
+            (topics::intake(prefix, args.facilitator), None),
+            (topics::aggregate(prefix, args.facilitator), None),
+        ],
+    )
+    .await?;
+    let config = Arc::new(Config::load(&args.config)?);
+    let wm = WorkflowManager::new(
+        config,
+        Store::open(&args.store)?,
+        service.bus.clone(),
+        Settings {
+            facilitator: args.facilitator,
+            topic_prefix: prefix.clone(),
+            instance: millrace_workflow_manager::default_instance_name(),
+            claim_timeout: args.claim_timeout,
+            dry_run: args.dry_run,
+        },
+    );
+    service.readiness.set_ready(true);
+    if args.once {
+        let report = wm.run_once(chrono::Utc::now().timestamp()).await?;
+        tracing::info!(?report, "pass finished");
+    } else {
+        wm.run(args.interval, service.shutdown).await;
+    }
+    service.bus.flush().await?;
+    Ok(())
+}

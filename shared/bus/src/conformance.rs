@@ -1,0 +1,707 @@
+//! The conformance suite: what every bus backend must do for the worker loop to be correct.
+//!
+//! Shaped like object_store's `integration.rs`: one plain `pub async fn` per behaviour, taking the
+//! bus under test and a topic-name prefix unique to the run (so runs against a shared broker do
+//! not see each other's messages). Each backend's test file calls every function against its own
+//! instance; [`run_all`] calls them in turn. A failure panics with a message saying which promise
+//! was broken — this is test support code, so panicking *is* the error path.
+//!
+//! Backends differ in what they do natively and say so in [`Capabilities`]. Where a capability is
+//! missing, the function checks the fallback the capability documents (a delay queue still waits
+//! the delay; a broker-wide lease still does not fail `extend`; an attribute-carried attempt count
+//! still rises across nacks) instead of skipping the behaviour.
+//!
+//! Durations are short (leases of 400 ms) so the whole suite takes seconds on the memory bus; the
+//! generous "soon" bound (10 s) is only there so a broken backend fails instead of hanging.
+//! Bodies are UTF-8 (JSON-like, as Millrace's tasks are) because some brokers (SQS) only carry
+//! text; attributes stay under ten per message for the same reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokio::time::{timeout, Instant};
+
+use crate::{Attributes, Bus, BusError, Delivery, Message, SubscribeOptions, Subscription};
+
+/// Upper bound for anything that should happen "soon": only a broken backend waits this long.
+const SOON: Duration = Duration::from_secs(10);
+/// The lease used where expiry matters.
+const LEASE: Duration = Duration::from_millis(400);
+/// A lease long enough never to expire during a test.
+const LONG_LEASE: Duration = Duration::from_secs(30);
+/// How long to watch for a delivery that must not happen.
+const QUIET: Duration = Duration::from_millis(300);
+/// The delay used for `nack(delay)`.
+const NACK_DELAY: Duration = Duration::from_millis(600);
+
+/// Runs every behaviour against `bus`, each on its own topics under `prefix`.
+pub async fn run_all(bus: Arc<dyn Bus>, prefix: &str) {
+    let bus = &*bus;
+    publish_and_receive_roundtrip(bus, prefix).await;
+    competing_consumers_share_messages(bus, prefix).await;
+    nack_redelivers(bus, prefix).await;
+    nack_with_delay_redelivers_after_the_delay(bus, prefix).await;
+    expired_lease_redelivers(bus, prefix).await;
+    extended_lease_is_kept(bus, prefix).await;
+    attempt_count_rises_across_redeliveries(bus, prefix).await;
+    abandoned_delivery_goes_to_another_consumer(bus, prefix).await;
+    close_and_reopen_loses_nothing(bus, prefix).await;
+    flush_after_publish_loses_nothing(bus, prefix).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+async fn setup(bus: &dyn Bus, topic: &str, group: &str) {
+    if let Err(e) = bus.create_topic(topic, Some(group)).await {
+        panic!(
+            "{}: create_topic({topic:?}, {group:?}) failed: {e}",
+            bus.name()
+        );
+    }
+}
+
+async fn publish(bus: &dyn Bus, topic: &str, message: Message) -> String {
+    match bus.publish(topic, message).await {
+        Ok(id) => id,
+        Err(e) => panic!("{}: publish to {topic:?} failed: {e}", bus.name()),
+    }
+}
+
+async fn flush(bus: &dyn Bus) {
+    if let Err(e) = bus.flush().await {
+        panic!("{}: flush failed: {e}", bus.name());
+    }
+}
+
+async fn subscribe(
+    bus: &dyn Bus,
+    topic: &str,
+    group: &str,
+    lease: Duration,
+    prefetch: usize,
+) -> Box<dyn Subscription> {
+    let options = SubscribeOptions::new(group).lease(lease).prefetch(prefetch);
+    match bus.subscribe(topic, options).await {
+        Ok(sub) => sub,
+        Err(e) => panic!("{}: subscribe to {topic:?} failed: {e}", bus.name()),
+    }
+}
+
+/// The next delivery, or a panic saying what was expected.
+async fn receive(sub: &mut Box<dyn Subscription>, what: &str) -> Delivery {
+    match timeout(SOON, sub.next()).await {
+        Ok(Ok(delivery)) => delivery,
+        Ok(Err(e)) => panic!("{what}: next() failed: {e}"),
+        Err(_) => panic!("{what}: nothing was delivered within {SOON:?}"),
+    }
+}
+
+/// Panics if anything is delivered within `wait`.
+async fn assert_quiet(sub: &mut Box<dyn Subscription>, wait: Duration, what: &str) {
+    match timeout(wait, sub.next()).await {
+        Err(_) => {}
+        Ok(Ok(delivery)) => panic!(
+            "{what}: unexpected delivery of {} (attempt {}, attributes {:?})",
+            delivery.message_id, delivery.attempt, delivery.attributes
+        ),
+        Ok(Err(e)) => panic!("{what}: next() failed while expecting nothing: {e}"),
+    }
+}
+
+async fn ack(delivery: Delivery, what: &str) {
+    let id = delivery.message_id.clone();
+    if let Err(e) = delivery.ack().await {
+        panic!("{what}: ack of {id} failed: {e}");
+    }
+}
+
+async fn nack(delivery: Delivery, delay: Duration, what: &str) {
+    let id = delivery.message_id.clone();
+    if let Err(e) = delivery.nack(delay).await {
+        panic!("{what}: nack({delay:?}) of {id} failed: {e}");
+    }
+}
+
+fn seq_of(delivery: &Delivery, what: &str) -> usize {
+    match delivery.attributes.get("seq").map(|s| s.parse::<usize>()) {
+        Some(Ok(seq)) => seq,
+        _ => panic!(
+            "{what}: delivery {} has no numeric `seq` attribute (attributes {:?})",
+            delivery.message_id, delivery.attributes
+        ),
+    }
+}
+
+fn assert_lease_lost(result: Result<(), BusError>, what: &str) {
+    match result {
+        Err(BusError::LeaseLost { .. }) => {}
+        Ok(()) => {
+            panic!("{what}: settling a stale delivery succeeded; it must fail with LeaseLost")
+        }
+        Err(e) => panic!("{what}: expected LeaseLost, got {e}"),
+    }
+}
+
+fn assert_same_message(delivery: &Delivery, body: &[u8], attributes: &Attributes, what: &str) {
+    assert!(
+        delivery.body == body,
+        "{what}: body of {} changed: {:?} != {:?}",
+        delivery.message_id,
+        String::from_utf8_lossy(&delivery.body),
+        String::from_utf8_lossy(body)
+    );
+    assert_eq!(
+        &delivery.attributes, attributes,
+        "{what}: attributes of {} changed (bookkeeping attributes must be stripped)",
+        delivery.message_id
+    );
+}
+
+/// A body of varying length and content: JSON-like, with escapes, unicode and whitespace that a
+/// backend re-encoding the body would alter.
+fn body_for(seq: usize) -> Vec<u8> {
+    let pad_len = (seq * 37) % 2048;
+    let pad: String = "abc\\\"xyz ünïcødé ✓ 码 \t"
+        .chars()
+        .cycle()
+        .take(pad_len)
+        .collect();
+    let trailing = if seq.is_multiple_of(3) { "\n" } else { "" };
+    format!("{{\"seq\":{seq},\"pad\":\"{pad}\"}}{trailing}").into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaviours
+
+/// (a) 1,000 messages are delivered with their bodies byte-identical and attributes intact, and a
+/// second topic's messages stay on that topic.
+pub async fn publish_and_receive_roundtrip(bus: &dyn Bus, prefix: &str) {
+    const N: usize = 1000;
+    const OTHER: usize = 10;
+    let what = "publish_and_receive_roundtrip";
+    let topic = format!("{prefix}.roundtrip");
+    let other = format!("{prefix}.roundtrip-other");
+    setup(bus, &topic, "g").await;
+    setup(bus, &other, "g").await;
+
+    let mut expected: HashMap<usize, Message> = HashMap::new();
+    for seq in 0..N {
+        let message = Message::new(body_for(seq))
+            .with_attribute("seq", seq.to_string())
+            .with_attribute("kind", "main")
+            .with_attribute("note", format!("ünï-码 ✓ {seq} with spaces=and;symbols"));
+        expected.insert(seq, message.clone());
+        publish(bus, &topic, message).await;
+        if seq.is_multiple_of(N / OTHER) {
+            let message = Message::new(format!("{{\"other\":{seq}}}"))
+                .with_attribute("seq", seq.to_string())
+                .with_attribute("kind", "other");
+            publish(bus, &other, message).await;
+        }
+    }
+    flush(bus).await;
+
+    let mut sub = subscribe(bus, &topic, "g", LONG_LEASE, 50).await;
+    for _ in 0..N {
+        let delivery = receive(&mut sub, what).await;
+        let seq = seq_of(&delivery, what);
+        let Some(message) = expected.remove(&seq) else {
+            panic!("{what}: seq {seq} delivered twice or from the wrong topic");
+        };
+        assert_same_message(&delivery, &message.body, &message.attributes, what);
+        ack(delivery, what).await;
+    }
+    assert!(
+        expected.is_empty(),
+        "{what}: messages lost: {:?}",
+        expected.keys()
+    );
+    assert_quiet(&mut sub, QUIET, what).await;
+
+    let mut sub = subscribe(bus, &other, "g", LONG_LEASE, 50).await;
+    for _ in 0..OTHER {
+        let delivery = receive(&mut sub, what).await;
+        assert_eq!(
+            delivery.attributes.get("kind").map(String::as_str),
+            Some("other"),
+            "{what}: a message of {topic:?} showed up on {other:?}"
+        );
+        ack(delivery, what).await;
+    }
+    assert_quiet(&mut sub, QUIET, what).await;
+}
+
+/// (b) Four competing consumers in one group share 5,000 messages: none lost, none delivered twice
+/// (there are no faults), and more than one consumer gets work.
+pub async fn competing_consumers_share_messages(bus: &dyn Bus, prefix: &str) {
+    const N: usize = 5000;
+    const CONSUMERS: usize = 4;
+    let what = "competing_consumers_share_messages";
+    let topic = format!("{prefix}.competing");
+    setup(bus, &topic, "workers").await;
+    let mut subs = Vec::new();
+    for _ in 0..CONSUMERS {
+        subs.push(subscribe(bus, &topic, "workers", LONG_LEASE, 10).await);
+    }
+    for seq in 0..N {
+        let message =
+            Message::new(format!("{{\"n\":{seq}}}")).with_attribute("seq", seq.to_string());
+        publish(bus, &topic, message).await;
+    }
+    flush(bus).await;
+
+    let seen: Mutex<Vec<u32>> = Mutex::new(vec![0; N]);
+    let total = AtomicUsize::new(0);
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let consumers = subs.iter_mut().map(|sub| {
+        let (seen, total, done_tx) = (&seen, &total, &done_tx);
+        let mut done_rx = done_rx.clone();
+        async move {
+            let mut mine = 0usize;
+            loop {
+                if *done_rx.borrow() {
+                    break;
+                }
+                let delivery = tokio::select! {
+                    _ = done_rx.changed() => break,
+                    next = timeout(SOON, sub.next()) => match next {
+                        Ok(Ok(delivery)) => delivery,
+                        Ok(Err(e)) => panic!("{what}: next() failed: {e}"),
+                        Err(_) => break,
+                    },
+                };
+                let seq = seq_of(&delivery, what);
+                assert!(seq < N, "{what}: unknown seq {seq}");
+                seen.lock().unwrap_or_else(|p| p.into_inner())[seq] += 1;
+                ack(delivery, what).await;
+                mine += 1;
+                if total.fetch_add(1, Ordering::SeqCst) + 1 >= N {
+                    let _ = done_tx.send(true);
+                }
+                // Stand-in for the work a consumer does between deliveries.
+                tokio::task::yield_now().await;
+            }
+            mine
+        }
+    });
+    let per_consumer = join_all(consumers).await;
+
+    let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+    let lost: Vec<usize> = (0..N).filter(|&i| seen[i] == 0).collect();
+    let twice: Vec<usize> = (0..N).filter(|&i| seen[i] > 1).collect();
+    assert!(
+        lost.is_empty(),
+        "{what}: {} messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        twice.is_empty(),
+        "{what}: {} messages delivered more than once without a fault, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(10)]
+    );
+    let busy = per_consumer.iter().filter(|&&n| n > 0).count();
+    assert!(
+        busy >= 2,
+        "{what}: the group did not share the work: per-consumer counts {per_consumer:?}"
+    );
+    join_all(subs.iter_mut().map(|sub| assert_quiet(sub, QUIET, what))).await;
+}
+
+/// (c) A nacked message is delivered again, unchanged.
+pub async fn nack_redelivers(bus: &dyn Bus, prefix: &str) {
+    let what = "nack_redelivers";
+    let topic = format!("{prefix}.nack");
+    setup(bus, &topic, "g").await;
+    let message = Message::new("{\"task\":\"nack\"}").with_attribute("trace", "00-abc-def-01");
+    publish(bus, &topic, message.clone()).await;
+    flush(bus).await;
+    let mut sub = subscribe(bus, &topic, "g", LONG_LEASE, 1).await;
+
+    let first = receive(&mut sub, what).await;
+    assert_same_message(&first, &message.body, &message.attributes, what);
+    nack(first, Duration::ZERO, what).await;
+    let again = receive(&mut sub, &format!("{what}: redelivery after nack")).await;
+    assert_same_message(&again, &message.body, &message.attributes, what);
+    ack(again, what).await;
+    assert_quiet(&mut sub, QUIET, what).await;
+}
+
+/// (c) `nack(delay)` redelivers not before the delay and soon after it, and the delayed message does
+/// not hold up the messages behind it. Without native delay, the backend's delay queue or retry
+/// topic must keep the same promise (with more slack after the delay).
+pub async fn nack_with_delay_redelivers_after_the_delay(bus: &dyn Bus, prefix: &str) {
+    let what = "nack_with_delay_redelivers_after_the_delay";
+    let topic = format!("{prefix}.nack-delay");
+    let slack = if bus.capabilities().native_delay {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(10)
+    };
+    setup(bus, &topic, "g").await;
+    publish(
+        bus,
+        &topic,
+        Message::new("first").with_attribute("seq", "0"),
+    )
+    .await;
+    publish(
+        bus,
+        &topic,
+        Message::new("second").with_attribute("seq", "1"),
+    )
+    .await;
+    flush(bus).await;
+    let mut sub = subscribe(bus, &topic, "g", LONG_LEASE, 2).await;
+
+    let delayed = receive(&mut sub, what).await;
+    let delayed_seq = seq_of(&delayed, what);
+    let delayed_body = delayed.body.clone();
+    let started = Instant::now();
+    nack(delayed, NACK_DELAY, what).await;
+
+    // The other message comes next: the delayed one holds no slot.
+    let other = receive(&mut sub, what).await;
+    assert_ne!(
+        seq_of(&other, what),
+        delayed_seq,
+        "{what}: the message nacked with {NACK_DELAY:?} came back at once ({:?})",
+        started.elapsed()
+    );
+    ack(other, what).await;
+
+    let again = receive(
+        &mut sub,
+        &format!("{what}: redelivery after nack({NACK_DELAY:?})"),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        seq_of(&again, what),
+        delayed_seq,
+        "{what}: wrong message redelivered"
+    );
+    assert_eq!(
+        again.body, delayed_body,
+        "{what}: body changed on redelivery"
+    );
+    assert!(
+        elapsed >= NACK_DELAY,
+        "{what}: redelivered after {elapsed:?}, before the {NACK_DELAY:?} delay"
+    );
+    assert!(
+        elapsed <= NACK_DELAY + slack,
+        "{what}: redelivered only after {elapsed:?}, long after the {NACK_DELAY:?} delay"
+    );
+    ack(again, what).await;
+    assert_quiet(&mut sub, QUIET, what).await;
+}
+
+/// (d) A delivery whose lease expires goes to another consumer; the stale delivery can then no
+/// longer be extended, acked or nacked (`LeaseLost`), and settling it changes nothing. Without
+/// lease extension the lease is a broker-wide timeout that a test cannot wait for: then `extend`
+/// must still succeed (as a no-op) and the held message must go to another consumer once its
+/// holder goes away.
+pub async fn expired_lease_redelivers(bus: &dyn Bus, prefix: &str) {
+    let what = "expired_lease_redelivers";
+    let topic = format!("{prefix}.lease-expiry");
+    let caps = bus.capabilities();
+    setup(bus, &topic, "g").await;
+    let message = Message::new("{\"task\":\"slow\"}").with_attribute("seq", "0");
+    publish(bus, &topic, message.clone()).await;
+    flush(bus).await;
+    let mut a = subscribe(bus, &topic, "g", LEASE, 1).await;
+    let mut b = subscribe(bus, &topic, "g", LEASE, 1).await;
+
+    if !caps.lease_extension {
+        let held = receive(&mut a, what).await;
+        if let Err(e) = held.extend(LEASE).await {
+            panic!("{what}: extend must be a no-op without lease extension, got {e}");
+        }
+        drop(held);
+        drop(a);
+        let again = receive(
+            &mut b,
+            &format!("{what}: redelivery after the holder went away"),
+        )
+        .await;
+        assert_same_message(&again, &message.body, &message.attributes, what);
+        ack(again, what).await;
+        assert_quiet(&mut b, QUIET, what).await;
+        return;
+    }
+
+    let started = Instant::now();
+    let first = receive(&mut a, what).await;
+    let second = receive(&mut b, &format!("{what}: redelivery after lease expiry")).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= LEASE,
+        "{what}: redelivered after {elapsed:?}, while the {LEASE:?} lease was still held"
+    );
+    assert_same_message(&second, &message.body, &message.attributes, what);
+    if caps.native_attempt_count {
+        assert_eq!(
+            second.attempt,
+            first.attempt + 1,
+            "{what}: attempt after lease expiry"
+        );
+    }
+    assert_lease_lost(
+        first.extend(LEASE).await,
+        &format!("{what}: extend of the stale delivery"),
+    );
+
+    // Let the second lease expire too, then try to nack the stale second delivery.
+    let third = receive(
+        &mut a,
+        &format!("{what}: redelivery after the second expiry"),
+    )
+    .await;
+    assert_lease_lost(
+        second.nack(Duration::ZERO).await,
+        &format!("{what}: nack of the stale delivery"),
+    );
+    assert_lease_lost(
+        first.ack().await,
+        &format!("{what}: ack of the stale delivery"),
+    );
+    ack(third, what).await;
+    tokio::join!(
+        assert_quiet(&mut a, QUIET, what),
+        assert_quiet(&mut b, QUIET, what)
+    );
+}
+
+/// (d) A delivery whose lease is kept extended is not redelivered while held, for several lease
+/// lengths, and can be acked afterwards.
+pub async fn extended_lease_is_kept(bus: &dyn Bus, prefix: &str) {
+    let what = "extended_lease_is_kept";
+    let topic = format!("{prefix}.lease-extend");
+    setup(bus, &topic, "g").await;
+    publish(bus, &topic, Message::new("{\"task\":\"long\"}")).await;
+    flush(bus).await;
+    let mut a = subscribe(bus, &topic, "g", LEASE, 1).await;
+    let mut b = subscribe(bus, &topic, "g", LEASE, 1).await;
+
+    let held = receive(&mut a, what).await;
+    let keeper = held.lease_keeper();
+    let hold_for = LEASE * 4;
+    let keep = async {
+        let until = Instant::now() + hold_for;
+        while Instant::now() < until {
+            tokio::time::sleep(LEASE / 3).await;
+            if let Err(e) = keeper.extend(LEASE).await {
+                panic!("{what}: extend while holding the delivery failed: {e}");
+            }
+        }
+    };
+    let (_, a_got, b_got) = tokio::join!(
+        keep,
+        timeout(hold_for, a.next()),
+        timeout(hold_for, b.next())
+    );
+    for got in [a_got, b_got] {
+        match got {
+            Err(_) => {}
+            Ok(Ok(d)) => panic!(
+                "{what}: {} (attempt {}) redelivered while its lease was kept extended",
+                d.message_id, d.attempt
+            ),
+            Ok(Err(e)) => panic!("{what}: next() failed: {e}"),
+        }
+    }
+    ack(held, &format!("{what}: ack after holding for {hold_for:?}")).await;
+    tokio::join!(
+        assert_quiet(&mut a, QUIET, what),
+        assert_quiet(&mut b, QUIET, what)
+    );
+}
+
+/// (e) The attempt count starts at 1 and rises by one with every redelivery (nack, hand-back,
+/// lease expiry). With an attribute-carried count (no native count) it must rise across nacks and
+/// never fall; its bookkeeping attribute never shows.
+pub async fn attempt_count_rises_across_redeliveries(bus: &dyn Bus, prefix: &str) {
+    let what = "attempt_count_rises_across_redeliveries";
+    let topic = format!("{prefix}.attempts");
+    let caps = bus.capabilities();
+    setup(bus, &topic, "g").await;
+    let message = Message::new("{\"task\":\"flaky\"}").with_attribute("k", "v");
+    publish(bus, &topic, message.clone()).await;
+    flush(bus).await;
+    let lease = if caps.lease_extension {
+        LEASE
+    } else {
+        LONG_LEASE
+    };
+    let mut sub = subscribe(bus, &topic, "g", lease, 1).await;
+
+    let check = |d: &Delivery, previous: u32, how: &str, strict: bool| {
+        assert_same_message(d, &message.body, &message.attributes, what);
+        if strict {
+            assert_eq!(d.attempt, previous + 1, "{what}: attempt after {how}");
+        } else {
+            assert!(
+                d.attempt >= previous,
+                "{what}: attempt fell from {previous} to {} after {how}",
+                d.attempt
+            );
+        }
+    };
+
+    let d = receive(&mut sub, what).await;
+    assert_eq!(d.attempt, 1, "{what}: the first delivery's attempt");
+    let mut last = d.attempt;
+    nack(d, Duration::ZERO, what).await;
+
+    let d = receive(&mut sub, what).await;
+    check(&d, last, "nack", true);
+    last = d.attempt;
+    drop(d);
+
+    let d = receive(&mut sub, &format!("{what}: after drop")).await;
+    check(&d, last, "a dropped delivery", caps.native_attempt_count);
+    last = d.attempt;
+
+    let d = if caps.lease_extension {
+        let again = receive(&mut sub, &format!("{what}: after lease expiry")).await;
+        check(&again, last, "lease expiry", caps.native_attempt_count);
+        last = again.attempt;
+        drop(d);
+        again
+    } else {
+        d
+    };
+    nack(d, Duration::ZERO, what).await;
+
+    let d = receive(&mut sub, what).await;
+    check(&d, last, "nack", true);
+    ack(d, what).await;
+    assert_quiet(&mut sub, QUIET, what).await;
+}
+
+/// (f) A delivery dropped unsettled goes back to the group at once (well before its lease), and a
+/// consumer that goes away holding a delivery loses it to another consumer.
+pub async fn abandoned_delivery_goes_to_another_consumer(bus: &dyn Bus, prefix: &str) {
+    let what = "abandoned_delivery_goes_to_another_consumer";
+    let topic = format!("{prefix}.abandon");
+    setup(bus, &topic, "g").await;
+    let message = Message::new("{\"task\":\"orphan\"}").with_attribute("seq", "0");
+    publish(bus, &topic, message.clone()).await;
+    flush(bus).await;
+    // The lease is far longer than the wait below: only the hand-back can redeliver in time.
+    let mut a = subscribe(bus, &topic, "g", LONG_LEASE, 1).await;
+    let mut b = subscribe(bus, &topic, "g", LONG_LEASE, 1).await;
+
+    let d = receive(&mut a, what).await;
+    drop(d);
+    let d = receive(&mut a, &format!("{what}: after dropping the delivery")).await;
+    assert_same_message(&d, &message.body, &message.attributes, what);
+
+    // The consumer goes away holding it, as if its process died.
+    if let Err(e) = a.close().await {
+        panic!("{what}: close failed: {e}");
+    }
+    drop(a);
+    drop(d);
+    let d = receive(
+        &mut b,
+        &format!("{what}: on the other consumer after the first went away"),
+    )
+    .await;
+    assert_same_message(&d, &message.body, &message.attributes, what);
+    ack(d, what).await;
+    assert_quiet(&mut b, QUIET, what).await;
+}
+
+/// (g) Closing a subscription part-way and opening another in the same group loses nothing, and
+/// acked messages do not come back. `next` on a closed subscription says `Closed`.
+pub async fn close_and_reopen_loses_nothing(bus: &dyn Bus, prefix: &str) {
+    const N: usize = 200;
+    const BEFORE_CLOSE: usize = 50;
+    let what = "close_and_reopen_loses_nothing";
+    let topic = format!("{prefix}.reopen");
+    setup(bus, &topic, "g").await;
+    for seq in 0..N {
+        publish(
+            bus,
+            &topic,
+            Message::new(format!("{seq}")).with_attribute("seq", seq.to_string()),
+        )
+        .await;
+    }
+    flush(bus).await;
+
+    let mut seen = vec![0u32; N];
+    let mut first = subscribe(bus, &topic, "g", LONG_LEASE, 20).await;
+    for _ in 0..BEFORE_CLOSE {
+        let d = receive(&mut first, what).await;
+        seen[seq_of(&d, what)] += 1;
+        ack(d, what).await;
+    }
+    if let Err(e) = first.close().await {
+        panic!("{what}: close failed: {e}");
+    }
+    match timeout(SOON, first.next()).await {
+        Ok(Err(BusError::Closed)) => {}
+        Ok(Err(e)) => panic!("{what}: next() after close: expected Closed, got {e}"),
+        Ok(Ok(d)) => panic!("{what}: next() after close delivered {}", d.message_id),
+        Err(_) => panic!("{what}: next() after close hung instead of returning Closed"),
+    }
+    drop(first);
+
+    let mut second = subscribe(bus, &topic, "g", LONG_LEASE, 20).await;
+    for _ in BEFORE_CLOSE..N {
+        let d = receive(&mut second, &format!("{what}: after reopening")).await;
+        let seq = seq_of(&d, what);
+        assert!(
+            seen[seq] == 0,
+            "{what}: seq {seq} came back after it was acked"
+        );
+        seen[seq] += 1;
+        ack(d, what).await;
+    }
+    assert!(
+        seen.iter().all(|&n| n == 1),
+        "{what}: messages lost across close and reopen"
+    );
+    assert_quiet(&mut second, QUIET, what).await;
+}
+
+/// (g) Messages published concurrently and then flushed are all delivered.
+pub async fn flush_after_publish_loses_nothing(bus: &dyn Bus, prefix: &str) {
+    const N: usize = 100;
+    let what = "flush_after_publish_loses_nothing";
+    let topic = format!("{prefix}.flush");
+    setup(bus, &topic, "g").await;
+    let topic_ref = topic.as_str();
+    join_all((0..N).map(|seq| async move {
+        publish(
+            bus,
+            topic_ref,
+            Message::new(format!("{seq}")).with_attribute("seq", seq.to_string()),
+        )
+        .await
+    }))
+    .await;
+    flush(bus).await;
+
+    let mut sub = subscribe(bus, &topic, "g", LONG_LEASE, 20).await;
+    let mut seen = vec![0u32; N];
+    for _ in 0..N {
+        let d = receive(&mut sub, &format!("{what}: after flush")).await;
+        let seq = seq_of(&d, what);
+        assert!(
+            seq < N && seen[seq] == 0,
+            "{what}: seq {seq} unknown or delivered twice"
+        );
+        seen[seq] += 1;
+        ack(d, what).await;
+    }
+    assert_quiet(&mut sub, QUIET, what).await;
+}

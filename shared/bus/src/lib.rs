@@ -1,0 +1,320 @@
+//! The message bus port.
+//!
+//! Millrace's services talk to each other only through topics. This crate is the one small
+//! interface they use for that, shaped for the hardest backends (leases that expire and can be
+//! extended, delayed retry, attempt counts, dead letters), with one module per backend behind a
+//! cargo feature and one conformance suite ([`conformance`]) that every backend runs.
+//!
+//! * [`Bus`] publishes raw bodies with string attributes and opens subscriptions.
+//! * [`Subscription`] yields [`Delivery`]s; a consumer group (`SubscribeOptions::group`) shares the
+//!   work between competing consumers.
+//! * A [`Delivery`] is settled exactly once: [`Delivery::ack`] or [`Delivery::nack`] (with a delay
+//!   before redelivery). While it is being worked on, [`Delivery::extend`] keeps the lease. A
+//!   delivery dropped without being settled is handed back to the group, as if the consumer died.
+//!
+//! Backends differ in what they do natively; they say so in [`Capabilities`] instead of callers
+//! branching on the backend's name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+/// Bodies are `Bytes`; re-exported so handlers need no direct dependency on `bytes`.
+pub use bytes::Bytes;
+
+pub mod conformance;
+#[cfg(feature = "memory")]
+pub mod memory;
+
+/// Message metadata. Bodies stay raw; everything else (trace context, attempt, reason) travels here.
+pub type Attributes = BTreeMap<String, String>;
+
+/// Attribute set by the worker loop on messages it moves to `{topic}.dead` or `{topic}.rejected`.
+pub const ATTR_REASON: &str = "millrace-reason";
+/// Attribute: the attempt number at which a message was dead-lettered or rejected.
+pub const ATTR_ATTEMPT: &str = "millrace-attempt";
+/// Attribute: the topic a dead-lettered or rejected message came from.
+pub const ATTR_ORIGIN_TOPIC: &str = "millrace-origin-topic";
+
+/// A message to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The body, exactly as it goes on the wire (for Millrace: the raw task JSON).
+    pub body: Bytes,
+    /// String attributes (headers).
+    pub attributes: Attributes,
+}
+
+impl Message {
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Message {
+            body: body.into(),
+            attributes: Attributes::new(),
+        }
+    }
+
+    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// What a backend does natively. The worker loop and the conformance suite read these; where a
+/// capability is missing the backend provides the documented fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `nack(delay)` is honoured by the broker itself (otherwise: a delay queue or retry topic).
+    pub native_delay: bool,
+    /// Leases can be extended (otherwise: the lease is a broker-wide timeout, e.g. RabbitMQ's
+    /// `consumer_timeout`, and `extend` is a no-op that must still not fail).
+    pub lease_extension: bool,
+    /// The broker counts delivery attempts (otherwise: the backend carries its own count in an
+    /// attribute).
+    pub native_attempt_count: bool,
+    /// Messages survive the process that published them (false only for the in-memory bus).
+    pub durable: bool,
+    /// Several processes can share this bus (false only for the in-memory bus).
+    pub multi_process: bool,
+}
+
+/// How a subscription behaves.
+#[derive(Clone, Debug)]
+pub struct SubscribeOptions {
+    /// The consumer group: consumers with the same group on the same topic share its messages;
+    /// each group gets every message.
+    pub group: String,
+    /// How long a delivery may stay unsettled before the bus hands it to another consumer.
+    pub lease: Duration,
+    /// How many deliveries the backend may hold for this consumer at once (prefetch). The worker
+    /// loop sets it to its concurrency limit.
+    pub prefetch: usize,
+}
+
+impl SubscribeOptions {
+    pub fn new(group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: group.into(),
+            lease: Duration::from_secs(60),
+            prefetch: 5,
+        }
+    }
+
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+}
+
+/// Errors from a bus backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The bus URL could not be understood.
+    #[error("bus URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// A topic does not exist and the caller did not ask to create it.
+    #[error("topic {topic:?} does not exist (run with --create-topics to create it)")]
+    MissingTopic { topic: String },
+    /// The subscription or bus was closed.
+    #[error("the bus is closed")]
+    Closed,
+    /// The delivery can no longer be settled (its lease expired and it went to someone else).
+    #[error("message {message_id}: lease lost, the message has been handed to another consumer")]
+    LeaseLost { message_id: String },
+    /// The backend does not support this operation.
+    #[error("{backend} does not support {operation}")]
+    NotSupported {
+        backend: &'static str,
+        operation: &'static str,
+    },
+    /// Anything the broker or its client said.
+    #[error("{backend}: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+    },
+}
+
+/// The bus: publish and subscribe.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// A short name for logs and errors (`memory`, `amqp`, ...).
+    fn name(&self) -> &'static str;
+
+    /// What this backend does natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates `topic` (and, where the backend needs one, the subscription for `group`) if missing.
+    /// Idempotent. Used by `--create-topics` and by tests.
+    async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError>;
+
+    /// Publishes one message; returns the broker's message id once the broker has accepted it.
+    async fn publish(&self, topic: &str, message: Message) -> Result<String, BusError>;
+
+    /// Opens a consumer on `topic` in `options.group`.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError>;
+
+    /// Waits until everything accepted by `publish` is with the broker.
+    async fn flush(&self) -> Result<(), BusError>;
+}
+
+/// A consumer on one topic.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery. Waits until one is available. `Err(BusError::Closed)` once closed.
+    async fn next(&mut self) -> Result<Delivery, BusError>;
+
+    /// Stops receiving and hands back anything prefetched but not yet returned by `next`.
+    async fn close(&mut self) -> Result<(), BusError>;
+}
+
+/// The backend side of one delivery: how to settle it.
+#[async_trait]
+pub trait Settle: Send + Sync {
+    async fn ack(&self) -> Result<(), BusError>;
+    async fn nack(&self, delay: Duration) -> Result<(), BusError>;
+    async fn extend(&self, lease: Duration) -> Result<(), BusError>;
+    /// Called when the delivery is dropped unsettled: hand the message back to the group at once.
+    fn abandon(&self);
+}
+
+/// One received message.
+pub struct Delivery {
+    /// The broker's id of this message (stable across redeliveries where the broker allows).
+    pub message_id: String,
+    /// The raw body.
+    pub body: Bytes,
+    /// Attributes as published (backends strip their own bookkeeping attributes).
+    pub attributes: Attributes,
+    /// 1 on the first delivery, 2 on the first redelivery, ...
+    pub attempt: u32,
+    settle: Arc<dyn Settle>,
+    settled: bool,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message_id", &self.message_id)
+            .field("attempt", &self.attempt)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Used by backends.
+    pub fn new(
+        message_id: String,
+        body: Bytes,
+        attributes: Attributes,
+        attempt: u32,
+        settle: Arc<dyn Settle>,
+    ) -> Self {
+        Delivery {
+            message_id,
+            body,
+            attributes,
+            attempt,
+            settle,
+            settled: false,
+        }
+    }
+
+    /// Done: the message is not delivered again.
+    pub async fn ack(mut self) -> Result<(), BusError> {
+        self.settled = true;
+        self.settle.ack().await
+    }
+
+    /// Not done: deliver again, not before `delay` has passed.
+    pub async fn nack(mut self, delay: Duration) -> Result<(), BusError> {
+        self.settled = true;
+        self.settle.nack(delay).await
+    }
+
+    /// Still working: keep the lease for `lease` from now.
+    pub async fn extend(&self, lease: Duration) -> Result<(), BusError> {
+        self.settle.extend(lease).await
+    }
+
+    /// A handle that extends this delivery's lease from another task while the delivery itself is
+    /// being worked on.
+    pub fn lease_keeper(&self) -> LeaseKeeper {
+        LeaseKeeper {
+            settle: self.settle.clone(),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle.abandon();
+        }
+    }
+}
+
+/// Extends a delivery's lease from a task other than the one holding the delivery.
+#[derive(Clone)]
+pub struct LeaseKeeper {
+    settle: Arc<dyn Settle>,
+}
+
+impl LeaseKeeper {
+    pub async fn extend(&self, lease: Duration) -> Result<(), BusError> {
+        self.settle.extend(lease).await
+    }
+}
+
+/// The dead-letter topic of `topic`.
+pub fn dead_topic(topic: &str) -> String {
+    format!("{topic}.dead")
+}
+
+/// The rejected topic of `topic`.
+pub fn rejected_topic(topic: &str) -> String {
+    format!("{topic}.rejected")
+}
+
+/// Opens the bus named by `url`. `memory://` is refused here: the in-memory bus only exists inside
+/// one process, so it is built directly with [`memory::MemoryBus::new`] by the all-in-one demo and
+/// by tests.
+pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
+    let parsed = url::Url::parse(url).map_err(|e| BusError::InvalidUrl {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })?;
+    match parsed.scheme() {
+        "memory" => Err(BusError::InvalidUrl {
+            url: url.to_string(),
+            reason: "the in-memory bus only works inside one process: use `millrace demo` to run \
+                     every service together on it, or give each service a broker URL \
+                     (amqp://, nats://, kafka://, sns-sqs://, pubsub://)"
+                .to_string(),
+        }),
+        "amqp" | "amqps" | "nats" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::InvalidUrl {
+            url: url.to_string(),
+            reason: format!(
+                "the {} backend is not built into this binary yet",
+                parsed.scheme()
+            ),
+        }),
+        other => Err(BusError::InvalidUrl {
+            url: url.to_string(),
+            reason: format!(
+                "unknown scheme {other:?}; expected one of memory, amqp, nats, kafka, sns-sqs, pubsub"
+            ),
+        }),
+    }
+}

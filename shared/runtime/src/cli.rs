@@ -1,0 +1,70 @@
+//! Flags every service binary shares. Each flag also reads a `MILLRACE_…` environment variable,
+//! and its doc comment is its `--help` text.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::worker::WorkerConfig;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 30s, 5m, 1h)"))
+}
+
+/// The bus and the operational endpoints.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BusArgs {
+    /// Message bus URL: amqp://…, nats://…, kafka://…, sns-sqs://…, pubsub://PROJECT.
+    /// (memory:// only works inside one process, i.e. `millrace demo`.)
+    #[arg(long, env = "MILLRACE_BUS")]
+    pub bus: String,
+    /// Prefix of every topic name ({prefix}.{facilitator}.intake, {prefix}.collect, ...).
+    #[arg(long, env = "MILLRACE_TOPIC_PREFIX", default_value = "millrace")]
+    pub topic_prefix: String,
+    /// Create missing topics, queues and subscriptions at start-up (emulators, development).
+    #[arg(long, env = "MILLRACE_CREATE_TOPICS")]
+    pub create_topics: bool,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "MILLRACE_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+}
+
+/// Settings of the worker loop of a consuming service.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Tasks handled at once (and the prefetch asked of the broker).
+    #[arg(long, env = "MILLRACE_CONCURRENCY", default_value_t = 5)]
+    pub concurrency: usize,
+    /// Lease on a task; extended while the task runs.
+    #[arg(long, env = "MILLRACE_LEASE", default_value = "60s", value_parser = duration)]
+    pub lease: Duration,
+    /// Deliveries of one task before it goes to {topic}.dead.
+    #[arg(long, env = "MILLRACE_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt (with jitter) up to --backoff-max.
+    #[arg(long, env = "MILLRACE_BACKOFF_BASE", default_value = "1s", value_parser = duration)]
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "MILLRACE_BACKOFF_MAX", default_value = "5m", value_parser = duration)]
+    pub backoff_max: Duration,
+    /// On SIGTERM, how long in-flight tasks may finish before they are handed back.
+    #[arg(long, env = "MILLRACE_DRAIN_GRACE", default_value = "25s", value_parser = duration)]
+    pub drain_grace: Duration,
+}
+
+impl WorkerArgs {
+    pub fn worker_config(&self, topic: String, group: String) -> WorkerConfig {
+        let mut c = WorkerConfig::new(topic, group);
+        c.concurrency = self.concurrency.max(1);
+        c.lease = self.lease;
+        c.max_attempts = self.max_attempts.max(1);
+        c.backoff_base = self.backoff_base;
+        c.backoff_max = self.backoff_max;
+        c.drain_grace = self.drain_grace;
+        c
+    }
+}
+
+/// Parses a duration flag (for services' own flags).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration(s)
+}

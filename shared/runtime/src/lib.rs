@@ -1,0 +1,12 @@
+//! What every Millrace service shares: the worker loop (written once, here), the shutdown signal,
+//! the health and metrics endpoint, logging, and opening buses and stores from URLs.
+
+pub mod cli;
+pub mod health;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod worker;
+
+pub use shutdown::Shutdown;
+pub use worker::{run_worker, Handler, Task, TaskError, WorkerConfig, WorkerReport};

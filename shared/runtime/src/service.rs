@@ -1,0 +1,53 @@
+//! The start-up every service binary shares: logging, the bus (with `--create-topics`), the
+//! health endpoint and the shutdown signal.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use millrace_bus::{dead_topic, rejected_topic, Bus};
+
+use crate::cli::BusArgs;
+use crate::health::{self, Readiness};
+use crate::Shutdown;
+
+/// What a running service holds.
+pub struct Service {
+    pub bus: Arc<dyn Bus>,
+    pub readiness: Readiness,
+    pub shutdown: Shutdown,
+}
+
+/// Connects the bus named by `args`, creates `topics` (each with its `.dead` and `.rejected`
+/// companions, and `group` where one is given) if `--create-topics` is set, and starts the health
+/// endpoint.
+pub async fn start(
+    name: &str,
+    args: &BusArgs,
+    topics: &[(String, Option<String>)],
+) -> anyhow::Result<Service> {
+    crate::telemetry::init_logging("info");
+    let bus = millrace_bus::connect(&args.bus)
+        .await
+        .with_context(|| format!("{name}: cannot open the bus"))?;
+    if args.create_topics {
+        for (topic, group) in topics {
+            for t in [topic.clone(), dead_topic(topic), rejected_topic(topic)] {
+                let g = if &t == topic { group.as_deref() } else { None };
+                bus.create_topic(&t, g)
+                    .await
+                    .with_context(|| format!("{name}: cannot create topic {t}"))?;
+            }
+        }
+    }
+    let shutdown = Shutdown::from_signals();
+    let readiness = Readiness::new();
+    let addr = health::serve(args.metrics_addr, readiness.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("{name}: cannot serve metrics on {}", args.metrics_addr))?;
+    tracing::info!(service = name, bus = bus.name(), metrics = %addr, "started");
+    Ok(Service {
+        bus,
+        readiness,
+        shutdown,
+    })
+}

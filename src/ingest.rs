@@ -1,0 +1,264 @@
+//! `millrace ingest`: simulated clients. Each report gets a known plaintext measurement, is
+//! sharded with Prio3, and each input share is HPKE-encrypted to its facilitator; reports are
+//! batched, each batch signed by the ingestor and written once per facilitator. A chosen share of
+//! reports is deliberately invalid, cycling through the ways a real report goes bad, so the run
+//! knows exactly which reports the pipeline must exclude and what each window's result must be.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use millrace_protocol::config::{Aggregation, Config};
+use millrace_protocol::crypto::{hpke_generate, random_bytes, HpkePublicKey, Signer25519};
+use millrace_protocol::formats::{input_share_aad, input_share_info, EncryptedReport, IngestionBatch};
+use millrace_protocol::layout::{ingestion_key, Partition, Window};
+use millrace_protocol::vdaf::{AggregateValue, Measurement};
+use millrace_store::Store;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct IngestPlan {
+    /// Reports in all, split evenly across the aggregations.
+    pub reports: usize,
+    /// Share of reports made invalid on purpose (0.0–1.0).
+    pub invalid_fraction: f64,
+    pub batch_size: usize,
+    /// Batch times are spread over `[start, end)` (unix seconds).
+    pub start: i64,
+    pub end: i64,
+}
+
+/// What one window's result must be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowExpectation {
+    pub aggregation: String,
+    pub window: String,
+    pub expected: AggregateValue,
+    pub valid: u64,
+    pub invalid: u64,
+}
+
+/// Every window's expectation, keyed by `(aggregation, window)`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Expectations {
+    pub windows: Vec<WindowExpectation>,
+    pub reports: usize,
+}
+
+/// The ways the simulated clients break a report.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// Facilitator 0's ciphertext has a flipped bit: it cannot decrypt.
+    Ciphertext,
+    /// Facilitator 1's input share is truncated before encryption: it cannot decode.
+    Truncated,
+    /// Facilitator 1's input share is altered but still decodes: the proof fails.
+    Tampered,
+    /// Facilitator 0's share is encrypted to a stranger's key.
+    WrongKey,
+    /// A second report reusing an earlier report's id.
+    Duplicate,
+}
+
+const DAMAGES: [Damage; 5] = [
+    Damage::Ciphertext,
+    Damage::Truncated,
+    Damage::Tampered,
+    Damage::WrongKey,
+    Damage::Duplicate,
+];
+
+struct Keys {
+    hpke: [HpkePublicKey; 2],
+    stranger: HpkePublicKey,
+    signer: Signer25519,
+}
+
+/// One generated batch: both facilitators' copies and what it contributes.
+struct GeneratedBatch {
+    batch: [IngestionBatch; 2],
+    measurements: Vec<Measurement>,
+    invalid: u64,
+}
+
+fn seal(keys: &Keys, agg: &str, f: u8, to: &HpkePublicKey, id: &[u8; 16], public: &[u8], share: &[u8]) -> anyhow::Result<([u8; 32], Vec<u8>)> {
+    Ok(to.seal(&input_share_info(agg, f), &input_share_aad(id, public), share)
+        .with_context(|| format!("encrypting a share for facilitator {f}"))
+        .map(|x| { let _ = keys; x })?)
+}
+
+fn generate_batch(
+    agg: &Aggregation,
+    keys: &Keys,
+    time: i64,
+    count: usize,
+    invalid_every: Option<usize>,
+    seed: u64,
+    damage_offset: usize,
+) -> anyhow::Result<GeneratedBatch> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let batch_id = hex::encode(random_bytes::<8>());
+    let mut copies: [Vec<EncryptedReport>; 2] = [Vec::with_capacity(count), Vec::with_capacity(count)];
+    let mut measurements = Vec::with_capacity(count);
+    let mut invalid = 0;
+    let mut damage_index = damage_offset;
+    for i in 0..count {
+        let damage = match invalid_every {
+            Some(every) if i % every == every - 1 => {
+                damage_index += 1;
+                Some(DAMAGES[damage_index % DAMAGES.len()])
+            }
+            _ => None,
+        };
+        if let (Some(Damage::Duplicate), Some(last)) = (damage, copies[0].last().cloned()) {
+            let last1 = copies[1].last().cloned();
+            copies[0].push(last);
+            if let Some(l) = last1 {
+                copies[1].push(l);
+            }
+            invalid += 1;
+            continue;
+        }
+        let m = agg.vdaf.random_measurement(&mut rng);
+        let id: [u8; 16] = random_bytes();
+        let (public, mut shares) = agg.vdaf.shard(&m, &id).context("sharding a measurement")?;
+        match damage {
+            Some(Damage::Truncated) => {
+                let keep = shares[1].len() / 2;
+                shares[1].truncate(keep);
+            }
+            Some(Damage::Tampered) => {
+                if let Some(b) = shares[1].first_mut() {
+                    *b ^= 0x01;
+                }
+            }
+            _ => {}
+        }
+        for f in 0..2u8 {
+            let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
+                &keys.stranger
+            } else {
+                &keys.hpke[usize::from(f)]
+            };
+            let (encapped_key, mut ciphertext) = seal(keys, &agg.id, f, to, &id, &public, &shares[usize::from(f)])?;
+            if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
+                if let Some(b) = ciphertext.first_mut() {
+                    *b ^= 0x80;
+                }
+            }
+            copies[usize::from(f)].push(EncryptedReport {
+                report_id: id,
+                public_share: public.clone(),
+                encapped_key,
+                ciphertext,
+            });
+        }
+        if damage.is_some() {
+            invalid += 1;
+        } else {
+            measurements.push(m);
+        }
+    }
+    let [c0, c1] = copies;
+    let make = |f: u8, reports: Vec<EncryptedReport>| IngestionBatch {
+        aggregation: agg.id.clone(),
+        batch_id: batch_id.clone(),
+        facilitator: f,
+        time,
+        reports,
+    };
+    Ok(GeneratedBatch {
+        batch: [make(0, c0), make(1, c1)],
+        measurements,
+        invalid,
+    })
+}
+
+/// Generates and writes every batch; returns what each window's result must be.
+pub async fn ingest(
+    config: &Config,
+    ingestor: &str,
+    stores: [&Store; 2],
+    plan: &IngestPlan,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<Expectations> {
+    let keys = Arc::new(Keys {
+        hpke: [config.hpke_public_key(0)?, config.hpke_public_key(1)?],
+        stranger: hpke_generate().1,
+        signer: config.ingestor_signer(ingestor)?,
+    });
+    let aggs: Vec<Aggregation> = config
+        .aggregations
+        .iter()
+        .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
+        .cloned()
+        .collect();
+    anyhow::ensure!(!aggs.is_empty(), "ingestor {ingestor:?} may not submit to any aggregation");
+    let invalid_every = if plan.invalid_fraction > 0.0 {
+        Some(((1.0 / plan.invalid_fraction).round() as usize).max(1))
+    } else {
+        None
+    };
+    let per_agg = plan.reports / aggs.len();
+    let batch_size = plan.batch_size.max(1);
+    let span = (plan.end - plan.start).max(1);
+    let mut expect: BTreeMap<(String, String), (Vec<Measurement>, u64, Aggregation)> = BTreeMap::new();
+    let mut seed: u64 = rand::rng().random();
+    let mut done = 0;
+    for agg in &aggs {
+        let batches = per_agg.div_ceil(batch_size);
+        // Generate on every core, one batch per blocking task, at most a few in flight.
+        let mut pending = futures::stream::FuturesOrdered::new();
+        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+        let mut next = 0;
+        loop {
+            while next < batches && pending.len() < parallel {
+                let count = batch_size.min(per_agg - next * batch_size);
+                let time = plan.start + (span * next as i64) / batches.max(1) as i64;
+                let (agg2, keys2) = (agg.clone(), keys.clone());
+                seed = seed.wrapping_add(1);
+                let s = seed;
+                let offset = next;
+                pending.push_back(tokio::task::spawn_blocking(move || {
+                    let g = generate_batch(&agg2, &keys2, time, count, invalid_every, s, offset)?;
+                    let encoded = [g.batch[0].encode(&keys2.signer)?, g.batch[1].encode(&keys2.signer)?];
+                    anyhow::Ok((g, encoded, time))
+                }));
+                next += 1;
+            }
+            use futures::StreamExt;
+            let Some(joined) = pending.next().await else { break };
+            let (g, encoded, time) = joined.context("generating a batch")??;
+            let p = Partition::of(time);
+            let key = ingestion_key(&agg.id, p, &g.batch[0].batch_id);
+            let [e0, e1] = encoded;
+            stores[0].create(&key, e0).await?;
+            stores[1].create(&key, e1).await?;
+            let window = Window::containing(time, agg.window_secs).name();
+            let n = g.batch[0].reports.len();
+            let entry = expect
+                .entry((agg.id.clone(), window))
+                .or_insert_with(|| (Vec::new(), 0, agg.clone()));
+            entry.0.extend(g.measurements);
+            entry.1 += g.invalid;
+            done += n;
+            progress(done);
+        }
+    }
+    let mut windows = Vec::new();
+    for ((aggregation, window), (measurements, invalid, agg)) in expect {
+        windows.push(WindowExpectation {
+            expected: agg.vdaf.plaintext_aggregate(&measurements)?,
+            valid: measurements.len() as u64,
+            invalid,
+            aggregation,
+            window,
+        });
+    }
+    Ok(Expectations {
+        windows,
+        reports: done,
+    })
+}

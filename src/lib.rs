@@ -1,0 +1,9 @@
+//! The `millrace` command's library: keygen, simulated ingestion, the in-process fleet used by
+//! `millrace demo` and the end-to-end tests, status, and benchmarks.
+
+pub mod bench;
+pub mod demo;
+pub mod fleet;
+pub mod ingest;
+pub mod keygen;
+pub mod status;

@@ -1,0 +1,192 @@
+//! `millrace`: keygen, ingest, demo, status, bench.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use millrace::demo::{print_table, run_demo, DemoOptions};
+use millrace::ingest::{ingest, IngestPlan};
+use millrace_protocol::config::Config;
+use millrace_store::Store;
+
+/// Millrace: Prio3 private aggregation as a fleet of services on a message bus.
+#[derive(Parser, Debug)]
+#[command(name = "millrace", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write keys and a ready config for one ingestor, two facilitators and a collector.
+    Keygen {
+        /// Directory for millrace.toml and keys/.
+        #[arg(long, env = "MILLRACE_DIR", default_value = "millrace")]
+        dir: PathBuf,
+        /// Replace an existing config and its keys.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Simulated clients: write signed, encrypted ingestion batches to both facilitators.
+    Ingest {
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: PathBuf,
+        /// The ingestor whose key signs the batches.
+        #[arg(long, default_value = millrace::keygen::INGESTOR)]
+        ingestor: String,
+        /// Facilitator 0's store.
+        #[arg(long)]
+        store0: String,
+        /// Facilitator 1's store.
+        #[arg(long)]
+        store1: String,
+        /// Reports in all, split across the aggregations.
+        #[arg(long, default_value_t = 20_000)]
+        reports: usize,
+        /// Share of reports made invalid on purpose.
+        #[arg(long, default_value_t = 0.02)]
+        invalid_fraction: f64,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Write each window's expected result (JSON) here.
+        #[arg(long)]
+        expect_out: Option<PathBuf>,
+    },
+    /// Everything in one process: keygen, ingest, both facilitators' services and the mill,
+    /// until every window has a result; then each result beside the plaintext result.
+    Demo {
+        #[arg(long, default_value_t = 20_000)]
+        reports: usize,
+        #[arg(long, default_value_t = 0.02)]
+        invalid_fraction: f64,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Keep keys, config and stores in this directory (default: a temporary one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout_secs: u64,
+    },
+    /// Every window the collector knows of, and its state.
+    Status {
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "MILLRACE_COLLECTOR_STORE")]
+        collector_store: String,
+    },
+    /// Benchmarks (not tests).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// The fleet's reports/s beside the bare prio + HPKE rate for the same reports.
+    Vdaf {
+        #[arg(long, default_value_t = 40_000)]
+        reports: usize,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    millrace_runtime::telemetry::init_logging("warn");
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("millrace: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Keygen { dir, force } => {
+            let path = millrace::keygen::keygen(&dir, force)?;
+            println!("wrote {} and {}/keys/", path.display(), dir.display());
+        }
+        Command::Ingest {
+            config,
+            ingestor,
+            store0,
+            store1,
+            reports,
+            invalid_fraction,
+            batch_size,
+            expect_out,
+        } => {
+            let config = Config::load(&config)?;
+            let stores = [Store::open(&store0)?, Store::open(&store1)?];
+            let (start, end) = millrace::demo::past_span(chrono::Utc::now().timestamp());
+            let plan = IngestPlan {
+                reports,
+                invalid_fraction,
+                batch_size,
+                start,
+                end,
+            };
+            let exp = ingest(&config, &ingestor, [&stores[0], &stores[1]], &plan, |_| {}).await?;
+            println!("ingested {} reports in {} windows", exp.reports, exp.windows.len());
+            if let Some(path) = expect_out {
+                std::fs::write(&path, serde_json::to_vec_pretty(&exp)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        Command::Demo {
+            reports,
+            invalid_fraction,
+            batch_size,
+            dir,
+            timeout_secs,
+        } => {
+            let outcome = run_demo(&DemoOptions {
+                dir,
+                reports,
+                invalid_fraction,
+                batch_size,
+                timeout: Duration::from_secs(timeout_secs),
+                show_progress: true,
+            })
+            .await?;
+            print_table(&outcome);
+            if !outcome.all_correct() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Status {
+            config,
+            collector_store,
+        } => {
+            let config = Arc::new(Config::load(&config)?);
+            let rows = millrace::status::collect(&config, &Store::open(&collector_store)?).await?;
+            millrace::status::print(&rows);
+        }
+        Command::Bench {
+            what: BenchCommand::Vdaf {
+                reports,
+                batch_size,
+            },
+        } => {
+            let o = millrace::bench::bench_vdaf(reports, batch_size).await?;
+            println!("reports: {} on {} threads", o.reports, o.threads);
+            println!("bare prio + HPKE (both facilitators): {:>10.0} reports/s", o.bare_per_sec);
+            println!("millrace fleet (one process, memory bus, file stores): {:>10.0} reports/s", o.fleet_per_sec);
+            println!("fleet / bare: {:.1}%", 100.0 * o.fleet_per_sec / o.bare_per_sec);
+            if !o.all_correct {
+                println!("SOME RESULTS DIFFER FROM THE PLAINTEXT RESULT");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
