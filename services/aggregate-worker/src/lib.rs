@@ -201,10 +201,13 @@ fn combine(
         // an id per side counts here.
         let mut by_id: BTreeMap<ReportId, [Option<&Verdict>; 2]> = BTreeMap::new();
         let mut own_state: BTreeMap<ReportId, Option<&Vec<u8>>> = BTreeMap::new();
+        let mut repeats = [0u64; 2];
         for (side, v) in batch.validations.iter().enumerate() {
             for (i, (id, verdict)) in v.entries.iter().enumerate() {
                 let slot = by_id.entry(*id).or_insert([None, None]);
-                if slot[side].is_none() {
+                if slot[side].is_some() {
+                    repeats[side] += 1;
+                } else {
                     slot[side] = Some(verdict);
                     if side == own {
                         own_state
@@ -214,6 +217,9 @@ fn combine(
                 }
             }
         }
+        // A report id repeated inside a batch is one excluded report per repeat; both sides see
+        // both validation batches, so both count the same.
+        invalid += repeats[0].max(repeats[1]);
         for (id, verdicts) in by_id {
             if !seen.insert(id) {
                 invalid += 1;

@@ -1,0 +1,479 @@
+//! End-to-end behaviour of the pipeline on the embedded backends (in-memory bus, in-memory and
+//! local-file stores): each service step driven directly, so each test can interfere exactly
+//! where the behaviour it proves lives.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use millrace::demo::{past_span, run_demo, DemoOptions};
+use millrace::ingest::{ingest, Expectations, IngestPlan};
+use millrace_aggregate_worker::AggregateWorker;
+use millrace_bus::memory::MemoryBus;
+use millrace_bus::{rejected_topic, Bus, Message, SubscribeOptions, ATTR_REASON};
+use millrace_cleaner::{Cleaner, Role};
+use millrace_intake_worker::IntakeWorker;
+use millrace_mill::{Mill, MillOutcome};
+use millrace_protocol::config::Config;
+use millrace_protocol::layout::{intake_marker_key, parse_ingestion_key, result_key, sum_part_key, Window};
+use millrace_protocol::results::{Computation, ComputationState};
+use millrace_protocol::tasks::{topics, AggregateTask, IntakeTask, SumPartReady, TaskMessage, TASK_VERSION};
+use millrace_runtime::{run_worker, Shutdown, TaskError, WorkerConfig};
+use millrace_store::Store;
+use millrace_workflow_manager::{Settings, WorkflowManager};
+
+const PREFIX: &str = "t";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    config: Arc<Config>,
+    stores: [Store; 2],
+    collector: Store,
+    bus: Arc<MemoryBus>,
+    expectations: Expectations,
+}
+
+async fn harness(reports: usize, invalid_fraction: f64, batch_size: usize) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let path = millrace::keygen::keygen(dir.path(), false).unwrap();
+    let config = Arc::new(Config::load(&path).unwrap());
+    let stores = [Store::memory(), Store::memory()];
+    let (start, end) = past_span(chrono::Utc::now().timestamp());
+    let expectations = ingest(
+        &config,
+        millrace::keygen::INGESTOR,
+        [&stores[0], &stores[1]],
+        &IngestPlan {
+            reports,
+            invalid_fraction,
+            batch_size,
+            start,
+            end,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    Harness {
+        _dir: dir,
+        config,
+        stores,
+        collector: Store::memory(),
+        bus: Arc::new(MemoryBus::new()),
+        expectations,
+    }
+}
+
+impl Harness {
+    fn wm(&self, f: u8, instance: &str) -> WorkflowManager {
+        self.wm_with(f, instance, Duration::from_secs(600), false)
+    }
+    fn wm_with(&self, f: u8, instance: &str, claim_timeout: Duration, dry_run: bool) -> WorkflowManager {
+        WorkflowManager::new(
+            self.config.clone(),
+            self.stores[usize::from(f)].clone(),
+            self.bus.clone(),
+            Settings {
+                facilitator: f,
+                topic_prefix: PREFIX.to_string(),
+                instance: instance.to_string(),
+                claim_timeout,
+                dry_run,
+            },
+        )
+    }
+    fn intake(&self, f: u8) -> IntakeWorker {
+        IntakeWorker::new(
+            self.config.clone(),
+            f,
+            self.stores[usize::from(f)].clone(),
+            self.stores[usize::from(1 - f)].clone(),
+        )
+        .unwrap()
+    }
+    fn aggregator(&self, f: u8) -> AggregateWorker {
+        AggregateWorker::new(
+            self.config.clone(),
+            f,
+            self.stores[usize::from(f)].clone(),
+            self.collector.clone(),
+            self.bus.clone(),
+            PREFIX,
+        )
+        .unwrap()
+    }
+    fn mill(&self) -> Mill {
+        Mill::new(self.config.clone(), self.collector.clone(), self.bus.clone(), PREFIX).unwrap()
+    }
+    async fn batch_count(&self) -> usize {
+        let mut n = 0;
+        for a in &self.config.aggregations {
+            n += self.stores[0]
+                .list(&format!("ingestion/{}/", a.id))
+                .await
+                .unwrap()
+                .iter()
+                .filter(|o| parse_ingestion_key(&a.id, &o.key).is_some())
+                .count();
+        }
+        n
+    }
+    /// Every message waiting on `topic`, taken off the bus.
+    async fn drain(&self, topic: &str) -> Vec<millrace_bus::Delivery> {
+        let mut sub = self
+            .bus
+            .subscribe(topic, SubscribeOptions::new("test-drain"))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+            out.push(d);
+        }
+        out
+    }
+    /// Runs intake for every published intake task of both facilitators.
+    async fn run_intake(&self) {
+        for f in 0..2u8 {
+            self.wm(f, "wm").run_once(now()).await.unwrap();
+            let worker = self.intake(f);
+            for d in self.drain(&topics::intake(PREFIX, f)).await {
+                let t = IntakeTask::from_json(&d.body).unwrap();
+                worker.validate(&t).await.unwrap();
+                d.ack().await.unwrap();
+            }
+        }
+    }
+    /// Publishes the aggregate tasks of facilitator `f` and returns them.
+    async fn aggregate_tasks(&self, f: u8) -> Vec<AggregateTask> {
+        self.wm(f, "wm").run_once(now()).await.unwrap();
+        let mut out = Vec::new();
+        for d in self.drain(&topics::aggregate(PREFIX, f)).await {
+            out.push(AggregateTask::from_json(&d.body).unwrap());
+            d.ack().await.unwrap();
+        }
+        out
+    }
+    async fn snapshot(&self, store: &Store) -> Vec<(String, millrace_bus::Bytes)> {
+        let mut out = Vec::new();
+        for prefix in ["ingestion/", "validation/", "states/", "markers/", "sums/", "results/", "computations/"] {
+            for o in store.list(prefix).await.unwrap() {
+                let b = store.get_required(&o.key).await.unwrap();
+                out.push((o.key, b));
+            }
+        }
+        out
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_prio3_variant_matches_the_plaintext_result_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = run_demo(&DemoOptions {
+        dir: Some(dir.path().to_path_buf()),
+        reports: 2_000,
+        invalid_fraction: 0.05,
+        batch_size: 100,
+        timeout: Duration::from_secs(180),
+        show_progress: false,
+    })
+    .await
+    .unwrap();
+    let aggs: BTreeSet<&str> = outcome.rows.iter().map(|r| r.expectation.aggregation.as_str()).collect();
+    assert_eq!(aggs.len(), 4, "one row set per Prio3 variant: {aggs:?}");
+    for row in &outcome.rows {
+        assert!(row.correct(), "{row:?}");
+        // Every window had deliberately broken reports (undecryptable, truncated, tampered,
+        // wrong key, duplicate id); they were excluded on both sides and counted.
+        assert!(row.expectation.invalid > 0, "{row:?}");
+    }
+}
+
+#[tokio::test]
+async fn same_intake_and_aggregate_task_delivered_twice_changes_nothing() {
+    let h = harness(400, 0.05, 50).await;
+    h.run_intake().await;
+    let before = [h.snapshot(&h.stores[0]).await, h.snapshot(&h.stores[1]).await];
+    // Deliver every intake task a second time.
+    for f in 0..2u8 {
+        let worker = h.intake(f);
+        for a in &h.config.aggregations {
+            for o in h.stores[usize::from(f)].list(&format!("ingestion/{}/", a.id)).await.unwrap() {
+                let (p, batch) = parse_ingestion_key(&a.id, &o.key).unwrap();
+                let t = IntakeTask { version: TASK_VERSION, aggregation: a.id.clone(), batch, partition: p.path() };
+                worker.validate(&t).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(before[0], h.snapshot(&h.stores[0]).await);
+    assert_eq!(before[1], h.snapshot(&h.stores[1]).await);
+
+    let mut parts = Vec::new();
+    for f in 0..2u8 {
+        let agg = h.aggregator(f);
+        for t in h.aggregate_tasks(f).await {
+            let first = agg.aggregate(&t).await.unwrap();
+            let second = agg.aggregate(&t).await.unwrap();
+            assert_eq!(first, second);
+            parts.push(first);
+        }
+    }
+    let mill = h.mill();
+    for m in h.drain(&topics::collect(PREFIX)).await {
+        let msg = SumPartReady::from_json(&m.body).unwrap();
+        let _ = mill.join(&msg).await;
+        m.ack().await.unwrap();
+    }
+    for e in &h.expectations.windows {
+        let w = Window::parse(&e.window).unwrap();
+        let msg = SumPartReady { version: TASK_VERSION, aggregation: e.aggregation.clone(), window: e.window.clone(), facilitator: 0 };
+        assert_eq!(mill.join(&msg).await.unwrap(), MillOutcome::AlreadyDone);
+        let r = millrace_protocol::results::AggregationResult::from_json(
+            &h.collector.get_required(&result_key(&e.aggregation, w)).await.unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.result, e.expected);
+        assert_eq!((r.report_count, r.invalid_count), (e.valid, e.invalid));
+    }
+}
+
+#[tokio::test]
+async fn workflow_manager_run_twice_schedules_nothing_new() {
+    let h = harness(200, 0.0, 25).await;
+    let batches = h.batch_count().await;
+    let wm = h.wm(0, "a");
+    let first = wm.run_once(now()).await.unwrap();
+    assert_eq!(first.intake_published, batches);
+    let second = wm.run_once(now()).await.unwrap();
+    assert_eq!(second.intake_published, 0);
+    assert_eq!(h.drain(&topics::intake(PREFIX, 0)).await.len(), batches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_workflow_managers_schedule_each_task_exactly_once() {
+    let h = harness(400, 0.0, 25).await;
+    let batches = h.batch_count().await;
+    let (a, b) = (h.wm(0, "a"), h.wm(0, "b"));
+    let (ra, rb) = tokio::join!(a.run_once(now()), b.run_once(now()));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.intake_published + rb.intake_published, batches);
+    let bodies: Vec<Vec<u8>> = h.drain(&topics::intake(PREFIX, 0)).await.into_iter().map(|d| d.body.to_vec()).collect();
+    let unique: BTreeSet<&Vec<u8>> = bodies.iter().collect();
+    assert_eq!(bodies.len(), batches);
+    assert_eq!(unique.len(), batches);
+}
+
+#[tokio::test]
+async fn a_stale_claim_is_taken_over_and_a_fresh_one_respected() {
+    let h = harness(100, 0.0, 25).await;
+    let agg = &h.config.aggregations[0];
+    let listed = h.stores[0].list(&format!("ingestion/{}/", agg.id)).await.unwrap();
+    let (p, batch) = parse_ingestion_key(&agg.id, &listed[0].key).unwrap();
+    let marker = intake_marker_key(&agg.id, p, &batch);
+    let stale = serde_json::json!({"state": "claimed", "by": "crashed", "at": now() - 3600, "generation": 0});
+    h.stores[0].create(&format!("{marker}.claim"), stale.to_string()).await.unwrap();
+
+    // A fresh-claim view (timeout longer than the claim's age) leaves it alone ...
+    let r = h.wm_with(0, "b", Duration::from_secs(7200), false).run_once(now()).await.unwrap();
+    assert_eq!(r.intake_published, h.batch_count().await - 1);
+    assert!(!millrace_store::markers::is_published(&h.stores[0], &marker).await.unwrap());
+    // ... a stale one is taken over.
+    let r = h.wm_with(0, "c", Duration::from_secs(60), false).run_once(now()).await.unwrap();
+    assert_eq!(r.intake_published, 1);
+    let rec = millrace_store::markers::published(&h.stores[0], &marker).await.unwrap().unwrap();
+    assert_eq!((rec.by.as_str(), rec.generation), ("c", 1));
+}
+
+#[tokio::test]
+async fn dry_run_writes_and_publishes_nothing() {
+    let h = harness(100, 0.0, 25).await;
+    let before = h.snapshot(&h.stores[0]).await;
+    let r = h.wm_with(0, "dry", Duration::from_secs(600), true).run_once(now()).await.unwrap();
+    assert_eq!(r.would_publish, h.batch_count().await);
+    assert_eq!(r.intake_published, 0);
+    assert_eq!(before, h.snapshot(&h.stores[0]).await);
+    assert!(h.drain(&topics::intake(PREFIX, 0)).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mill_requeues_while_a_part_is_missing_and_completes_when_it_arrives() {
+    let h = harness(200, 0.0, 50).await;
+    h.run_intake().await;
+    let t0 = h.aggregate_tasks(0).await;
+    let t1 = h.aggregate_tasks(1).await;
+    let (first, rest) = (&t0[0], &t1);
+    h.aggregator(0).aggregate(first).await.unwrap();
+    let w = Window::parse(&first.window).unwrap();
+
+    let shutdown = Shutdown::new();
+    let mut cfg = WorkerConfig::new(topics::collect(PREFIX), "mill");
+    cfg.backoff_base = Duration::from_millis(50);
+    cfg.backoff_max = Duration::from_millis(200);
+    cfg.max_attempts = 100;
+    let mill_task = tokio::spawn(run_worker(h.bus.clone(), cfg, Arc::new(h.mill()), shutdown.clone()));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = Computation::from_json(
+        &h.collector.get_required(&millrace_protocol::layout::computation_key(&first.aggregation, w)).await.unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c.state, ComputationState::WaitingForParts);
+    assert!(!h.collector.exists(&result_key(&first.aggregation, w)).await.unwrap());
+
+    let other = rest.iter().find(|t| t.aggregation == first.aggregation && t.window == first.window).unwrap();
+    let agg1 = h.aggregator(1);
+    // Only the matching window's part from facilitator 1 (its message goes to the mill as well).
+    agg1.aggregate(other).await.unwrap();
+    let key = result_key(&first.aggregation, w);
+    let mut done = false;
+    for _ in 0..100 {
+        if h.collector.exists(&key).await.unwrap() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.trigger();
+    let report = mill_task.await.unwrap().unwrap();
+    assert!(done, "the result appeared once the second part arrived");
+    assert!(report.retried >= 1, "{report:?}");
+    let expected = h.expectations.windows.iter().find(|e| e.aggregation == first.aggregation && e.window == first.window).unwrap();
+    let r = millrace_protocol::results::AggregationResult::from_json(&h.collector.get_required(&key).await.unwrap()).unwrap();
+    assert_eq!(r.result, expected.expected);
+}
+
+#[tokio::test]
+async fn mill_refuses_parts_whose_digests_differ() {
+    let h = harness(200, 0.0, 50).await;
+    h.run_intake().await;
+    let t = h.aggregate_tasks(0).await.remove(0);
+    let t1 = h.aggregate_tasks(1).await.into_iter().find(|x| x.aggregation == t.aggregation && x.window == t.window).unwrap();
+    h.aggregator(0).aggregate(&t).await.unwrap();
+    let mut p1 = h.aggregator(1).aggregate(&t1).await.unwrap();
+    let w = Window::parse(&t.window).unwrap();
+    p1.report_digest[0] ^= 1;
+    let signer = h.config.facilitator_signer(1).unwrap();
+    h.collector.overwrite(&sum_part_key(&t.aggregation, w, 1), p1.encode(&signer).unwrap()).await.unwrap();
+    let msg = SumPartReady { version: TASK_VERSION, aggregation: t.aggregation.clone(), window: t.window.clone(), facilitator: 1 };
+    match h.mill().join(&msg).await {
+        Err(TaskError::Permanent(reason)) => assert!(reason.contains("digests differ"), "{reason}"),
+        other => panic!("expected a permanent refusal, got {other:?}"),
+    }
+    assert!(!h.collector.exists(&result_key(&t.aggregation, w)).await.unwrap());
+    let c = Computation::from_json(
+        &h.collector.get_required(&millrace_protocol::layout::computation_key(&t.aggregation, w)).await.unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c.state, ComputationState::Failed);
+}
+
+#[tokio::test]
+async fn a_damaged_batch_is_rejected_by_name_and_excluded_on_both_sides() {
+    let h = harness(200, 0.0, 50).await;
+    let agg = &h.config.aggregations[0];
+    let listed = h.stores[0].list(&format!("ingestion/{}/", agg.id)).await.unwrap();
+    let key = listed[0].key.clone();
+    let mut bytes = h.stores[0].get_required(&key).await.unwrap().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    h.stores[0].overwrite(&key, bytes).await.unwrap();
+    h.run_intake().await;
+    let mut parts = Vec::new();
+    for f in 0..2u8 {
+        for t in h.aggregate_tasks(f).await {
+            if t.aggregation == agg.id {
+                parts.push(h.aggregator(f).aggregate(&t).await.unwrap());
+            }
+        }
+    }
+    let total_valid: u64 = h.expectations.windows.iter().filter(|e| e.aggregation == agg.id).map(|e| e.valid).sum();
+    let p0: u64 = parts.iter().filter(|p| p.facilitator == 0).map(|p| p.report_count).sum();
+    let p1: u64 = parts.iter().filter(|p| p.facilitator == 1).map(|p| p.report_count).sum();
+    assert_eq!(p0, p1, "both sides exclude the damaged batch");
+    assert_eq!(p0, total_valid - 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_task_lands_in_rejected_and_the_worker_keeps_going() {
+    let h = harness(100, 0.0, 25).await;
+    let topic = topics::intake(PREFIX, 0);
+    h.bus.publish(&topic, Message::new("{not a task")).await.unwrap();
+    h.wm(0, "wm").run_once(now()).await.unwrap();
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        h.bus.clone(),
+        WorkerConfig::new(topic.clone(), "intake-worker-0"),
+        Arc::new(h.intake(0)),
+        shutdown.clone(),
+    ));
+    let batches = h.batch_count().await;
+    let mut validated = 0;
+    for _ in 0..200 {
+        validated = h.stores[1].list("validation/").await.unwrap().len();
+        if validated == batches {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    shutdown.trigger();
+    let report = worker.await.unwrap().unwrap();
+    assert_eq!(validated, batches, "every good task after the bad one was processed");
+    assert_eq!(report.rejected, 1);
+    let rejected = h.drain(&rejected_topic(&topic)).await;
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(&rejected[0].body[..], b"{not a task");
+    assert!(rejected[0].attributes.get(ATTR_REASON).is_some_and(|r| r.contains("intake task")));
+}
+
+#[tokio::test]
+async fn cleaner_deletes_only_expired_settled_objects_and_markers_last() {
+    let h = harness(200, 0.0, 50).await;
+    h.run_intake().await;
+    let cleaner = |ttl: u64, dry_run: bool, role: Role, store: &Store| {
+        Cleaner::new(h.config.clone(), store.clone(), millrace_cleaner::Settings { role, ttl: Duration::from_secs(ttl), dry_run })
+    };
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    // Not settled yet (no aggregate task published): nothing goes, even with a zero TTL.
+    let r = cleaner(0, false, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap();
+    assert!(r.deleted.is_empty(), "{:?}", r.deleted);
+    assert!(r.kept_not_settled > 0);
+
+    for f in 0..2u8 {
+        for t in h.aggregate_tasks(f).await {
+            h.aggregator(f).aggregate(&t).await.unwrap();
+        }
+    }
+    // Settled but young: a week's TTL keeps everything.
+    assert!(cleaner(7 * 86400, false, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap().deleted.is_empty());
+    // A dry run deletes nothing but says what it would.
+    let before = h.snapshot(&h.stores[0]).await;
+    let dry = cleaner(0, true, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap();
+    assert!(!dry.deleted.is_empty());
+    assert_eq!(before, h.snapshot(&h.stores[0]).await);
+    // The real pass: data first, then markers.
+    let r = cleaner(0, false, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap();
+    assert_eq!(r.deleted, dry.deleted);
+    for a in &h.config.aggregations {
+        let keys: Vec<&String> = r.deleted.iter().filter(|k| k.contains(&format!("/{}/", a.id))).collect();
+        let first_marker = keys.iter().position(|k| k.starts_with("markers/")).unwrap();
+        let last_data = keys.iter().rposition(|k| !k.starts_with("markers/")).unwrap();
+        assert!(last_data < first_marker, "markers go last: {keys:?}");
+    }
+    assert!(h.snapshot(&h.stores[0]).await.is_empty());
+    // The peer's store was not touched.
+    assert!(!h.snapshot(&h.stores[1]).await.is_empty());
+
+    // Collector: a finished computation's parts and result go, the record last; a waiting one stays.
+    let mill = h.mill();
+    for d in h.drain(&topics::collect(PREFIX)).await {
+        let _ = mill.join(&SumPartReady::from_json(&d.body).unwrap()).await;
+        d.ack().await.unwrap();
+    }
+    let r = cleaner(0, false, Role::Collector, &h.collector).run_once(later).await.unwrap();
+    assert!(!r.deleted.is_empty());
+    assert!(r.deleted.last().unwrap().starts_with("computations/"));
+    assert!(h.collector.list("sums/").await.unwrap().is_empty());
+}
