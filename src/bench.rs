@@ -41,15 +41,22 @@ fn bare(work: &[Work], keys: &[HpkePrivateKey; 2], threads: usize) -> usize {
                 let Some(w) = work.get(i) else { break };
                 let vdaf = &w.agg.vdaf;
                 let mut accs = [vdaf.accumulator(), vdaf.accumulator()];
-                let infos = [input_share_info(&w.agg.id, 0), input_share_info(&w.agg.id, 1)];
+                let infos = [
+                    input_share_info(&w.agg.id, 0),
+                    input_share_info(&w.agg.id, 1),
+                ];
                 for (r0, r1) in w.batches[0].reports.iter().zip(&w.batches[1].reports) {
                     let mut prepared = Vec::with_capacity(2);
                     for (f, r) in [(0usize, r0), (1, r1)] {
                         let aad = input_share_aad(&r.report_id, &r.public_share);
-                        let Ok(share) = keys[f].open(&infos[f], &aad, &r.encapped_key, &r.ciphertext) else {
+                        let Ok(share) =
+                            keys[f].open(&infos[f], &aad, &r.encapped_key, &r.ciphertext)
+                        else {
                             break;
                         };
-                        let Ok(p) = vdaf.prepare(&w.verify_key, f, &r.report_id, &r.public_share, &share) else {
+                        let Ok(p) =
+                            vdaf.prepare(&w.verify_key, f, &r.report_id, &r.public_share, &share)
+                        else {
                             break;
                         };
                         prepared.push(p);
@@ -57,12 +64,18 @@ fn bare(work: &[Work], keys: &[HpkePrivateKey; 2], threads: usize) -> usize {
                     if prepared.len() != 2 {
                         continue;
                     }
-                    let shares = [prepared[0].verifier_share.as_slice(), prepared[1].verifier_share.as_slice()];
+                    let shares = [
+                        prepared[0].verifier_share.as_slice(),
+                        prepared[1].verifier_share.as_slice(),
+                    ];
                     for (f, acc) in accs.iter_mut().enumerate() {
                         let _ = vdaf.verify_and_accumulate(f, &prepared[f].state, shares, acc);
                     }
                 }
-                total.fetch_add(w.batches[0].reports.len(), std::sync::atomic::Ordering::Relaxed);
+                total.fetch_add(
+                    w.batches[0].reports.len(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             });
         }
     });
@@ -96,7 +109,10 @@ pub async fn bench_vdaf(reports: usize, batch_size: usize) -> anyhow::Result<Ben
     let mut work = Vec::new();
     let ingestors = config.ingestor_keys()?;
     for agg in &config.aggregations {
-        for obj in stores.facilitators[0].list(&format!("ingestion/{}/", agg.id)).await? {
+        for obj in stores.facilitators[0]
+            .list(&format!("ingestion/{}/", agg.id))
+            .await?
+        {
             if parse_ingestion_key(&agg.id, &obj.key).is_none() {
                 continue;
             }
@@ -105,18 +121,29 @@ pub async fn bench_vdaf(reports: usize, batch_size: usize) -> anyhow::Result<Ben
             work.push(Work {
                 agg: agg.clone(),
                 verify_key: config.verify_key(agg)?,
-                batches: [IngestionBatch::decode(&ingestors, &b0)?.0, IngestionBatch::decode(&ingestors, &b1)?.0],
+                batches: [
+                    IngestionBatch::decode(&ingestors, &b0)?.0,
+                    IngestionBatch::decode(&ingestors, &b1)?.0,
+                ],
             });
         }
     }
     let keys = [config.hpke_private_key(0)?, config.hpke_private_key(1)?];
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let t = Instant::now();
     let done = tokio::task::spawn_blocking(move || bare(&work, &keys, threads)).await?;
     let bare_per_sec = done as f64 / t.elapsed().as_secs_f64();
 
-    let (rows, secs) =
-        run_fleet_until_done(config, stores, &expectations, Duration::from_secs(1800), false).await?;
+    let (rows, secs) = run_fleet_until_done(
+        config,
+        stores,
+        &expectations,
+        Duration::from_secs(1800),
+        false,
+    )
+    .await?;
     let all_correct = rows.iter().all(|r| r.correct());
     Ok(BenchOutcome {
         reports: expectations.reports,

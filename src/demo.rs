@@ -205,7 +205,10 @@ pub async fn run_fleet_until_done(
             break;
         }
         if t1.elapsed() > timeout {
-            for row in rows.iter_mut().filter(|r| r.result.is_none() && r.failure.is_none()) {
+            for row in rows
+                .iter_mut()
+                .filter(|r| r.result.is_none() && r.failure.is_none())
+            {
                 row.failure = Some(format!("no result after {}s", timeout.as_secs()));
             }
             break;
@@ -232,7 +235,11 @@ pub fn print_table(outcome: &DemoOutcome) {
             "  {:<31} {:>7} {:>7}  {:<6} result / expected",
             "window", "valid", "invalid", "check"
         );
-        for r in outcome.rows.iter().filter(|r| r.expectation.aggregation == agg) {
+        for r in outcome
+            .rows
+            .iter()
+            .filter(|r| r.expectation.aggregation == agg)
+        {
             let (valid, invalid, got) = match &r.result {
                 Some(res) => (
                     res.report_count.to_string(),

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::crypto::{hpke_generate, random_bytes, HpkePublicKey, Signer25519};
-use millrace_protocol::formats::{input_share_aad, input_share_info, EncryptedReport, IngestionBatch};
+use millrace_protocol::formats::{
+    input_share_aad, input_share_info, EncryptedReport, IngestionBatch,
+};
 use millrace_protocol::layout::{ingestion_key, Partition, Window};
 use millrace_protocol::vdaf::{AggregateValue, Measurement};
 use millrace_store::Store;
@@ -83,10 +85,20 @@ struct GeneratedBatch {
     invalid: u64,
 }
 
-fn seal(keys: &Keys, agg: &str, f: u8, to: &HpkePublicKey, id: &[u8; 16], public: &[u8], share: &[u8]) -> anyhow::Result<([u8; 32], Vec<u8>)> {
-    Ok(to.seal(&input_share_info(agg, f), &input_share_aad(id, public), share)
-        .with_context(|| format!("encrypting a share for facilitator {f}"))
-        .map(|x| { let _ = keys; x })?)
+fn seal(
+    agg: &str,
+    f: u8,
+    to: &HpkePublicKey,
+    id: &[u8; 16],
+    public: &[u8],
+    share: &[u8],
+) -> anyhow::Result<([u8; 32], Vec<u8>)> {
+    to.seal(
+        &input_share_info(agg, f),
+        &input_share_aad(id, public),
+        share,
+    )
+    .with_context(|| format!("encrypting a share for facilitator {f}"))
 }
 
 fn generate_batch(
@@ -100,7 +112,8 @@ fn generate_batch(
 ) -> anyhow::Result<GeneratedBatch> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let batch_id = hex::encode(random_bytes::<8>());
-    let mut copies: [Vec<EncryptedReport>; 2] = [Vec::with_capacity(count), Vec::with_capacity(count)];
+    let mut copies: [Vec<EncryptedReport>; 2] =
+        [Vec::with_capacity(count), Vec::with_capacity(count)];
     let mut measurements = Vec::with_capacity(count);
     let mut invalid = 0;
     let mut damage_index = damage_offset;
@@ -142,7 +155,8 @@ fn generate_batch(
             } else {
                 &keys.hpke[usize::from(f)]
             };
-            let (encapped_key, mut ciphertext) = seal(keys, &agg.id, f, to, &id, &public, &shares[usize::from(f)])?;
+            let (encapped_key, mut ciphertext) =
+                seal(&agg.id, f, to, &id, &public, &shares[usize::from(f)])?;
             if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
                 if let Some(b) = ciphertext.first_mut() {
                     *b ^= 0x80;
@@ -195,7 +209,10 @@ pub async fn ingest(
         .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
         .cloned()
         .collect();
-    anyhow::ensure!(!aggs.is_empty(), "ingestor {ingestor:?} may not submit to any aggregation");
+    anyhow::ensure!(
+        !aggs.is_empty(),
+        "ingestor {ingestor:?} may not submit to any aggregation"
+    );
     let invalid_every = if plan.invalid_fraction > 0.0 {
         Some(((1.0 / plan.invalid_fraction).round() as usize).max(1))
     } else {
@@ -204,14 +221,18 @@ pub async fn ingest(
     let per_agg = plan.reports / aggs.len();
     let batch_size = plan.batch_size.max(1);
     let span = (plan.end - plan.start).max(1);
-    let mut expect: BTreeMap<(String, String), (Vec<Measurement>, u64, Aggregation)> = BTreeMap::new();
+    let mut expect: BTreeMap<(String, String), (Vec<Measurement>, u64, Aggregation)> =
+        BTreeMap::new();
     let mut seed: u64 = rand::rng().random();
     let mut done = 0;
     for agg in &aggs {
         let batches = per_agg.div_ceil(batch_size);
         // Generate on every core, one batch per blocking task, at most a few in flight.
         let mut pending = futures::stream::FuturesOrdered::new();
-        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+        let parallel = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            * 2;
         let mut next = 0;
         loop {
             while next < batches && pending.len() < parallel {
@@ -223,13 +244,18 @@ pub async fn ingest(
                 let offset = next;
                 pending.push_back(tokio::task::spawn_blocking(move || {
                     let g = generate_batch(&agg2, &keys2, time, count, invalid_every, s, offset)?;
-                    let encoded = [g.batch[0].encode(&keys2.signer)?, g.batch[1].encode(&keys2.signer)?];
+                    let encoded = [
+                        g.batch[0].encode(&keys2.signer)?,
+                        g.batch[1].encode(&keys2.signer)?,
+                    ];
                     anyhow::Ok((g, encoded, time))
                 }));
                 next += 1;
             }
             use futures::StreamExt;
-            let Some(joined) = pending.next().await else { break };
+            let Some(joined) = pending.next().await else {
+                break;
+            };
             let (g, encoded, time) = joined.context("generating a batch")??;
             let p = Partition::of(time);
             let key = ingestion_key(&agg.id, p, &g.batch[0].batch_id);

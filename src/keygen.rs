@@ -39,7 +39,8 @@ pub fn default_aggregations() -> Vec<(String, VdafSpec)> {
 }
 
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
-    std::fs::write(path, format!("{text}\n")).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(path, format!("{text}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -63,7 +64,10 @@ pub fn keygen(dir: &Path, force: bool) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&keys).with_context(|| format!("creating {}", keys.display()))?;
 
     let ingestor = Signer25519::generate(INGESTOR);
-    write_secret(&keys.join(format!("{INGESTOR}.ed25519")), &ingestor.to_hex())?;
+    write_secret(
+        &keys.join(format!("{INGESTOR}.ed25519")),
+        &ingestor.to_hex(),
+    )?;
     let mut facilitators = Vec::new();
     for (index, name) in FACILITATORS.iter().enumerate() {
         let signer = Signer25519::generate(*name);
@@ -81,7 +85,10 @@ pub fn keygen(dir: &Path, force: bool) -> anyhow::Result<PathBuf> {
     }
     let mut aggregations = Vec::new();
     for (id, vdaf) in default_aggregations() {
-        write_secret(&keys.join(format!("{id}.verify")), &VerifyKey::generate().to_hex())?;
+        write_secret(
+            &keys.join(format!("{id}.verify")),
+            &VerifyKey::generate().to_hex(),
+        )?;
         aggregations.push(AggregationEntry {
             id: id.clone(),
             vdaf,

@@ -136,7 +136,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 end,
             };
             let exp = ingest(&config, &ingestor, [&stores[0], &stores[1]], &plan, |_| {}).await?;
-            println!("ingested {} reports in {} windows", exp.reports, exp.windows.len());
+            println!(
+                "ingested {} reports in {} windows",
+                exp.reports,
+                exp.windows.len()
+            );
             if let Some(path) = expect_out {
                 std::fs::write(&path, serde_json::to_vec_pretty(&exp)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -172,16 +176,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             millrace::status::print(&rows);
         }
         Command::Bench {
-            what: BenchCommand::Vdaf {
-                reports,
-                batch_size,
-            },
+            what:
+                BenchCommand::Vdaf {
+                    reports,
+                    batch_size,
+                },
         } => {
             let o = millrace::bench::bench_vdaf(reports, batch_size).await?;
             println!("reports: {} on {} threads", o.reports, o.threads);
-            println!("bare prio + HPKE (both facilitators): {:>10.0} reports/s", o.bare_per_sec);
-            println!("millrace fleet (one process, memory bus, file stores): {:>10.0} reports/s", o.fleet_per_sec);
-            println!("fleet / bare: {:.1}%", 100.0 * o.fleet_per_sec / o.bare_per_sec);
+            println!(
+                "bare prio + HPKE (both facilitators): {:>10.0} reports/s",
+                o.bare_per_sec
+            );
+            println!(
+                "millrace fleet (one process, memory bus, file stores): {:>10.0} reports/s",
+                o.fleet_per_sec
+            );
+            println!(
+                "fleet / bare: {:.1}%",
+                100.0 * o.fleet_per_sec / o.bare_per_sec
+            );
             if !o.all_correct {
                 println!("SOME RESULTS DIFFER FROM THE PLAINTEXT RESULT");
                 return Ok(ExitCode::FAILURE);

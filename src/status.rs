@@ -19,7 +19,9 @@ pub async fn collect(config: &Config, collector: &Store) -> anyhow::Result<Vec<W
     let mut rows = Vec::new();
     for agg in &config.aggregations {
         for obj in collector.list(&format!("computations/{}/", agg.id)).await? {
-            let Some(bytes) = collector.get(&obj.key).await? else { continue };
+            let Some(bytes) = collector.get(&obj.key).await? else {
+                continue;
+            };
             let c = match Computation::from_json(&bytes) {
                 Ok(c) => c,
                 Err(e) => {

@@ -15,9 +15,13 @@ use millrace_cleaner::{Cleaner, Role};
 use millrace_intake_worker::IntakeWorker;
 use millrace_mill::{Mill, MillOutcome};
 use millrace_protocol::config::Config;
-use millrace_protocol::layout::{intake_marker_key, parse_ingestion_key, result_key, sum_part_key, Window};
+use millrace_protocol::layout::{
+    intake_marker_key, parse_ingestion_key, result_key, sum_part_key, Window,
+};
 use millrace_protocol::results::{Computation, ComputationState};
-use millrace_protocol::tasks::{topics, AggregateTask, IntakeTask, SumPartReady, TaskMessage, TASK_VERSION};
+use millrace_protocol::tasks::{
+    topics, AggregateTask, IntakeTask, SumPartReady, TaskMessage, TASK_VERSION,
+};
 use millrace_runtime::{run_worker, Shutdown, TaskError, WorkerConfig};
 use millrace_store::Store;
 use millrace_workflow_manager::{Settings, WorkflowManager};
@@ -68,7 +72,13 @@ impl Harness {
     fn wm(&self, f: u8, instance: &str) -> WorkflowManager {
         self.wm_with(f, instance, Duration::from_secs(600), false)
     }
-    fn wm_with(&self, f: u8, instance: &str, claim_timeout: Duration, dry_run: bool) -> WorkflowManager {
+    fn wm_with(
+        &self,
+        f: u8,
+        instance: &str,
+        claim_timeout: Duration,
+        dry_run: bool,
+    ) -> WorkflowManager {
         WorkflowManager::new(
             self.config.clone(),
             self.stores[usize::from(f)].clone(),
@@ -103,7 +113,13 @@ impl Harness {
         .unwrap()
     }
     fn mill(&self) -> Mill {
-        Mill::new(self.config.clone(), self.collector.clone(), self.bus.clone(), PREFIX).unwrap()
+        Mill::new(
+            self.config.clone(),
+            self.collector.clone(),
+            self.bus.clone(),
+            PREFIX,
+        )
+        .unwrap()
     }
     async fn batch_count(&self) -> usize {
         let mut n = 0;
@@ -155,7 +171,15 @@ impl Harness {
     }
     async fn snapshot(&self, store: &Store) -> Vec<(String, millrace_bus::Bytes)> {
         let mut out = Vec::new();
-        for prefix in ["ingestion/", "validation/", "states/", "markers/", "sums/", "results/", "computations/"] {
+        for prefix in [
+            "ingestion/",
+            "validation/",
+            "states/",
+            "markers/",
+            "sums/",
+            "results/",
+            "computations/",
+        ] {
             for o in store.list(prefix).await.unwrap() {
                 let b = store.get_required(&o.key).await.unwrap();
                 out.push((o.key, b));
@@ -182,7 +206,11 @@ async fn every_prio3_variant_matches_the_plaintext_result_end_to_end() {
     })
     .await
     .unwrap();
-    let aggs: BTreeSet<&str> = outcome.rows.iter().map(|r| r.expectation.aggregation.as_str()).collect();
+    let aggs: BTreeSet<&str> = outcome
+        .rows
+        .iter()
+        .map(|r| r.expectation.aggregation.as_str())
+        .collect();
     assert_eq!(aggs.len(), 4, "one row set per Prio3 variant: {aggs:?}");
     for row in &outcome.rows {
         assert!(row.correct(), "{row:?}");
@@ -196,14 +224,26 @@ async fn every_prio3_variant_matches_the_plaintext_result_end_to_end() {
 async fn same_intake_and_aggregate_task_delivered_twice_changes_nothing() {
     let h = harness(400, 0.05, 50).await;
     h.run_intake().await;
-    let before = [h.snapshot(&h.stores[0]).await, h.snapshot(&h.stores[1]).await];
+    let before = [
+        h.snapshot(&h.stores[0]).await,
+        h.snapshot(&h.stores[1]).await,
+    ];
     // Deliver every intake task a second time.
     for f in 0..2u8 {
         let worker = h.intake(f);
         for a in &h.config.aggregations {
-            for o in h.stores[usize::from(f)].list(&format!("ingestion/{}/", a.id)).await.unwrap() {
+            for o in h.stores[usize::from(f)]
+                .list(&format!("ingestion/{}/", a.id))
+                .await
+                .unwrap()
+            {
                 let (p, batch) = parse_ingestion_key(&a.id, &o.key).unwrap();
-                let t = IntakeTask { version: TASK_VERSION, aggregation: a.id.clone(), batch, partition: p.path() };
+                let t = IntakeTask {
+                    version: TASK_VERSION,
+                    aggregation: a.id.clone(),
+                    batch,
+                    partition: p.path(),
+                };
                 worker.validate(&t).await.unwrap();
             }
         }
@@ -229,10 +269,18 @@ async fn same_intake_and_aggregate_task_delivered_twice_changes_nothing() {
     }
     for e in &h.expectations.windows {
         let w = Window::parse(&e.window).unwrap();
-        let msg = SumPartReady { version: TASK_VERSION, aggregation: e.aggregation.clone(), window: e.window.clone(), facilitator: 0 };
+        let msg = SumPartReady {
+            version: TASK_VERSION,
+            aggregation: e.aggregation.clone(),
+            window: e.window.clone(),
+            facilitator: 0,
+        };
         assert_eq!(mill.join(&msg).await.unwrap(), MillOutcome::AlreadyDone);
         let r = millrace_protocol::results::AggregationResult::from_json(
-            &h.collector.get_required(&result_key(&e.aggregation, w)).await.unwrap(),
+            &h.collector
+                .get_required(&result_key(&e.aggregation, w))
+                .await
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(r.result, e.expected);
@@ -260,7 +308,12 @@ async fn racing_workflow_managers_schedule_each_task_exactly_once() {
     let (ra, rb) = tokio::join!(a.run_once(now()), b.run_once(now()));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     assert_eq!(ra.intake_published + rb.intake_published, batches);
-    let bodies: Vec<Vec<u8>> = h.drain(&topics::intake(PREFIX, 0)).await.into_iter().map(|d| d.body.to_vec()).collect();
+    let bodies: Vec<Vec<u8>> = h
+        .drain(&topics::intake(PREFIX, 0))
+        .await
+        .into_iter()
+        .map(|d| d.body.to_vec())
+        .collect();
     let unique: BTreeSet<&Vec<u8>> = bodies.iter().collect();
     assert_eq!(bodies.len(), batches);
     assert_eq!(unique.len(), batches);
@@ -270,20 +323,41 @@ async fn racing_workflow_managers_schedule_each_task_exactly_once() {
 async fn a_stale_claim_is_taken_over_and_a_fresh_one_respected() {
     let h = harness(100, 0.0, 25).await;
     let agg = &h.config.aggregations[0];
-    let listed = h.stores[0].list(&format!("ingestion/{}/", agg.id)).await.unwrap();
+    let listed = h.stores[0]
+        .list(&format!("ingestion/{}/", agg.id))
+        .await
+        .unwrap();
     let (p, batch) = parse_ingestion_key(&agg.id, &listed[0].key).unwrap();
     let marker = intake_marker_key(&agg.id, p, &batch);
     let stale = serde_json::json!({"state": "claimed", "by": "crashed", "at": now() - 3600, "generation": 0});
-    h.stores[0].create(&format!("{marker}.claim"), stale.to_string()).await.unwrap();
+    h.stores[0]
+        .create(&format!("{marker}.claim"), stale.to_string())
+        .await
+        .unwrap();
 
     // A fresh-claim view (timeout longer than the claim's age) leaves it alone ...
-    let r = h.wm_with(0, "b", Duration::from_secs(7200), false).run_once(now()).await.unwrap();
+    let r = h
+        .wm_with(0, "b", Duration::from_secs(7200), false)
+        .run_once(now())
+        .await
+        .unwrap();
     assert_eq!(r.intake_published, h.batch_count().await - 1);
-    assert!(!millrace_store::markers::is_published(&h.stores[0], &marker).await.unwrap());
+    assert!(
+        !millrace_store::markers::is_published(&h.stores[0], &marker)
+            .await
+            .unwrap()
+    );
     // ... a stale one is taken over.
-    let r = h.wm_with(0, "c", Duration::from_secs(60), false).run_once(now()).await.unwrap();
+    let r = h
+        .wm_with(0, "c", Duration::from_secs(60), false)
+        .run_once(now())
+        .await
+        .unwrap();
     assert_eq!(r.intake_published, 1);
-    let rec = millrace_store::markers::published(&h.stores[0], &marker).await.unwrap().unwrap();
+    let rec = millrace_store::markers::published(&h.stores[0], &marker)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((rec.by.as_str(), rec.generation), ("c", 1));
 }
 
@@ -291,7 +365,11 @@ async fn a_stale_claim_is_taken_over_and_a_fresh_one_respected() {
 async fn dry_run_writes_and_publishes_nothing() {
     let h = harness(100, 0.0, 25).await;
     let before = h.snapshot(&h.stores[0]).await;
-    let r = h.wm_with(0, "dry", Duration::from_secs(600), true).run_once(now()).await.unwrap();
+    let r = h
+        .wm_with(0, "dry", Duration::from_secs(600), true)
+        .run_once(now())
+        .await
+        .unwrap();
     assert_eq!(r.would_publish, h.batch_count().await);
     assert_eq!(r.intake_published, 0);
     assert_eq!(before, h.snapshot(&h.stores[0]).await);
@@ -313,17 +391,35 @@ async fn mill_requeues_while_a_part_is_missing_and_completes_when_it_arrives() {
     cfg.backoff_base = Duration::from_millis(50);
     cfg.backoff_max = Duration::from_millis(200);
     cfg.max_attempts = 100;
-    let mill_task = tokio::spawn(run_worker(h.bus.clone(), cfg, Arc::new(h.mill()), shutdown.clone()));
+    let mill_task = tokio::spawn(run_worker(
+        h.bus.clone(),
+        cfg,
+        Arc::new(h.mill()),
+        shutdown.clone(),
+    ));
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = Computation::from_json(
-        &h.collector.get_required(&millrace_protocol::layout::computation_key(&first.aggregation, w)).await.unwrap(),
+        &h.collector
+            .get_required(&millrace_protocol::layout::computation_key(
+                &first.aggregation,
+                w,
+            ))
+            .await
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(c.state, ComputationState::WaitingForParts);
-    assert!(!h.collector.exists(&result_key(&first.aggregation, w)).await.unwrap());
+    assert!(!h
+        .collector
+        .exists(&result_key(&first.aggregation, w))
+        .await
+        .unwrap());
 
-    let other = rest.iter().find(|t| t.aggregation == first.aggregation && t.window == first.window).unwrap();
+    let other = rest
+        .iter()
+        .find(|t| t.aggregation == first.aggregation && t.window == first.window)
+        .unwrap();
     let agg1 = h.aggregator(1);
     // Only the matching window's part from facilitator 1 (its message goes to the mill as well).
     agg1.aggregate(other).await.unwrap();
@@ -340,8 +436,16 @@ async fn mill_requeues_while_a_part_is_missing_and_completes_when_it_arrives() {
     let report = mill_task.await.unwrap().unwrap();
     assert!(done, "the result appeared once the second part arrived");
     assert!(report.retried >= 1, "{report:?}");
-    let expected = h.expectations.windows.iter().find(|e| e.aggregation == first.aggregation && e.window == first.window).unwrap();
-    let r = millrace_protocol::results::AggregationResult::from_json(&h.collector.get_required(&key).await.unwrap()).unwrap();
+    let expected = h
+        .expectations
+        .windows
+        .iter()
+        .find(|e| e.aggregation == first.aggregation && e.window == first.window)
+        .unwrap();
+    let r = millrace_protocol::results::AggregationResult::from_json(
+        &h.collector.get_required(&key).await.unwrap(),
+    )
+    .unwrap();
     assert_eq!(r.result, expected.expected);
 }
 
@@ -350,21 +454,47 @@ async fn mill_refuses_parts_whose_digests_differ() {
     let h = harness(200, 0.0, 50).await;
     h.run_intake().await;
     let t = h.aggregate_tasks(0).await.remove(0);
-    let t1 = h.aggregate_tasks(1).await.into_iter().find(|x| x.aggregation == t.aggregation && x.window == t.window).unwrap();
+    let t1 = h
+        .aggregate_tasks(1)
+        .await
+        .into_iter()
+        .find(|x| x.aggregation == t.aggregation && x.window == t.window)
+        .unwrap();
     h.aggregator(0).aggregate(&t).await.unwrap();
     let mut p1 = h.aggregator(1).aggregate(&t1).await.unwrap();
     let w = Window::parse(&t.window).unwrap();
     p1.report_digest[0] ^= 1;
     let signer = h.config.facilitator_signer(1).unwrap();
-    h.collector.overwrite(&sum_part_key(&t.aggregation, w, 1), p1.encode(&signer).unwrap()).await.unwrap();
-    let msg = SumPartReady { version: TASK_VERSION, aggregation: t.aggregation.clone(), window: t.window.clone(), facilitator: 1 };
+    h.collector
+        .overwrite(
+            &sum_part_key(&t.aggregation, w, 1),
+            p1.encode(&signer).unwrap(),
+        )
+        .await
+        .unwrap();
+    let msg = SumPartReady {
+        version: TASK_VERSION,
+        aggregation: t.aggregation.clone(),
+        window: t.window.clone(),
+        facilitator: 1,
+    };
     match h.mill().join(&msg).await {
         Err(TaskError::Permanent(reason)) => assert!(reason.contains("digests differ"), "{reason}"),
         other => panic!("expected a permanent refusal, got {other:?}"),
     }
-    assert!(!h.collector.exists(&result_key(&t.aggregation, w)).await.unwrap());
+    assert!(!h
+        .collector
+        .exists(&result_key(&t.aggregation, w))
+        .await
+        .unwrap());
     let c = Computation::from_json(
-        &h.collector.get_required(&millrace_protocol::layout::computation_key(&t.aggregation, w)).await.unwrap(),
+        &h.collector
+            .get_required(&millrace_protocol::layout::computation_key(
+                &t.aggregation,
+                w,
+            ))
+            .await
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(c.state, ComputationState::Failed);
@@ -374,7 +504,10 @@ async fn mill_refuses_parts_whose_digests_differ() {
 async fn a_damaged_batch_is_rejected_by_name_and_excluded_on_both_sides() {
     let h = harness(200, 0.0, 50).await;
     let agg = &h.config.aggregations[0];
-    let listed = h.stores[0].list(&format!("ingestion/{}/", agg.id)).await.unwrap();
+    let listed = h.stores[0]
+        .list(&format!("ingestion/{}/", agg.id))
+        .await
+        .unwrap();
     let key = listed[0].key.clone();
     let mut bytes = h.stores[0].get_required(&key).await.unwrap().to_vec();
     let mid = bytes.len() / 2;
@@ -389,9 +522,23 @@ async fn a_damaged_batch_is_rejected_by_name_and_excluded_on_both_sides() {
             }
         }
     }
-    let total_valid: u64 = h.expectations.windows.iter().filter(|e| e.aggregation == agg.id).map(|e| e.valid).sum();
-    let p0: u64 = parts.iter().filter(|p| p.facilitator == 0).map(|p| p.report_count).sum();
-    let p1: u64 = parts.iter().filter(|p| p.facilitator == 1).map(|p| p.report_count).sum();
+    let total_valid: u64 = h
+        .expectations
+        .windows
+        .iter()
+        .filter(|e| e.aggregation == agg.id)
+        .map(|e| e.valid)
+        .sum();
+    let p0: u64 = parts
+        .iter()
+        .filter(|p| p.facilitator == 0)
+        .map(|p| p.report_count)
+        .sum();
+    let p1: u64 = parts
+        .iter()
+        .filter(|p| p.facilitator == 1)
+        .map(|p| p.report_count)
+        .sum();
     assert_eq!(p0, p1, "both sides exclude the damaged batch");
     assert_eq!(p0, total_valid - 50);
 }
@@ -400,7 +547,10 @@ async fn a_damaged_batch_is_rejected_by_name_and_excluded_on_both_sides() {
 async fn a_malformed_task_lands_in_rejected_and_the_worker_keeps_going() {
     let h = harness(100, 0.0, 25).await;
     let topic = topics::intake(PREFIX, 0);
-    h.bus.publish(&topic, Message::new("{not a task")).await.unwrap();
+    h.bus
+        .publish(&topic, Message::new("{not a task"))
+        .await
+        .unwrap();
     h.wm(0, "wm").run_once(now()).await.unwrap();
     let shutdown = Shutdown::new();
     let worker = tokio::spawn(run_worker(
@@ -420,12 +570,18 @@ async fn a_malformed_task_lands_in_rejected_and_the_worker_keeps_going() {
     }
     shutdown.trigger();
     let report = worker.await.unwrap().unwrap();
-    assert_eq!(validated, batches, "every good task after the bad one was processed");
+    assert_eq!(
+        validated, batches,
+        "every good task after the bad one was processed"
+    );
     assert_eq!(report.rejected, 1);
     let rejected = h.drain(&rejected_topic(&topic)).await;
     assert_eq!(rejected.len(), 1);
     assert_eq!(&rejected[0].body[..], b"{not a task");
-    assert!(rejected[0].attributes.get(ATTR_REASON).is_some_and(|r| r.contains("intake task")));
+    assert!(rejected[0]
+        .attributes
+        .get(ATTR_REASON)
+        .is_some_and(|r| r.contains("intake task")));
 }
 
 #[tokio::test]
@@ -433,11 +589,22 @@ async fn cleaner_deletes_only_expired_settled_objects_and_markers_last() {
     let h = harness(200, 0.0, 50).await;
     h.run_intake().await;
     let cleaner = |ttl: u64, dry_run: bool, role: Role, store: &Store| {
-        Cleaner::new(h.config.clone(), store.clone(), millrace_cleaner::Settings { role, ttl: Duration::from_secs(ttl), dry_run })
+        Cleaner::new(
+            h.config.clone(),
+            store.clone(),
+            millrace_cleaner::Settings {
+                role,
+                ttl: Duration::from_secs(ttl),
+                dry_run,
+            },
+        )
     };
     let later = chrono::Utc::now() + chrono::Duration::seconds(5);
     // Not settled yet (no aggregate task published): nothing goes, even with a zero TTL.
-    let r = cleaner(0, false, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap();
+    let r = cleaner(0, false, Role::Facilitator, &h.stores[0])
+        .run_once(later)
+        .await
+        .unwrap();
     assert!(r.deleted.is_empty(), "{:?}", r.deleted);
     assert!(r.kept_not_settled > 0);
 
@@ -447,19 +614,37 @@ async fn cleaner_deletes_only_expired_settled_objects_and_markers_last() {
         }
     }
     // Settled but young: a week's TTL keeps everything.
-    assert!(cleaner(7 * 86400, false, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap().deleted.is_empty());
+    assert!(cleaner(7 * 86400, false, Role::Facilitator, &h.stores[0])
+        .run_once(later)
+        .await
+        .unwrap()
+        .deleted
+        .is_empty());
     // A dry run deletes nothing but says what it would.
     let before = h.snapshot(&h.stores[0]).await;
-    let dry = cleaner(0, true, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap();
+    let dry = cleaner(0, true, Role::Facilitator, &h.stores[0])
+        .run_once(later)
+        .await
+        .unwrap();
     assert!(!dry.deleted.is_empty());
     assert_eq!(before, h.snapshot(&h.stores[0]).await);
     // The real pass: data first, then markers.
-    let r = cleaner(0, false, Role::Facilitator, &h.stores[0]).run_once(later).await.unwrap();
+    let r = cleaner(0, false, Role::Facilitator, &h.stores[0])
+        .run_once(later)
+        .await
+        .unwrap();
     assert_eq!(r.deleted, dry.deleted);
     for a in &h.config.aggregations {
-        let keys: Vec<&String> = r.deleted.iter().filter(|k| k.contains(&format!("/{}/", a.id))).collect();
+        let keys: Vec<&String> = r
+            .deleted
+            .iter()
+            .filter(|k| k.contains(&format!("/{}/", a.id)))
+            .collect();
         let first_marker = keys.iter().position(|k| k.starts_with("markers/")).unwrap();
-        let last_data = keys.iter().rposition(|k| !k.starts_with("markers/")).unwrap();
+        let last_data = keys
+            .iter()
+            .rposition(|k| !k.starts_with("markers/"))
+            .unwrap();
         assert!(last_data < first_marker, "markers go last: {keys:?}");
     }
     assert!(h.snapshot(&h.stores[0]).await.is_empty());
@@ -472,7 +657,10 @@ async fn cleaner_deletes_only_expired_settled_objects_and_markers_last() {
         let _ = mill.join(&SumPartReady::from_json(&d.body).unwrap()).await;
         d.ack().await.unwrap();
     }
-    let r = cleaner(0, false, Role::Collector, &h.collector).run_once(later).await.unwrap();
+    let r = cleaner(0, false, Role::Collector, &h.collector)
+        .run_once(later)
+        .await
+        .unwrap();
     assert!(!r.deleted.is_empty());
     assert!(r.deleted.last().unwrap().starts_with("computations/"));
     assert!(h.collector.list("sums/").await.unwrap().is_empty());

@@ -80,9 +80,16 @@ impl AggregateWorker {
         by: u8,
     ) -> Result<ValidationBatch, TaskError> {
         let key = validation_key(agg, p, batch, by);
-        let bytes = self.own.get(&key).await.map_err(store_error)?.ok_or_else(|| {
-            TaskError::Transient(format!("{key}: validation by facilitator {by} not here yet"))
-        })?;
+        let bytes = self
+            .own
+            .get(&key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                TaskError::Transient(format!(
+                    "{key}: validation by facilitator {by} not here yet"
+                ))
+            })?;
         let (v, signer) = ValidationBatch::decode(&self.facilitator_keys, &bytes)
             .map_err(|e| TaskError::Permanent(e.in_object(&key).to_string()))?;
         let expected = self
@@ -104,10 +111,14 @@ impl AggregateWorker {
             .config
             .aggregation(&task.aggregation)
             .ok_or_else(|| {
-                TaskError::Permanent(format!("aggregation {:?} is not configured", task.aggregation))
+                TaskError::Permanent(format!(
+                    "aggregation {:?} is not configured",
+                    task.aggregation
+                ))
             })?
             .clone();
-        let window = Window::parse(&task.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let window =
+            Window::parse(&task.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let part_key = sum_part_key(&agg.id, window, self.facilitator);
 
         let part = match self.collector.get(&part_key).await.map_err(store_error)? {
@@ -126,9 +137,14 @@ impl AggregateWorker {
                     let p = Partition::parse(&b.partition)
                         .map_err(|e| TaskError::Permanent(e.to_string()))?;
                     let skey = states_key(&agg.id, p, &b.batch);
-                    let sbytes = self.own.get(&skey).await.map_err(store_error)?.ok_or_else(|| {
-                        TaskError::Transient(format!("{skey}: verify states not here yet"))
-                    })?;
+                    let sbytes =
+                        self.own
+                            .get(&skey)
+                            .await
+                            .map_err(store_error)?
+                            .ok_or_else(|| {
+                                TaskError::Transient(format!("{skey}: verify states not here yet"))
+                            })?;
                     let own_ring = KeyRing::new().with(&self.signer);
                     let states = VerifyStates::decode(&own_ring, &sbytes)
                         .map_err(|e| TaskError::Permanent(e.in_object(&skey).to_string()))?;

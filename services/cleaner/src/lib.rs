@@ -16,8 +16,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use millrace_protocol::config::Config;
 use millrace_protocol::layout::{
-    aggregate_marker_key, computation_key, parse_ingestion_key, result_key, sum_part_key, Partition,
-    Window,
+    aggregate_marker_key, computation_key, parse_ingestion_key, result_key, sum_part_key,
+    Partition, Window,
 };
 use millrace_protocol::results::Computation;
 use millrace_runtime::Shutdown;
@@ -62,7 +62,11 @@ impl Cleaner {
     pub async fn run(&self, interval: Duration, shutdown: Shutdown) {
         loop {
             match self.run_once(Utc::now()).await {
-                Ok(r) => tracing::info!(deleted = r.deleted.len(), kept = r.kept_not_settled, "clean pass finished"),
+                Ok(r) => tracing::info!(
+                    deleted = r.deleted.len(),
+                    kept = r.kept_not_settled,
+                    "clean pass finished"
+                ),
                 Err(e) => tracing::error!(error = %e, "clean pass failed; retrying next interval"),
             }
             tokio::select! {
@@ -76,7 +80,10 @@ impl Cleaner {
         let mut report = CleanReport::default();
         for agg in &self.config.aggregations {
             match self.settings.role {
-                Role::Facilitator => self.clean_facilitator(&agg.id, agg.window_secs, agg.max_age, now, &mut report).await?,
+                Role::Facilitator => {
+                    self.clean_facilitator(&agg.id, agg.window_secs, agg.max_age, now, &mut report)
+                        .await?
+                }
                 Role::Collector => self.clean_collector(&agg.id, now, &mut report).await?,
             }
         }
@@ -88,7 +95,14 @@ impl Cleaner {
         age.to_std().is_ok_and(|age| age >= self.settings.ttl)
     }
 
-    async fn delete(&self, key: &str, reason: &str, now: DateTime<Utc>, last_modified: Option<DateTime<Utc>>, report: &mut CleanReport) -> Result<(), StoreError> {
+    async fn delete(
+        &self,
+        key: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+        last_modified: Option<DateTime<Utc>>,
+        report: &mut CleanReport,
+    ) -> Result<(), StoreError> {
         let age_secs = last_modified.map(|t| now.signed_duration_since(t).num_seconds());
         tracing::info!(
             target: "millrace::audit",
@@ -119,7 +133,10 @@ impl Cleaner {
         let validations = self.store.list(&format!("validation/{agg}/")).await?;
         let states = self.store.list(&format!("states/{agg}/")).await?;
         let intake_markers = self.store.list(&format!("markers/{agg}/intake/")).await?;
-        let aggregate_markers = self.store.list(&format!("markers/{agg}/aggregate/")).await?;
+        let aggregate_markers = self
+            .store
+            .list(&format!("markers/{agg}/aggregate/"))
+            .await?;
 
         // Which windows are settled.
         let mut settled: BTreeMap<Window, bool> = BTreeMap::new();
@@ -129,14 +146,17 @@ impl Cleaner {
 
         // 1. Batches and what derives from them (validations, states), in deletable states only.
         for obj in &batches {
-            let Some((p, batch)) = parse_ingestion_key(agg, &obj.key) else { continue };
+            let Some((p, batch)) = parse_ingestion_key(agg, &obj.key) else {
+                continue;
+            };
             let window = window_of_partition(p);
             let is_settled = match settled.get(&window) {
                 Some(s) => *s,
                 None => {
                     let past_max_age = now.timestamp() >= window.end + max_age.as_secs() as i64;
                     let s = past_max_age
-                        || markers::is_published(&self.store, &aggregate_marker_key(agg, window)).await?;
+                        || markers::is_published(&self.store, &aggregate_marker_key(agg, window))
+                            .await?;
                     settled.insert(window, s);
                     s
                 }
@@ -151,41 +171,86 @@ impl Cleaner {
             }
             let stem = format!("{}/{batch}", p.path());
             for derived in validations.iter().chain(states.iter()) {
-                let rest = derived.key.split_once(&format!("/{agg}/")).map(|x| x.1).unwrap_or("");
+                let rest = derived
+                    .key
+                    .split_once(&format!("/{agg}/"))
+                    .map(|x| x.1)
+                    .unwrap_or("");
                 if rest.starts_with(&format!("{stem}.")) {
-                    self.delete(&derived.key, "ttl: derived from an expired batch", now, Some(derived.last_modified), report).await?;
+                    self.delete(
+                        &derived.key,
+                        "ttl: derived from an expired batch",
+                        now,
+                        Some(derived.last_modified),
+                        report,
+                    )
+                    .await?;
                 }
             }
-            self.delete(&obj.key, "ttl: batch expired and its window is settled", now, Some(obj.last_modified), report).await?;
+            self.delete(
+                &obj.key,
+                "ttl: batch expired and its window is settled",
+                now,
+                Some(obj.last_modified),
+                report,
+            )
+            .await?;
         }
 
         // 2. Markers, after the objects they guard are gone.
         for m in &intake_markers {
-            let Some(rest) = m.key.strip_prefix(&format!("markers/{agg}/intake/")) else { continue };
+            let Some(rest) = m.key.strip_prefix(&format!("markers/{agg}/intake/")) else {
+                continue;
+            };
             let stem = rest.split('.').next().unwrap_or(rest);
             if remaining_batches.contains(stem) || !self.expired(m, now) {
                 continue;
             }
-            self.delete(&m.key, "ttl: the batch this marker guards is gone", now, Some(m.last_modified), report).await?;
+            self.delete(
+                &m.key,
+                "ttl: the batch this marker guards is gone",
+                now,
+                Some(m.last_modified),
+                report,
+            )
+            .await?;
         }
         for m in &aggregate_markers {
-            let Some(rest) = m.key.strip_prefix(&format!("markers/{agg}/aggregate/")) else { continue };
+            let Some(rest) = m.key.strip_prefix(&format!("markers/{agg}/aggregate/")) else {
+                continue;
+            };
             let name = rest.split('.').next().unwrap_or(rest);
-            let Ok(window) = Window::parse(name) else { continue };
+            let Ok(window) = Window::parse(name) else {
+                continue;
+            };
             if remaining_windows.contains(&window) || !self.expired(m, now) {
                 continue;
             }
-            self.delete(&m.key, "ttl: every batch of this window is gone", now, Some(m.last_modified), report).await?;
+            self.delete(
+                &m.key,
+                "ttl: every batch of this window is gone",
+                now,
+                Some(m.last_modified),
+                report,
+            )
+            .await?;
         }
         Ok(())
     }
 
-    async fn clean_collector(&self, agg: &str, now: DateTime<Utc>, report: &mut CleanReport) -> Result<(), StoreError> {
+    async fn clean_collector(
+        &self,
+        agg: &str,
+        now: DateTime<Utc>,
+        report: &mut CleanReport,
+    ) -> Result<(), StoreError> {
         for obj in self.store.list(&format!("computations/{agg}/")).await? {
             if !self.expired(&obj, now) {
                 continue;
             }
-            let Some(bytes) = self.store.get(&obj.key).await? else { continue };
+            let Some(bytes) = self.store.get(&obj.key).await? else {
+                continue;
+            };
             let computation = match Computation::from_json(&bytes) {
                 Ok(c) => c,
                 Err(e) => {
@@ -197,14 +262,27 @@ impl Cleaner {
                 report.kept_not_settled += 1;
                 continue;
             }
-            let Ok(window) = Window::parse(&computation.window) else { continue };
+            let Ok(window) = Window::parse(&computation.window) else {
+                continue;
+            };
             let reason = "ttl: computation finished and expired";
-            for key in [sum_part_key(agg, window, 0), sum_part_key(agg, window, 1), result_key(agg, window)] {
+            for key in [
+                sum_part_key(agg, window, 0),
+                sum_part_key(agg, window, 1),
+                result_key(agg, window),
+            ] {
                 if self.store.exists(&key).await? {
                     self.delete(&key, reason, now, None, report).await?;
                 }
             }
-            self.delete(&computation_key(agg, window), reason, now, Some(obj.last_modified), report).await?;
+            self.delete(
+                &computation_key(agg, window),
+                reason,
+                now,
+                Some(obj.last_modified),
+                report,
+            )
+            .await?;
         }
         Ok(())
     }

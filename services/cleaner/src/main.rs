@@ -28,7 +28,12 @@ struct Args {
     #[arg(long, env = "MILLRACE_STORE")]
     store: String,
     /// Whether that store is a facilitator's or the collector's.
-    #[arg(long, env = "MILLRACE_CLEANER_ROLE", value_enum, default_value = "facilitator")]
+    #[arg(
+        long,
+        env = "MILLRACE_CLEANER_ROLE",
+        value_enum,
+        default_value = "facilitator"
+    )]
     role: RoleArg,
     /// Objects older than this are deleted once in a deletable state.
     #[arg(long, env = "MILLRACE_TTL", default_value = "7days", value_parser = parse_duration)]

@@ -87,23 +87,20 @@ impl IntakeWorker {
 
     /// Validates the batch named by `task`.
     pub async fn validate(&self, task: &IntakeTask) -> Result<IntakeOutcome, TaskError> {
-        let agg = self
-            .config
-            .aggregation(&task.aggregation)
-            .ok_or_else(|| {
-                TaskError::Permanent(format!(
-                    "aggregation {:?} is not in this facilitator's config",
-                    task.aggregation
-                ))
-            })?;
+        let agg = self.config.aggregation(&task.aggregation).ok_or_else(|| {
+            TaskError::Permanent(format!(
+                "aggregation {:?} is not in this facilitator's config",
+                task.aggregation
+            ))
+        })?;
         let verify_key = self
             .verify_keys
             .iter()
             .find(|(id, _)| id == &agg.id)
             .map(|(_, k)| k.clone())
             .ok_or_else(|| TaskError::Permanent(format!("no verify key for {}", agg.id)))?;
-        let partition = Partition::parse(&task.partition)
-            .map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let partition =
+            Partition::parse(&task.partition).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let f = self.facilitator;
         let own_validation = validation_key(&agg.id, partition, &task.batch, f);
         let states = states_key(&agg.id, partition, &task.batch);
@@ -121,9 +118,12 @@ impl IntakeWorker {
         }
 
         let key = ingestion_key(&agg.id, partition, &task.batch);
-        let bytes = self.own.get(&key).await.map_err(store_error)?.ok_or_else(|| {
-            TaskError::Permanent(format!("{key}: ingestion batch not found"))
-        })?;
+        let bytes = self
+            .own
+            .get(&key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| TaskError::Permanent(format!("{key}: ingestion batch not found")))?;
 
         let (validation, verify_states, outcome) = {
             let this = WorkerRef {

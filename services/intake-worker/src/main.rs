@@ -38,9 +38,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let topic = topics::intake(&args.bus.topic_prefix, args.facilitator);
     let group = format!("intake-worker-{}", args.facilitator);
-    let service =
-        millrace_runtime::service::start("intake-worker", &args.bus, &[(topic.clone(), Some(group.clone()))])
-            .await?;
+    let service = millrace_runtime::service::start(
+        "intake-worker",
+        &args.bus,
+        &[(topic.clone(), Some(group.clone()))],
+    )
+    .await?;
     let config = Arc::new(Config::load(&args.config)?);
     let worker = IntakeWorker::new(
         config,

@@ -114,7 +114,10 @@ impl Mill {
 
     pub async fn join(&self, msg: &SumPartReady) -> Result<MillOutcome, TaskError> {
         let agg = self.config.aggregation(&msg.aggregation).ok_or_else(|| {
-            TaskError::Permanent(format!("aggregation {:?} is not configured", msg.aggregation))
+            TaskError::Permanent(format!(
+                "aggregation {:?} is not configured",
+                msg.aggregation
+            ))
         })?;
         let window = Window::parse(&msg.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let rkey = result_key(&agg.id, window);
@@ -141,7 +144,10 @@ impl Mill {
                 p0.report_count, p1.report_count
             ))
         } else if p0.report_digest != p1.report_digest {
-            Some("report-id digests differ: the facilitators aggregated different reports".to_string())
+            Some(
+                "report-id digests differ: the facilitators aggregated different reports"
+                    .to_string(),
+            )
         } else if p0.batches != p1.batches {
             Some("the facilitators aggregated different batch lists".to_string())
         } else {
@@ -149,8 +155,13 @@ impl Mill {
         };
         if let Some(reason) = mismatch {
             let reason = format!("{}/{}: refusing to unshard: {reason}", agg.id, msg.window);
-            self.record(&agg.id, window, ComputationState::Failed, Some(reason.clone()))
-                .await?;
+            self.record(
+                &agg.id,
+                window,
+                ComputationState::Failed,
+                Some(reason.clone()),
+            )
+            .await?;
             metrics::counter!("millrace_windows_failed_total", "aggregation" => agg.id.clone())
                 .increment(1);
             return Err(TaskError::Permanent(reason));
@@ -161,8 +172,13 @@ impl Mill {
                 agg.id, msg.window, p0.report_count, agg.min_reports
             );
             tracing::warn!(aggregation = %agg.id, window = %msg.window, reports = p0.report_count, min = agg.min_reports, "window refused by policy");
-            self.record(&agg.id, window, ComputationState::Failed, Some(reason.clone()))
-                .await?;
+            self.record(
+                &agg.id,
+                window,
+                ComputationState::Failed,
+                Some(reason.clone()),
+            )
+            .await?;
             return Ok(MillOutcome::Refused(reason));
         }
         let value = agg

@@ -23,7 +23,9 @@ use millrace_protocol::layout::{
     aggregate_marker_key, ingestion_prefix, intake_marker_key, parse_ingestion_key,
     parse_validation_key, validation_prefix, Partition, Window,
 };
-use millrace_protocol::tasks::{topics, AggregateTask, BatchRef, IntakeTask, TaskMessage, TASK_VERSION};
+use millrace_protocol::tasks::{
+    topics, AggregateTask, BatchRef, IntakeTask, TaskMessage, TASK_VERSION,
+};
 use millrace_runtime::Shutdown;
 use millrace_store::markers::{self, Claim};
 use millrace_store::Store;
@@ -156,7 +158,11 @@ impl WorkflowManager {
                         partition: p.path(),
                     };
                     match self
-                        .schedule(&marker, &topics::intake(&self.settings.topic_prefix, f), task.to_json())
+                        .schedule(
+                            &marker,
+                            &topics::intake(&self.settings.topic_prefix, f),
+                            task.to_json(),
+                        )
                         .await?
                     {
                         Scheduled::Published => report.intake_published += 1,
@@ -188,9 +194,11 @@ impl WorkflowManager {
             if markers::is_published(&self.store, &marker).await? {
                 continue;
             }
-            let (done, pending): (Vec<BatchRef>, Vec<BatchRef>) = batches
-                .into_iter()
-                .partition(|b| validated.contains(&(b.batch.clone(), 0)) && validated.contains(&(b.batch.clone(), 1)));
+            let (done, pending): (Vec<BatchRef>, Vec<BatchRef>) =
+                batches.into_iter().partition(|b| {
+                    validated.contains(&(b.batch.clone(), 0))
+                        && validated.contains(&(b.batch.clone(), 1))
+                });
             let past_max_age = now >= window.end + max_age;
             if !pending.is_empty() && !past_max_age {
                 report.windows_waiting += 1;
@@ -215,7 +223,11 @@ impl WorkflowManager {
                 batches: done,
             };
             match self
-                .schedule(&marker, &topics::aggregate(&self.settings.topic_prefix, f), task.to_json())
+                .schedule(
+                    &marker,
+                    &topics::aggregate(&self.settings.topic_prefix, f),
+                    task.to_json(),
+                )
                 .await?
             {
                 Scheduled::Published => report.aggregate_published += 1,
@@ -227,7 +239,12 @@ impl WorkflowManager {
     }
 
     /// The marker protocol around one publish.
-    async fn schedule(&self, marker: &str, topic: &str, body: Vec<u8>) -> Result<Scheduled, PassError> {
+    async fn schedule(
+        &self,
+        marker: &str,
+        topic: &str,
+        body: Vec<u8>,
+    ) -> Result<Scheduled, PassError> {
         if self.settings.dry_run {
             if markers::is_published(&self.store, marker).await? {
                 return Ok(Scheduled::Skipped);
@@ -235,20 +252,36 @@ impl WorkflowManager {
             tracing::info!(marker, topic, body = %String::from_utf8_lossy(&body), "dry run: would claim, publish and mark");
             return Ok(Scheduled::DryRun);
         }
-        match markers::claim(&self.store, marker, &self.settings.instance, self.settings.claim_timeout).await? {
+        match markers::claim(
+            &self.store,
+            marker,
+            &self.settings.instance,
+            self.settings.claim_timeout,
+        )
+        .await?
+        {
             Claim::AlreadyPublished => Ok(Scheduled::Skipped),
             Claim::HeldByOther { by, age_secs } => {
                 metrics::counter!("millrace_marker_contention_total").increment(1);
                 tracing::debug!(marker, holder = %by, age_secs, "claimed by another instance");
                 Ok(Scheduled::Skipped)
             }
-            Claim::Won { generation, took_over } => {
+            Claim::Won {
+                generation,
+                took_over,
+            } => {
                 if took_over {
                     tracing::warn!(marker, generation, "took over a stale claim");
                 }
                 let message_id = self.bus.publish(topic, Message::new(body)).await?;
-                markers::mark_published(&self.store, marker, &self.settings.instance, generation, &message_id)
-                    .await?;
+                markers::mark_published(
+                    &self.store,
+                    marker,
+                    &self.settings.instance,
+                    generation,
+                    &message_id,
+                )
+                .await?;
                 tracing::info!(marker, topic, message_id = %message_id, "task published");
                 Ok(Scheduled::Published)
             }

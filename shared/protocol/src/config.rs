@@ -157,7 +157,9 @@ impl Config {
             }
             for name in &a.ingestors {
                 if !file.ingestor.iter().any(|i| &i.name == name) {
-                    return Err(ctx(format!("ingestor {name:?} is not declared in [[ingestor]]")));
+                    return Err(ctx(format!(
+                        "ingestor {name:?} is not declared in [[ingestor]]"
+                    )));
                 }
             }
             let vdaf = Prio3Vdaf::new(&a.vdaf, &a.id).map_err(|e| ctx(e.to_string()))?;
@@ -217,7 +219,8 @@ impl Config {
     pub fn ingestor_keys(&self) -> Result<KeyRing, ConfigError> {
         let mut ring = KeyRing::new();
         for i in &self.file.ingestor {
-            ring.add_hex(&i.name, &i.public_key).map_err(|e| self.crypto(e))?;
+            ring.add_hex(&i.name, &i.public_key)
+                .map_err(|e| self.crypto(e))?;
         }
         Ok(ring)
     }
@@ -317,10 +320,19 @@ ingestors = ["ing"]
     #[test]
     fn bad_configs_say_what_is_wrong() {
         let cases = [
-            (GOOD.replace("window = \"1h\"", "window = \"90m\""), "whole number of hours"),
-            (GOOD.replace("ingestors = [\"ing\"]", "ingestors = [\"nobody\"]"), "not declared"),
+            (
+                GOOD.replace("window = \"1h\"", "window = \"90m\""),
+                "whole number of hours",
+            ),
+            (
+                GOOD.replace("ingestors = [\"ing\"]", "ingestors = [\"nobody\"]"),
+                "not declared",
+            ),
             (GOOD.replace("index = 1", "index = 0"), "index 0 and 1"),
-            (GOOD.replace("min_reports = 10", "min_reports = 10\nsurprise = 1"), "surprise"),
+            (
+                GOOD.replace("min_reports = 10", "min_reports = 10\nsurprise = 1"),
+                "surprise",
+            ),
             (GOOD.replace("grace = \"5m\"", "grace = \"soon\""), "grace"),
         ];
         for (text, needle) in cases {

@@ -144,9 +144,12 @@ impl KeyRing {
         msg: &[u8],
         signature: &[u8; SIGNATURE_LEN],
     ) -> Result<(), FormatError> {
-        let key = self.keys.get(key_id).ok_or_else(|| FormatError::UnknownKey {
-            key_id: key_id.to_string(),
-        })?;
+        let key = self
+            .keys
+            .get(key_id)
+            .ok_or_else(|| FormatError::UnknownKey {
+                key_id: key_id.to_string(),
+            })?;
         let signature = ed25519_dalek::Signature::from_bytes(signature);
         key.verify(msg, &signature)
             .map_err(|_| FormatError::BadSignature {

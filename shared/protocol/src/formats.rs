@@ -48,7 +48,12 @@ pub const VALIDATION_VERSION: u8 = 1;
 pub const VERIFY_STATES_VERSION: u8 = 1;
 pub const SUM_PART_VERSION: u8 = 1;
 
-fn seal(kind: Kind, version: u8, signer: &Signer25519, payload: &[u8]) -> Result<Vec<u8>, FormatError> {
+fn seal(
+    kind: Kind,
+    version: u8,
+    signer: &Signer25519,
+    payload: &[u8],
+) -> Result<Vec<u8>, FormatError> {
     let mut w = Writer::with_capacity(payload.len() + 96);
     w.raw(MAGIC);
     w.u8(kind as u8);
@@ -202,7 +207,9 @@ impl InvalidReason {
             1 => Ok(InvalidReason::Undecryptable),
             2 => Ok(InvalidReason::Unverifiable),
             3 => Ok(InvalidReason::Duplicate),
-            other => Err(FormatError::Invalid(format!("unknown invalid reason {other}"))),
+            other => Err(FormatError::Invalid(format!(
+                "unknown invalid reason {other}"
+            ))),
         }
     }
 }
@@ -318,9 +325,7 @@ impl VerifyStates {
             states.push(match r.u8("state tag")? {
                 0 => None,
                 1 => Some(r.bytes("verify state")?.to_vec()),
-                other => {
-                    return Err(FormatError::Invalid(format!("unknown state tag {other}")))
-                }
+                other => return Err(FormatError::Invalid(format!("unknown state tag {other}"))),
             });
         }
         r.finish("verify-state payload")?;
@@ -353,7 +358,8 @@ pub struct SumPart {
 
 impl SumPart {
     pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
-        let mut w = Writer::with_capacity(self.aggregate_share.len() + 64 * self.batches.len() + 128);
+        let mut w =
+            Writer::with_capacity(self.aggregate_share.len() + 64 * self.batches.len() + 128);
         w.short_str(&self.aggregation)?;
         w.i64(self.window_start);
         w.i64(self.window_end);
@@ -443,13 +449,22 @@ mod tests {
     }
 
     /// Every way of damaging `bytes` that a strict decoder must refuse.
-    fn assert_rejects_damage<T: std::fmt::Debug>(bytes: &[u8], decode: impl Fn(&[u8]) -> Result<T, FormatError>) {
+    fn assert_rejects_damage<T: std::fmt::Debug>(
+        bytes: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, FormatError>,
+    ) {
         for cut in [0, 1, 5, bytes.len() / 2, bytes.len() - 1] {
-            assert!(decode(&bytes[..cut]).is_err(), "truncated at {cut} accepted");
+            assert!(
+                decode(&bytes[..cut]).is_err(),
+                "truncated at {cut} accepted"
+            );
         }
         let mut trailing = bytes.to_vec();
         trailing.push(0);
-        assert!(matches!(decode(&trailing), Err(FormatError::TrailingBytes { .. })));
+        assert!(matches!(
+            decode(&trailing),
+            Err(FormatError::TrailingBytes { .. })
+        ));
         for pos in [0, 4, 5, 12, bytes.len() / 2, bytes.len() - 1] {
             let mut tampered = bytes.to_vec();
             tampered[pos] ^= 0x40;
@@ -462,7 +477,11 @@ mod tests {
         let s = signer();
         let keys = KeyRing::new().with(&s);
         let bytes = batch().encode(&s).unwrap();
-        assert_eq!(bytes, batch().encode(&s).unwrap(), "encoding is deterministic");
+        assert_eq!(
+            bytes,
+            batch().encode(&s).unwrap(),
+            "encoding is deterministic"
+        );
         let (decoded, key_id) = IngestionBatch::decode(&keys, &bytes).unwrap();
         assert_eq!(decoded, batch());
         assert_eq!(key_id, "ingestor-1");

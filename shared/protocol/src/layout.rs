@@ -166,7 +166,10 @@ pub fn validation_prefix(agg: &str, p: Partition) -> String {
     format!("validation/{agg}/{}/", p.path())
 }
 pub fn validation_key(agg: &str, p: Partition, batch: &str, facilitator: u8) -> String {
-    format!("validation/{agg}/{}/{batch}.validation.{facilitator}", p.path())
+    format!(
+        "validation/{agg}/{}/{batch}.validation.{facilitator}",
+        p.path()
+    )
 }
 pub fn states_key(agg: &str, p: Partition, batch: &str) -> String {
     format!("states/{agg}/{}/{batch}.states", p.path())
@@ -208,7 +211,11 @@ pub fn parse_validation_key(agg: &str, key: &str) -> Option<(Partition, String, 
         _ => return None,
     };
     validate_id("batch id", batch).ok()?;
-    Some((Partition::parse(partition).ok()?, batch.to_string(), facilitator))
+    Some((
+        Partition::parse(partition).ok()?,
+        batch.to_string(),
+        facilitator,
+    ))
 }
 
 #[cfg(test)]
@@ -245,7 +252,13 @@ mod tests {
         assert_eq!(parse_ingestion_key("clicks", &k), Some((p, "b1".into())));
         assert_eq!(parse_ingestion_key("other", &k), None);
         let v = validation_key("clicks", p, "b1", 1);
-        assert_eq!(parse_validation_key("clicks", &v), Some((p, "b1".into(), 1)));
-        assert_eq!(parse_validation_key("clicks", "validation/clicks/2025/11/23/12/b1.validation.7"), None);
+        assert_eq!(
+            parse_validation_key("clicks", &v),
+            Some((p, "b1".into(), 1))
+        );
+        assert_eq!(
+            parse_validation_key("clicks", "validation/clicks/2025/11/23/12/b1.validation.7"),
+            None
+        );
     }
 }

@@ -66,7 +66,8 @@ fn from_json<T: for<'de> Deserialize<'de>>(
     get_version: impl Fn(&T) -> u32,
     bytes: &[u8],
 ) -> Result<T, FormatError> {
-    let doc: T = serde_json::from_slice(bytes).map_err(|e| FormatError::Invalid(format!("{what}: {e}")))?;
+    let doc: T =
+        serde_json::from_slice(bytes).map_err(|e| FormatError::Invalid(format!("{what}: {e}")))?;
     let found = get_version(&doc);
     if found != version {
         return Err(FormatError::Invalid(format!(
@@ -90,7 +91,12 @@ impl Computation {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
     pub fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
-        from_json("computation", COMPUTATION_VERSION, |d: &Self| d.version, bytes)
+        from_json(
+            "computation",
+            COMPUTATION_VERSION,
+            |d: &Self| d.version,
+            bytes,
+        )
     }
 }
 

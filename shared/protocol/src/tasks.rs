@@ -89,7 +89,9 @@ pub trait TaskMessage: Serialize + DeserializeOwned {
 
 fn check_facilitator(f: u8) -> Result<(), FormatError> {
     if f > 1 {
-        return Err(FormatError::Invalid(format!("facilitator {f} is not 0 or 1")));
+        return Err(FormatError::Invalid(format!(
+            "facilitator {f} is not 0 or 1"
+        )));
     }
     Ok(())
 }

@@ -241,8 +241,9 @@ impl Prio3Vdaf {
                     .map_err(codec_err("verify state"))?;
                 let first = ParameterizedDecode::get_decoded_with_param(&state, verifier_shares[0])
                     .map_err(codec_err("verifier share 0"))?;
-                let second = ParameterizedDecode::get_decoded_with_param(&state, verifier_shares[1])
-                    .map_err(codec_err("verifier share 1"))?;
+                let second =
+                    ParameterizedDecode::get_decoded_with_param(&state, verifier_shares[1])
+                        .map_err(codec_err("verifier share 1"))?;
                 let message = $v
                     .verifier_shares_to_message(&self.ctx, &(), [first, second])
                     .map_err(prio_err("verifier_shares_to_message"))?;
@@ -250,9 +251,9 @@ impl Prio3Vdaf {
                     .verify_next(&self.ctx, state, message)
                     .map_err(prio_err("verify_next"))?
                 {
-                    VerifyTransition::Finish(output) => $acc
-                        .accumulate(&output)
-                        .map_err(prio_err("accumulate")),
+                    VerifyTransition::Finish(output) => {
+                        $acc.accumulate(&output).map_err(prio_err("accumulate"))
+                    }
                     VerifyTransition::Continue(..) => Err(VdafError::Prio(
                         "Prio3 asked for another verification round".to_string(),
                     )),
@@ -291,11 +292,14 @@ impl Prio3Vdaf {
             .map_err(|_| VdafError::Prio(format!("report count {report_count} too large")))?;
         macro_rules! unshard_with {
             ($v:expr) => {{
-                let first = ParameterizedDecode::get_decoded_with_param(&($v, &()), aggregate_shares[0])
-                    .map_err(codec_err("aggregate share 0"))?;
-                let second = ParameterizedDecode::get_decoded_with_param(&($v, &()), aggregate_shares[1])
-                    .map_err(codec_err("aggregate share 1"))?;
-                $v.unshard(&(), [first, second], n).map_err(prio_err("unshard"))
+                let first =
+                    ParameterizedDecode::get_decoded_with_param(&($v, &()), aggregate_shares[0])
+                        .map_err(codec_err("aggregate share 0"))?;
+                let second =
+                    ParameterizedDecode::get_decoded_with_param(&($v, &()), aggregate_shares[1])
+                        .map_err(codec_err("aggregate share 1"))?;
+                $v.unshard(&(), [first, second], n)
+                    .map_err(prio_err("unshard"))
             }};
         }
         let narrow = |wide: Vec<u128>| -> Result<AggregateValue, VdafError> {
@@ -409,7 +413,11 @@ mod tests {
         ]
     }
 
-    fn run(spec: &VdafSpec, n: usize, tamper: Option<usize>) -> (AggregateValue, AggregateValue, u64) {
+    fn run(
+        spec: &VdafSpec,
+        n: usize,
+        tamper: Option<usize>,
+    ) -> (AggregateValue, AggregateValue, u64) {
         let vdaf = Prio3Vdaf::new(spec, "test").unwrap();
         let key = VerifyKey::generate();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -464,7 +472,13 @@ mod tests {
     fn a_measurement_of_the_wrong_kind_is_refused() {
         let vdaf = Prio3Vdaf::new(&VdafSpec::Count {}, "t").unwrap();
         assert!(vdaf.shard(&Measurement::Sum(3), &[0; 16]).is_err());
-        let sum = Prio3Vdaf::new(&VdafSpec::Sum { max_measurement: 10 }, "t").unwrap();
+        let sum = Prio3Vdaf::new(
+            &VdafSpec::Sum {
+                max_measurement: 10,
+            },
+            "t",
+        )
+        .unwrap();
         assert!(sum.shard(&Measurement::Sum(11), &[0; 16]).is_err());
     }
 
@@ -474,7 +488,10 @@ mod tests {
         struct W {
             vdaf: VdafSpec,
         }
-        let w: W = toml::from_str("vdaf = { type = \"sumvec\", max_measurement = 3, length = 4, chunk_length = 2 }").unwrap();
+        let w: W = toml::from_str(
+            "vdaf = { type = \"sumvec\", max_measurement = 3, length = 4, chunk_length = 2 }",
+        )
+        .unwrap();
         assert_eq!(
             w.vdaf,
             VdafSpec::SumVec {
@@ -485,7 +502,9 @@ mod tests {
         );
         assert!(toml::from_str::<W>("vdaf = { type = \"count\", bogus = 1 }").is_err());
         assert_eq!(
-            toml::from_str::<W>("vdaf = { type = \"count\" }").unwrap().vdaf,
+            toml::from_str::<W>("vdaf = { type = \"count\" }")
+                .unwrap()
+                .vdaf,
             VdafSpec::Count {}
         );
     }

@@ -182,9 +182,17 @@ mod tests {
             Claim::HeldByOther { .. }
         ));
         assert!(mark_published(&s, "m/x", "a", 0, "msg-1").await.unwrap());
-        assert_eq!(claim(&s, "m/x", "b", t).await.unwrap(), Claim::AlreadyPublished);
         assert_eq!(
-            published(&s, "m/x").await.unwrap().unwrap().message_id.as_deref(),
+            claim(&s, "m/x", "b", t).await.unwrap(),
+            Claim::AlreadyPublished
+        );
+        assert_eq!(
+            published(&s, "m/x")
+                .await
+                .unwrap()
+                .unwrap()
+                .message_id
+                .as_deref(),
             Some("msg-1")
         );
     }
@@ -192,7 +200,9 @@ mod tests {
     #[tokio::test]
     async fn a_stale_claim_is_taken_over_once() {
         let s = Store::memory();
-        claim(&s, "m/x", "crashed", Duration::from_secs(600)).await.unwrap();
+        claim(&s, "m/x", "crashed", Duration::from_secs(600))
+            .await
+            .unwrap();
         // With a zero timeout every claim is stale.
         let zero = Duration::ZERO;
         assert_eq!(
