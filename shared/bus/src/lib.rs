@@ -318,3 +318,26 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_url_outside_one_process_is_refused_plainly() {
+        let err = connect("memory://").await.err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("only works inside one process")),
+            "{err:?}"
+        );
+        let err = connect("carrier-pigeon://x")
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("unknown scheme")),
+            "{err:?}"
+        );
+    }
+}
