@@ -24,9 +24,15 @@ use async_trait::async_trait;
 /// Bodies are `Bytes`; re-exported so handlers need no direct dependency on `bytes`.
 pub use bytes::Bytes;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod conformance;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 /// Message metadata. Bodies stay raw; everything else (trace context, attempt, reason) travels here.
 pub type Attributes = BTreeMap<String, String>;
@@ -303,10 +309,17 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
                      (amqp://, nats://, kafka://, sns-sqs://, pubsub://)"
                 .to_string(),
         }),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBus::connect(url).await?)),
+        #[cfg(feature = "nats")]
+        "nats" => Ok(Arc::new(nats::NatsBus::connect(url).await?)),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(kafka::KafkaBus::connect(url).await?)),
+        #[allow(unreachable_patterns)]
         "amqp" | "amqps" | "nats" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::InvalidUrl {
             url: url.to_string(),
             reason: format!(
-                "the {} backend is not built into this binary yet",
+                "the {} backend is not built into this binary",
                 parsed.scheme()
             ),
         }),
