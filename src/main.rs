@@ -78,6 +78,13 @@ enum Command {
         config: PathBuf,
         #[arg(long, env = "MILLRACE_COLLECTOR_STORE")]
         collector_store: String,
+        /// Expected results written by `millrace ingest --expect-out`: exit 0 only if every
+        /// expected window has a result equal to it.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// With --expect: wait up to this many seconds for the results to appear.
+        #[arg(long, default_value_t = 0)]
+        wait_secs: u64,
     },
     /// Benchmarks (not tests).
     Bench {
@@ -170,10 +177,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status {
             config,
             collector_store,
+            expect,
+            wait_secs,
         } => {
             let config = Arc::new(Config::load(&config)?);
-            let rows = millrace::status::collect(&config, &Store::open(&collector_store)?).await?;
-            millrace::status::print(&rows);
+            let collector = Store::open(&collector_store)?;
+            if let Some(path) = expect {
+                let text =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let expectations: millrace::ingest::Expectations = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not an expectations file", path.display()))?;
+                let ok = millrace::status::check(
+                    &collector,
+                    &expectations,
+                    Duration::from_secs(wait_secs),
+                )
+                .await?;
+                if !ok {
+                    return Ok(ExitCode::FAILURE);
+                }
+            } else {
+                let rows = millrace::status::collect(&config, &collector).await?;
+                millrace::status::print(&rows);
+            }
         }
         Command::Bench {
             what:

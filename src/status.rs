@@ -74,3 +74,56 @@ pub fn print(rows: &[WindowStatus]) {
         );
     }
 }
+
+/// Waits up to `wait` for every expected window's result, prints each beside its expectation,
+/// and says whether all of them match.
+pub async fn check(
+    collector: &Store,
+    expectations: &crate::ingest::Expectations,
+    wait: std::time::Duration,
+) -> anyhow::Result<bool> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let mut results = Vec::new();
+        for e in &expectations.windows {
+            let w = Window::parse(&e.window)?;
+            let r = match collector.get(&result_key(&e.aggregation, w)).await? {
+                Some(b) => Some(AggregationResult::from_json(&b)?),
+                None => None,
+            };
+            results.push(r);
+        }
+        let complete = results.iter().all(Option::is_some);
+        if complete || std::time::Instant::now() >= deadline {
+            let mut all = complete;
+            for (e, r) in expectations.windows.iter().zip(&results) {
+                let ok = r.as_ref().is_some_and(|r| {
+                    r.result == e.expected
+                        && r.report_count == e.valid
+                        && r.invalid_count == e.invalid
+                });
+                all &= ok;
+                let got = r
+                    .as_ref()
+                    .map(|r| {
+                        format!(
+                            "{} ({} valid, {} invalid)",
+                            r.result, r.report_count, r.invalid_count
+                        )
+                    })
+                    .unwrap_or_else(|| "no result".to_string());
+                println!(
+                    "{:<5} {:<12} {:<31} got {got}; expected {} ({} valid, {} invalid)",
+                    if ok { "ok" } else { "WRONG" },
+                    e.aggregation,
+                    e.window,
+                    e.expected,
+                    e.valid,
+                    e.invalid
+                );
+            }
+            return Ok(all);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

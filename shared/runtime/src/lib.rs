@@ -2,6 +2,7 @@
 //! the health and metrics endpoint, logging, and opening buses and stores from URLs.
 
 pub mod cli;
+pub mod conformance;
 pub mod health;
 pub mod service;
 pub mod shutdown;

@@ -1,0 +1,332 @@
+//! The worker-level half of the conformance suite: what the worker loop must achieve on top of
+//! any bus backend — dead letters after `max_attempts` with the last error, permanent errors
+//! rejected at once, never more tasks in flight than the concurrency limit, and a graceful
+//! shutdown that finishes what it can and hands back the rest. The bus-level half (delivery,
+//! leases, nacks, attempts) is `millrace_bus::conformance`; every backend's tests run both.
+//!
+//! Test support code: a broken promise panics with a message naming it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use millrace_bus::{
+    dead_topic, rejected_topic, Bus, Delivery, Message, SubscribeOptions, ATTR_ATTEMPT, ATTR_REASON,
+};
+
+use crate::{run_worker, Handler, Shutdown, Task, TaskError, WorkerConfig, WorkerReport};
+
+const SOON: Duration = Duration::from_secs(20);
+
+fn config(topic: &str) -> WorkerConfig {
+    let mut c = WorkerConfig::new(topic, "conformance-workers");
+    c.lease = Duration::from_secs(5);
+    c.max_attempts = 3;
+    c.backoff_base = Duration::from_millis(20);
+    c.backoff_max = Duration::from_millis(100);
+    c.drain_grace = Duration::from_secs(5);
+    c
+}
+
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Receives one message from `topic` (in a group of its own) within [`SOON`].
+async fn receive_one(bus: &dyn Bus, topic: &str) -> Delivery {
+    bus.create_topic(topic, Some("conformance-inspect"))
+        .await
+        .ok();
+    let mut sub = bus
+        .subscribe(
+            topic,
+            SubscribeOptions::new("conformance-inspect").lease(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("subscribe to {topic}: {e}"));
+    let d = tokio::time::timeout(SOON, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no message arrived on {topic}"))
+        .unwrap_or_else(|e| panic!("receive from {topic}: {e}"));
+    let _ = sub.close().await;
+    d
+}
+
+async fn prepare(bus: &dyn Bus, topic: &str) {
+    for t in [topic.to_string(), dead_topic(topic), rejected_topic(topic)] {
+        let group = if t == topic {
+            Some("conformance-workers")
+        } else {
+            Some("conformance-inspect")
+        };
+        bus.create_topic(&t, group)
+            .await
+            .unwrap_or_else(|e| panic!("create {t}: {e}"));
+    }
+}
+
+async fn stop(
+    shutdown: Shutdown,
+    worker: tokio::task::JoinHandle<Result<WorkerReport, millrace_bus::BusError>>,
+) -> WorkerReport {
+    shutdown.trigger();
+    tokio::time::timeout(SOON * 2, worker)
+        .await
+        .unwrap_or_else(|_| panic!("the worker did not stop after shutdown"))
+        .unwrap_or_else(|e| panic!("the worker task panicked: {e}"))
+        .unwrap_or_else(|e| panic!("the worker ended with an error: {e}"))
+}
+
+/// Fails every time with a transient error naming the attempt.
+struct AlwaysFails {
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for AlwaysFails {
+    async fn handle(&self, task: &Task) -> Result<(), TaskError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(TaskError::Transient(format!(
+            "store unavailable (attempt {})",
+            task.attempt
+        )))
+    }
+}
+
+/// After `max_attempts` transient failures the message is in `{topic}.dead`, body intact, with
+/// the last error and the attempt in its attributes.
+pub async fn dead_letters_after_max_attempts(bus: Arc<dyn Bus>, prefix: &str) {
+    let topic = format!("{prefix}.dl");
+    prepare(&*bus, &topic).await;
+    bus.publish(&topic, Message::new("{\"task\":\"doomed\"}"))
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"));
+    let handler = Arc::new(AlwaysFails {
+        calls: AtomicUsize::new(0),
+    });
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config(&topic),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let dead = receive_one(&*bus, &dead_topic(&topic)).await;
+    let report = stop(shutdown, worker).await;
+    assert_eq!(
+        &dead.body[..],
+        b"{\"task\":\"doomed\"}",
+        "dead letter body is the original"
+    );
+    let reason = dead
+        .attributes
+        .get(ATTR_REASON)
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("attempt 3"),
+        "dead letter carries the last error, got {reason:?}"
+    );
+    assert_eq!(
+        dead.attributes.get(ATTR_ATTEMPT).map(String::as_str),
+        Some("3")
+    );
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        3,
+        "handled exactly max_attempts times"
+    );
+    assert_eq!(report.dead, 1);
+    let _ = dead.ack().await;
+}
+
+/// Refuses bodies that are not JSON objects; records what it accepted.
+#[derive(Default)]
+struct Strict {
+    accepted: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Handler for Strict {
+    async fn handle(&self, task: &Task) -> Result<(), TaskError> {
+        let text = String::from_utf8_lossy(&task.body).to_string();
+        if !text.starts_with('{') {
+            return Err(TaskError::Permanent(format!("malformed task {text:?}")));
+        }
+        if let Ok(mut a) = self.accepted.lock() {
+            a.push(text);
+        }
+        Ok(())
+    }
+}
+
+/// A permanent error sends the message to `{topic}.rejected` on its first attempt, and the
+/// worker goes on with the next messages.
+pub async fn permanent_error_rejects_at_once(bus: Arc<dyn Bus>, prefix: &str) {
+    let topic = format!("{prefix}.rj");
+    prepare(&*bus, &topic).await;
+    bus.publish(&topic, Message::new("garbage"))
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"));
+    for i in 0..3 {
+        bus.publish(&topic, Message::new(format!("{{\"n\":{i}}}")))
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+    }
+    let handler = Arc::new(Strict::default());
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config(&topic),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let rejected = receive_one(&*bus, &rejected_topic(&topic)).await;
+    let h = handler.clone();
+    eventually(
+        "the good messages after the bad one were handled",
+        move || h.accepted.lock().map(|a| a.len()).unwrap_or(0) == 3,
+    )
+    .await;
+    let report = stop(shutdown, worker).await;
+    assert_eq!(&rejected.body[..], b"garbage");
+    assert_eq!(
+        rejected.attributes.get(ATTR_ATTEMPT).map(String::as_str),
+        Some("1"),
+        "rejected at once"
+    );
+    assert!(rejected
+        .attributes
+        .get(ATTR_REASON)
+        .is_some_and(|r| r.contains("malformed")));
+    assert_eq!((report.rejected, report.succeeded), (1, 3));
+    let _ = rejected.ack().await;
+}
+
+/// Sleeps, counting how many run at once.
+struct Slow {
+    delay: Duration,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    done: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for Slow {
+    async fn handle(&self, _task: &Task) -> Result<(), TaskError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.done.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// With many messages waiting, never more than `concurrency` tasks run at once, and all finish.
+pub async fn concurrency_limit_is_never_exceeded(bus: Arc<dyn Bus>, prefix: &str) {
+    let topic = format!("{prefix}.cc");
+    prepare(&*bus, &topic).await;
+    for i in 0..40 {
+        bus.publish(&topic, Message::new(format!("{{\"n\":{i}}}")))
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+    }
+    let handler = Arc::new(Slow {
+        delay: Duration::from_millis(30),
+        running: AtomicUsize::new(0),
+        max_running: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+    });
+    let mut c = config(&topic);
+    c.concurrency = 3;
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        c,
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let h = handler.clone();
+    eventually("all 40 tasks ran", move || {
+        h.done.load(Ordering::SeqCst) >= 40
+    })
+    .await;
+    let report = stop(shutdown, worker).await;
+    let max = handler.max_running.load(Ordering::SeqCst);
+    assert!(max <= 3, "{max} tasks ran at once with a limit of 3");
+    assert!(
+        max >= 2,
+        "the worker never ran tasks concurrently (max {max})"
+    );
+    assert_eq!(report.succeeded, 40);
+}
+
+/// On shutdown, a task that finishes within the grace is acked; one that does not is handed
+/// back and later runs (once) on another worker.
+pub async fn shutdown_finishes_in_flight_and_hands_back_the_rest(bus: Arc<dyn Bus>, prefix: &str) {
+    let topic = format!("{prefix}.sd");
+    prepare(&*bus, &topic).await;
+    bus.publish(&topic, Message::new("{\"n\":1}"))
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"));
+    let stuck = Arc::new(Slow {
+        delay: Duration::from_secs(3600),
+        running: AtomicUsize::new(0),
+        max_running: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+    });
+    let mut c = config(&topic);
+    c.lease = Duration::from_secs(60);
+    c.drain_grace = Duration::from_millis(200);
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        c.clone(),
+        stuck.clone(),
+        shutdown.clone(),
+    ));
+    let s = stuck.clone();
+    eventually("the first worker started the task", move || {
+        s.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let first = stop(shutdown, worker).await;
+    assert_eq!((first.handed_back, first.succeeded), (1, 0));
+
+    let quick = Arc::new(Slow {
+        delay: Duration::from_millis(300),
+        running: AtomicUsize::new(0),
+        max_running: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+    });
+    c.drain_grace = Duration::from_secs(10);
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(bus.clone(), c, quick.clone(), shutdown.clone()));
+    let q = quick.clone();
+    eventually(
+        "the second worker started the handed-back task",
+        move || q.running.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    // Shut down while it runs: it is within the grace, so it finishes and is acked.
+    let second = stop(shutdown, worker).await;
+    assert_eq!((second.succeeded, second.handed_back), (1, 0));
+    assert_eq!(quick.done.load(Ordering::SeqCst), 1);
+}
+
+/// Runs every worker-level behaviour on `bus`, each on its own topics under `prefix`.
+pub async fn run_all(bus: Arc<dyn Bus>, prefix: &str) {
+    dead_letters_after_max_attempts(bus.clone(), prefix).await;
+    permanent_error_rejects_at_once(bus.clone(), prefix).await;
+    concurrency_limit_is_never_exceeded(bus.clone(), prefix).await;
+    shutdown_finishes_in_flight_and_hands_back_the_rest(bus, prefix).await;
+}
