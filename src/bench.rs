@@ -153,3 +153,138 @@ pub async fn bench_vdaf(reports: usize, batch_size: usize) -> anyhow::Result<Ben
         all_correct,
     })
 }
+
+/// What one bus benchmark measured.
+#[derive(Clone, Debug)]
+pub struct BusBench {
+    pub messages: usize,
+    pub per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Attribute carrying the publish time (unix nanoseconds) through the bus.
+pub const SENT_AT: &str = "bench-sent-at-ns";
+
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Turns latencies (ms) and the elapsed time into a [`BusBench`].
+pub fn summarize(mut latencies: Vec<f64>, elapsed: Duration) -> BusBench {
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies[i.min(latencies.len() - 1)]
+    };
+    BusBench {
+        messages: latencies.len(),
+        per_sec: latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+    }
+}
+
+struct LatencyRecorder {
+    latencies: std::sync::Mutex<Vec<f64>>,
+    done: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl millrace_runtime::Handler for LatencyRecorder {
+    async fn handle(
+        &self,
+        task: &millrace_runtime::Task,
+    ) -> Result<(), millrace_runtime::TaskError> {
+        let sent: u128 = task
+            .attributes
+            .get(SENT_AT)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let ms = (unix_nanos().saturating_sub(sent)) as f64 / 1e6;
+        if let Ok(mut l) = self.latencies.lock() {
+            l.push(ms);
+        }
+        self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The worker loop's throughput and publish→handled latency on `bus`: `messages` bodies of
+/// `body_size` bytes published by `publishers` concurrent tasks, consumed by one worker with
+/// `concurrency` slots.
+pub async fn bench_bus_worker(
+    bus: Arc<dyn millrace_bus::Bus>,
+    topic: &str,
+    messages: usize,
+    body_size: usize,
+    concurrency: usize,
+    publishers: usize,
+) -> anyhow::Result<BusBench> {
+    bus.create_topic(topic, Some("bench")).await?;
+    for t in [
+        millrace_bus::dead_topic(topic),
+        millrace_bus::rejected_topic(topic),
+    ] {
+        bus.create_topic(&t, None).await?;
+    }
+    let recorder = Arc::new(LatencyRecorder {
+        latencies: std::sync::Mutex::new(Vec::with_capacity(messages)),
+        done: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let shutdown = millrace_runtime::Shutdown::new();
+    let mut config = millrace_runtime::WorkerConfig::new(topic, "bench");
+    config.concurrency = concurrency;
+    let worker = tokio::spawn(millrace_runtime::run_worker(
+        bus.clone(),
+        config,
+        recorder.clone(),
+        shutdown.clone(),
+    ));
+    let body: Vec<u8> = std::iter::once(b'{')
+        .chain(std::iter::repeat_n(b'x', body_size.saturating_sub(2)))
+        .chain(std::iter::once(b'}'))
+        .collect();
+    let body = millrace_bus::Bytes::from(body);
+    let start = Instant::now();
+    let mut pubs = Vec::new();
+    let per = messages.div_ceil(publishers.max(1));
+    for p in 0..publishers.max(1) {
+        let (bus, body, topic) = (bus.clone(), body.clone(), topic.to_string());
+        let count = per.min(messages.saturating_sub(p * per));
+        pubs.push(tokio::spawn(async move {
+            for _ in 0..count {
+                let m = millrace_bus::Message::new(body.clone())
+                    .with_attribute(SENT_AT, unix_nanos().to_string());
+                bus.publish(&topic, m).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for p in pubs {
+        p.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while recorder.done.load(std::sync::atomic::Ordering::SeqCst) < messages {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the worker did not receive every message within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed();
+    shutdown.trigger();
+    worker.await??;
+    let latencies = recorder
+        .latencies
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    Ok(summarize(latencies, elapsed))
+}

@@ -95,6 +95,21 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Messages/s and publish→handled latency through the worker loop on one bus.
+    Bus {
+        /// The bus URL (memory:// runs the in-process bus).
+        #[arg(long, default_value = "memory://")]
+        bus: String,
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 1024)]
+        body_size: usize,
+        #[arg(long, default_value_t = 5)]
+        concurrency: usize,
+        /// Concurrent publishing tasks.
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+    },
     /// The fleet's reports/s beside the bare prio + HPKE rate for the same reports.
     Vdaf {
         #[arg(long, default_value_t = 40_000)]
@@ -200,6 +215,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let rows = millrace::status::collect(&config, &collector).await?;
                 millrace::status::print(&rows);
             }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Bus {
+                    bus,
+                    messages,
+                    body_size,
+                    concurrency,
+                    publishers,
+                },
+        } => {
+            let handle: Arc<dyn millrace_bus::Bus> = if bus.starts_with("memory:") {
+                Arc::new(millrace_bus::memory::MemoryBus::new())
+            } else {
+                millrace_bus::connect(&bus).await?
+            };
+            let topic = format!(
+                "bench-{}-{}",
+                std::process::id(),
+                chrono::Utc::now().timestamp()
+            );
+            let r = millrace::bench::bench_bus_worker(
+                handle.clone(),
+                &topic,
+                messages,
+                body_size,
+                concurrency,
+                publishers,
+            )
+            .await?;
+            println!(
+                "{}: worker loop: {} messages of {body_size} B: {:.0} msg/s, publish→handled p50 {:.2} ms, p99 {:.2} ms",
+                handle.name(),
+                r.messages,
+                r.per_sec,
+                r.p50_ms,
+                r.p99_ms
+            );
         }
         Command::Bench {
             what:
