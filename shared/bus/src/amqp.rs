@@ -1,52 +1,1304 @@
-//! Placeholder: the amqp backend is being written.
+//! The RabbitMQ backend (AMQP 0-9-1 through `lapin`).
+//!
+//! RabbitMQ gives us durable queues, persistent messages, manual acks, prefetch and publisher
+//! confirms. It has no per-message lease, no native delay and (on classic queues) no attempt count;
+//! this module builds those on top, and this comment says how and why.
+//!
+//! # Topology
+//!
+//! * A topic `T` is a durable **fanout exchange** named `T` (names are used as they are; dots are
+//!   fine in RabbitMQ names).
+//! * A consumer group `G` on `T` is a durable **quorum queue** `T::G` bound to `T`, so every group
+//!   gets every message and the consumers of one group compete for it. `::` cannot be confused with
+//!   the dots inside topic names (`T.dead` group `g` is `T.dead::g`, never `T::dead.g`).
+//! * Publishing before any group exists must not lose the message. `T` is declared with an
+//!   **alternate exchange** `T::unrouted` (fanout) whose durable queue `T::unrouted` keeps every
+//!   message that no group queue took. When a group queue is declared (`create_topic(T, Some(G))`
+//!   or `subscribe`), that backlog is moved back through `T`, now routed to the group(s): the same
+//!   "the first group takes the backlog" promise as the in-memory bus. We chose this over
+//!   `mandatory` + returned messages because a returned message is an error the publisher can do
+//!   nothing useful with (e.g. dead letters published to `{topic}.dead` before anyone reads it), and
+//!   over a default queue per topic because that queue would keep a copy of *every* message forever
+//!   once real groups exist; the alternate exchange only ever holds what would have been dropped.
+//!
+//! # Publishing
+//!
+//! Each message gets a random `message_id` property (returned to the caller and kept across
+//! redeliveries), `delivery_mode` 2 (persistent), the raw body and the attributes as string
+//! headers. The publisher channel is in confirm mode and `publish` returns only once the broker has
+//! confirmed; on a dead connection it reconnects and retries for up to 30 s, then fails with
+//! `BusError::Backend`. Retrying after a lost confirm can duplicate a message, which at-least-once
+//! allows. `flush` waits for any confirm still outstanding on the channel.
+//!
+//! # Delayed retry (`nack(delay)`; RabbitMQ has no native delay)
+//!
+//! The delay is rounded *up* to two significant digits (600 ms stays 600 ms, 1234 ms becomes
+//! 1300 ms, so jittered backoffs share a bounded set of queues) and the message is republished to a
+//! wait queue `T::G::wait-{ms}ms` with `x-message-ttl = ms`, dead-lettering through the default
+//! exchange back to `T::G`, and `x-expires = ms + 60 s` so unused wait queues vanish. Only after the
+//! broker confirmed the copy is the original acked. Because the wait queue's TTL is the same for
+//! every message in it, messages expire in order and nothing waits behind a longer delay. The
+//! broker's `x-death` bookkeeping is stripped before the attributes reach the caller.
+//!
+//! # Attempt count
+//!
+//! The attempt is `x-millrace-attempt` (our header, 1 when absent) plus the quorum queue's
+//! `x-delivery-count` (how often the broker itself requeued the message: consumer died, channel
+//! closed, reject with requeue), or plus one if the broker only says `redelivered` (a classic queue
+//! declared by someone else). Whenever this backend hands a message back itself (`nack`, lease
+//! expiry) it republishes it with `x-millrace-attempt` = attempt + 1 and acks the original, so the
+//! count rises by exactly one on every path; a message that keeps crashing its consumer still counts
+//! up through `x-delivery-count` and reaches the dead-letter topic. A delivery dropped unsettled
+//! goes back to the front of the same subscription's buffer at once and its attempt rises by one
+//! locally. Both bookkeeping headers are stripped from the caller's attributes. Because part of the
+//! count lives in our header, `native_attempt_count` is `false` (the count is nevertheless exact).
+//!
+//! # Leases (RabbitMQ has none per message)
+//!
+//! Leases are kept client-side. Each delivery has a deadline, starting when it arrives from the
+//! broker and restarting when `next` hands it out; a small task per delivery watches it. If it
+//! passes without `ack`/`nack`/`extend`, the backend itself hands the message back (republished
+//! with attempt + 1, or rejected with requeue if it was never handed out), and any later `ack`,
+//! `nack` or `extend` of that delivery fails with `BusError::LeaseLost`. `extend` moves the
+//! deadline, so `lease_extension` is `true`.
+//!
+//! The broker still has its own, coarser limit: `consumer_timeout` (default 30 min), after which it
+//! closes the channel of a consumer holding an unacked delivery, requeueing everything on it. A
+//! lease keeper only keeps the task alive client-side; the broker does not see `extend`. Operators
+//! must therefore set `consumer_timeout` (rabbitmq.conf, in ms) above the longest task. From
+//! RabbitMQ 3.11.15 on it can also be raised per queue (the `consumer-timeout` policy key or the
+//! `x-consumer-timeout` queue/consumer argument); the 3.10 broker this was written against only has
+//! the global setting, so this module sets no per-queue argument. If the broker does close the
+//! channel anyway, the held deliveries are requeued and their late `ack` fails with `LeaseLost`.
+//!
+//! # Reconnecting
+//!
+//! One connection per `AmqpBus`, one confirm-mode channel for publishing and one channel per
+//! subscription. When the connection or a channel dies (e.g. a broker restart), publishers and
+//! subscriptions reconnect by themselves with backoff (100 ms doubling to 5 s), declare their
+//! topology again and carry on. Deliveries from the dead channel were requeued by the broker;
+//! settling them afterwards fails with `LeaseLost` (the message comes again, with a higher
+//! attempt).
+//!
+//! `Subscription::close` cancels the consumer and requeues everything prefetched but not handed
+//! out; deliveries already handed out stay settleable until they are dropped.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    Acker, BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
+};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::{Bus, BusError, Capabilities, Message, SubscribeOptions, Subscription};
+use crate::{
+    Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
+    Subscription,
+};
 
-pub struct AmqpBus;
+const BACKEND: &str = "amqp";
+/// Our attempt header; stripped from the attributes handed to callers.
+const HDR_ATTEMPT: &str = "x-millrace-attempt";
+/// Set by quorum queues on messages the broker requeued.
+const HDR_DELIVERY_COUNT: &str = "x-delivery-count";
+/// How long `publish` (and the other broker operations) keep retrying through an outage.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long an unused wait queue outlives its delay.
+const WAIT_QUEUE_GRACE_MS: u64 = 60_000;
+/// Persistent delivery mode.
+const PERSISTENT: u8 = 2;
 
-fn unsupported(operation: &'static str) -> BusError {
-    BusError::NotSupported {
-        backend: "amqp",
-        operation,
+fn backend(message: impl Into<String>) -> BusError {
+    BusError::Backend {
+        backend: BACKEND,
+        message: message.into(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn short(name: &str, what: &str) -> Result<ShortString, BusError> {
+    ShortString::try_new(name).map_err(|e| backend(format!("{what} {name:?}: {e}")))
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Rounds a delay up to whole milliseconds with two significant digits (at least 1 ms).
+fn bucket_ms(delay: Duration) -> u64 {
+    let nanos = delay.as_nanos();
+    let ms = u64::try_from(nanos.div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut unit = 1u64;
+    while ms / unit >= 100 {
+        unit = unit.saturating_mul(10);
+    }
+    ms.div_ceil(unit).saturating_mul(unit)
+}
+
+/// The validated broker names of a topic (and optionally a group).
+#[derive(Clone, Debug)]
+struct Names {
+    topic: String,
+    exchange: ShortString,
+    backlog: ShortString,
+    queue: Option<ShortString>,
+}
+
+impl Names {
+    fn new(topic: &str, group: Option<&str>) -> Result<Self, BusError> {
+        if topic.is_empty() {
+            return Err(backend("topic names must not be empty"));
+        }
+        let queue = match group {
+            Some(group) => Some(short(&format!("{topic}::{group}"), "queue name")?),
+            None => None,
+        };
+        Ok(Names {
+            topic: topic.to_string(),
+            exchange: short(topic, "topic name")?,
+            backlog: short(&format!("{topic}::unrouted"), "queue name")?,
+            queue,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and retries
+
+/// Why one try at a broker operation failed, and whether trying again can help.
+struct Failure {
+    message: String,
+    retriable: bool,
+    /// The broker said something does not exist: declared topology must be declared again.
+    not_found: bool,
+}
+
+impl From<lapin::Error> for Failure {
+    fn from(error: lapin::Error) -> Self {
+        let soft = match error.kind() {
+            ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+                AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+                AMQPErrorKind::Hard(_) => None,
+            },
+            _ => None,
+        };
+        let not_found = matches!(soft, Some(AMQPSoftError::NOTFOUND));
+        Failure {
+            message: error.to_string(),
+            // A channel-level refusal (precondition failed, access refused, too large) will be
+            // refused again; connection trouble and missing topology are worth another try.
+            retriable: soft.is_none() || not_found,
+            not_found,
+        }
+    }
+}
+
+impl Failure {
+    fn retriable(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            retriable: true,
+            not_found: false,
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `RETRY_FOR` has passed, backing off from
+/// 100 ms to 5 s between tries.
+async fn retry<T, F, Fut>(shared: &Shared, what: &str, mut attempt: F) -> Result<T, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let deadline = Instant::now() + RETRY_FOR;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let failure = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(failure) => failure,
+        };
+        if failure.not_found {
+            shared.forget_topology();
+        }
+        if !failure.retriable {
+            return Err(backend(format!("{what}: {}", failure.message)));
+        }
+        if Instant::now() + backoff > deadline {
+            return Err(backend(format!(
+                "{what}: still failing after {RETRY_FOR:?}: {}",
+                failure.message
+            )));
+        }
+        tracing::warn!(what, error = %failure.message, retry_in = ?backoff, "amqp operation failed");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The connection
+
+/// One live connection and its publisher channel.
+#[derive(Clone)]
+struct Link {
+    connection: Arc<Connection>,
+    publisher: Channel,
+    /// Topics whose exchanges were declared on this connection.
+    declared: Arc<Mutex<HashSet<String>>>,
+}
+
+struct Shared {
+    url: String,
+    link: tokio::sync::Mutex<Option<Link>>,
+    declared_generation: Mutex<Option<Arc<Mutex<HashSet<String>>>>>,
+    consumer_seq: AtomicU64,
+}
+
+/// What to do on the publisher channel before publishing (again after a reconnect).
+enum Prepare<'a> {
+    Nothing,
+    /// Declare the topic's exchanges once per connection.
+    Topic(&'a Names),
+    /// Declare a wait queue (every time: declaring also restarts its `x-expires` clock).
+    WaitQueue {
+        name: &'a ShortString,
+        ms: u64,
+        target: &'a ShortString,
+    },
+}
+
+impl Shared {
+    async fn open_confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(channel)
+    }
+
+    /// The live link, reconnecting (once) if the connection or the publisher channel is gone.
+    async fn link(&self) -> Result<Link, Failure> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = guard.as_ref() {
+            if link.connection.status().connected() {
+                if link.publisher.status().connected() {
+                    return Ok(link.clone());
+                }
+                let publisher = Self::open_confirm_channel(&link.connection).await?;
+                let link = Link {
+                    publisher,
+                    ..link.clone()
+                };
+                *guard = Some(link.clone());
+                return Ok(link);
+            }
+        }
+        *guard = None;
+        let properties = ConnectionProperties::default().with_connection_name("millrace".into());
+        let connection = Connection::connect(&self.url, properties).await?;
+        let publisher = Self::open_confirm_channel(&connection).await?;
+        let declared = Arc::new(Mutex::new(HashSet::new()));
+        *lock(&self.declared_generation) = Some(declared.clone());
+        let link = Link {
+            connection: Arc::new(connection),
+            publisher,
+            declared,
+        };
+        *guard = Some(link.clone());
+        tracing::info!("amqp: connected");
+        Ok(link)
+    }
+
+    fn forget_topology(&self) {
+        if let Some(declared) = lock(&self.declared_generation).as_ref() {
+            lock(declared).clear();
+        }
+    }
+
+    /// Publishes and waits for the broker's confirm, reconnecting and retrying for up to 30 s.
+    async fn publish_confirmed(
+        &self,
+        routing: (&ShortString, &ShortString),
+        body: &[u8],
+        properties: &BasicProperties,
+        prepare: Prepare<'_>,
+    ) -> Result<(), BusError> {
+        let (exchange, routing_key) = routing;
+        let what = format!("publish to {exchange:?}/{routing_key:?}");
+        retry(self, &what, || async {
+            let link = self.link().await?;
+            match &prepare {
+                Prepare::Nothing => {}
+                Prepare::Topic(names) => {
+                    let known = lock(&link.declared).contains(&names.topic);
+                    if !known {
+                        declare_topic(&link.publisher, names).await?;
+                        lock(&link.declared).insert(names.topic.clone());
+                    }
+                }
+                Prepare::WaitQueue { name, ms, target } => {
+                    let mut args = FieldTable::default();
+                    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ms as i64));
+                    args.insert(
+                        "x-expires".into(),
+                        AMQPValue::LongLongInt(ms.saturating_add(WAIT_QUEUE_GRACE_MS) as i64),
+                    );
+                    args.insert(
+                        "x-dead-letter-exchange".into(),
+                        AMQPValue::LongString("".into()),
+                    );
+                    args.insert(
+                        "x-dead-letter-routing-key".into(),
+                        AMQPValue::LongString(target.as_str().into()),
+                    );
+                    link.publisher
+                        .queue_declare((*name).clone(), durable_queue(), args)
+                        .await?;
+                }
+            }
+            let confirmation = link
+                .publisher
+                .basic_publish(
+                    exchange.clone(),
+                    routing_key.clone(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties.clone(),
+                )
+                .await?
+                .await?;
+            if confirmation.is_ack() {
+                Ok(())
+            } else {
+                Err(Failure::retriable("the broker refused the message (nack)"))
+            }
+        })
+        .await
+    }
+
+    /// Declares the topic and the group's queue and moves the topic's backlog into it.
+    async fn ensure_group(&self, names: &Names) -> Result<(), BusError> {
+        let what = format!(
+            "declare {:?}",
+            names.queue.as_ref().unwrap_or(&names.exchange)
+        );
+        retry(self, &what, || async {
+            let link = self.link().await?;
+            let channel = Self::open_confirm_channel(&link.connection).await?;
+            declare_group(&channel, names).await?;
+            lock(&link.declared).insert(names.topic.clone());
+            let _ = channel.close(200, "done".into()).await;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Opens a channel with a consumer on the group's queue (declaring the topology first).
+    async fn open_consumer(
+        &self,
+        names: &Names,
+        prefetch: u16,
+    ) -> Result<(Channel, lapin::Consumer), Failure> {
+        let link = self.link().await?;
+        let channel = Self::open_confirm_channel(&link.connection).await?;
+        declare_group(&channel, names).await?;
+        let queue = names
+            .queue
+            .clone()
+            .ok_or_else(|| Failure::retriable("no group queue"))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let n = self.consumer_seq.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("millrace-{}-{n}", std::process::id());
+        let consumer = channel
+            .basic_consume(
+                queue,
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((channel, consumer))
+    }
+}
+
+/// The topic's exchange, its alternate exchange and the backlog queue behind it.
+async fn declare_topic(channel: &Channel, names: &Names) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            names.backlog.clone(),
+            ExchangeKind::Fanout,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            names.backlog.clone(),
+            durable_queue(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            names.backlog.clone(),
+            names.backlog.clone(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(names.backlog.as_str().into()),
+    );
+    channel
+        .exchange_declare(
+            names.exchange.clone(),
+            ExchangeKind::Fanout,
+            durable_exchange(),
+            args,
+        )
+        .await
+}
+
+/// Declares the topic and (if named) the group's quorum queue, then hands the topic's backlog to
+/// the group(s). `channel` must be in confirm mode.
+async fn declare_group(channel: &Channel, names: &Names) -> Result<(), Failure> {
+    declare_topic(channel, names).await?;
+    let Some(queue) = names.queue.clone() else {
+        return Ok(());
+    };
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(queue.clone(), durable_queue(), args)
+        .await?;
+    channel
+        .queue_bind(
+            queue,
+            names.exchange.clone(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // Messages published while no group existed: send them through the exchange again, now that
+    // it routes somewhere. Acked only once the copy is confirmed.
+    while let Some(got) = channel
+        .basic_get(names.backlog.clone(), BasicGetOptions::default())
+        .await?
+    {
+        let delivery = got.delivery;
+        let confirmation = channel
+            .basic_publish(
+                names.exchange.clone(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await?
+            .await?;
+        if !confirmation.is_ack() {
+            return Err(Failure::retriable("the broker refused a backlog message"));
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers
+
+fn is_bookkeeping(key: &str) -> bool {
+    key == HDR_ATTEMPT
+        || key == HDR_DELIVERY_COUNT
+        || key == "x-death"
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
+}
+
+fn value_to_string(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::Boolean(v) => v.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Timestamp(v) => v.to_string(),
+        AMQPValue::Float(v) => v.to_string(),
+        AMQPValue::Double(v) => v.to_string(),
+        _ => return None,
+    })
+}
+
+fn value_to_u32(value: &AMQPValue) -> Option<u32> {
+    value_to_string(value).and_then(|s| s.trim().parse().ok())
+}
+
+fn attributes_to_table(attributes: &Attributes) -> Result<FieldTable, BusError> {
+    let mut table = FieldTable::default();
+    for (key, value) in attributes {
+        if is_bookkeeping(key) {
+            return Err(backend(format!(
+                "attribute {key:?} is reserved for the bus's own bookkeeping"
+            )));
+        }
+        table.insert(
+            short(key, "attribute name")?,
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    Ok(table)
+}
+
+fn new_message_id() -> String {
+    format!("amqp-{:032x}", rand::random::<u128>())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bus
+
+/// The RabbitMQ bus. Cloning is cheap; clones share one connection.
+#[derive(Clone)]
+pub struct AmqpBus {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBus").finish_non_exhaustive()
     }
 }
 
 impl AmqpBus {
-    pub async fn connect(_url: &str) -> Result<Self, BusError> {
-        Err(unsupported("connect"))
+    /// Connects to `url` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`). Fails if the broker
+    /// cannot be reached now; later outages are ridden out by reconnecting.
+    pub async fn connect(url: &str) -> Result<AmqpBus, BusError> {
+        url.parse::<lapin::uri::AMQPUri>()
+            .map_err(|reason| BusError::InvalidUrl {
+                url: url.to_string(),
+                reason,
+            })?;
+        let shared = Arc::new(Shared {
+            url: url.to_string(),
+            link: tokio::sync::Mutex::new(None),
+            declared_generation: Mutex::new(None),
+            consumer_seq: AtomicU64::new(0),
+        });
+        shared
+            .link()
+            .await
+            .map_err(|f| backend(format!("connect: {}", f.message)))?;
+        Ok(AmqpBus { shared })
     }
 }
 
 #[async_trait]
 impl Bus for AmqpBus {
     fn name(&self) -> &'static str {
-        "amqp"
+        BACKEND
     }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             native_delay: false,
-            lease_extension: false,
+            lease_extension: true,
             native_attempt_count: false,
             durable: true,
             multi_process: true,
         }
     }
-    async fn create_topic(&self, _topic: &str, _group: Option<&str>) -> Result<(), BusError> {
-        Err(unsupported("create_topic"))
+
+    async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
+        let names = Names::new(topic, group)?;
+        self.shared.ensure_group(&names).await
     }
-    async fn publish(&self, _topic: &str, _message: Message) -> Result<String, BusError> {
-        Err(unsupported("publish"))
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<String, BusError> {
+        let names = Names::new(topic, None)?;
+        let id = new_message_id();
+        let properties = BasicProperties::default()
+            .with_message_id(short(&id, "message id")?)
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(attributes_to_table(&message.attributes)?);
+        self.shared
+            .publish_confirmed(
+                (&names.exchange, &ShortString::default()),
+                &message.body,
+                &properties,
+                Prepare::Topic(&names),
+            )
+            .await?;
+        Ok(id)
     }
+
     async fn subscribe(
         &self,
-        _topic: &str,
-        _options: SubscribeOptions,
+        topic: &str,
+        options: SubscribeOptions,
     ) -> Result<Box<dyn Subscription>, BusError> {
-        Err(unsupported("subscribe"))
+        let names = Names::new(topic, Some(&options.group))?;
+        let queue = names
+            .queue
+            .clone()
+            .ok_or_else(|| backend("subscribe without a group"))?;
+        let prefetch = u16::try_from(options.prefetch.max(1)).unwrap_or(u16::MAX);
+        let shared = self.shared.clone();
+        let what = format!("subscribe to {queue:?}");
+        let first = retry(&shared, &what, || shared.open_consumer(&names, prefetch)).await?;
+        let sub = Arc::new(SubShared {
+            state: Mutex::new(SubState::default()),
+            notify: Notify::new(),
+            ctx: Arc::new(SettleCtx {
+                shared: shared.clone(),
+                queue,
+                lease: options.lease,
+            }),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reader = tokio::spawn(read_loop(
+            shared,
+            names,
+            prefetch,
+            sub.clone(),
+            first,
+            stop_rx,
+        ));
+        Ok(Box::new(AmqpSubscription {
+            sub,
+            stop: stop_tx,
+            reader: Some(reader),
+        }))
     }
+
     async fn flush(&self) -> Result<(), BusError> {
+        // `publish` returns only after its confirm; wait for any confirm still outstanding from a
+        // publish that is in flight right now.
+        let link = self.shared.link.lock().await.clone();
+        if let Some(link) = link {
+            if link.publisher.status().connected() {
+                if let Err(e) = link.publisher.wait_for_confirms().await {
+                    // The publishes concerned retry on a new channel themselves.
+                    tracing::warn!(error = %e, "amqp: flush: publisher channel failed");
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscriptions
+
+/// What every delivery of one subscription needs to settle itself.
+struct SettleCtx {
+    shared: Arc<Shared>,
+    /// The group's queue (republish target).
+    queue: ShortString,
+    lease: Duration,
+}
+
+#[derive(Default)]
+struct SubState {
+    /// Received from the broker, not (or no longer) handed out. Stale entries are skipped.
+    buffer: VecDeque<Arc<Slot>>,
+    closed: bool,
+}
+
+struct SubShared {
+    state: Mutex<SubState>,
+    /// Woken when the buffer gains an entry or the subscription closes.
+    notify: Notify,
+    ctx: Arc<SettleCtx>,
+}
+
+impl SubShared {
+    /// A delivery arrived from the broker.
+    fn receive(self: &Arc<Self>, channel: &Channel, delivery: lapin::message::Delivery) {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut base = 1u32;
+        let mut broker_count = None;
+        let mut clean = FieldTable::default();
+        let mut attributes = Attributes::new();
+        for (key, value) in headers.inner() {
+            match key.as_str() {
+                HDR_ATTEMPT => base = value_to_u32(value).unwrap_or(1).max(1),
+                HDR_DELIVERY_COUNT => broker_count = value_to_u32(value),
+                k if is_bookkeeping(k) => {}
+                k => {
+                    clean.insert(key.clone(), value.clone());
+                    if let Some(v) = value_to_string(value) {
+                        attributes.insert(k.to_string(), v);
+                    }
+                }
+            }
+        }
+        let broker_count = broker_count.unwrap_or(u32::from(delivery.redelivered));
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_string())
+            .unwrap_or_else(|| format!("amqp-tag-{}", delivery.delivery_tag));
+        let properties = delivery.properties.clone().with_headers(clean);
+        let slot = Arc::new(Slot {
+            channel: channel.clone(),
+            acker: delivery.acker,
+            message_id,
+            body: Bytes::from(delivery.data),
+            attributes,
+            properties,
+            state: Mutex::new(SlotState {
+                phase: Phase::Buffered {
+                    deadline: Instant::now() + self.ctx.lease,
+                },
+                next_attempt: base.saturating_add(broker_count),
+                token: 0,
+            }),
+            notify: Notify::new(),
+            sub: Arc::downgrade(self),
+            ctx: self.ctx.clone(),
+        });
+        let closed = {
+            let mut state = lock(&self.state);
+            if !state.closed {
+                state.buffer.push_back(slot.clone());
+            }
+            state.closed
+        };
+        if closed {
+            tokio::spawn(async move { slot.reject_if_buffered().await });
+            return;
+        }
+        tokio::spawn(watch_lease(slot));
+        self.notify.notify_waiters();
+    }
+
+    /// Marks the subscription closed and hands back everything buffered.
+    async fn close_buffer(&self) {
+        let buffered: Vec<Arc<Slot>> = {
+            let mut state = lock(&self.state);
+            state.closed = true;
+            state.buffer.drain(..).collect()
+        };
+        self.notify.notify_waiters();
+        for slot in buffered {
+            slot.reject_if_buffered().await;
+        }
+    }
+}
+
+/// Reads the broker's deliveries into the subscription's buffer, reconnecting as needed, until
+/// told to stop; then cancels the consumer and hands back what it had not handed out.
+async fn read_loop(
+    shared: Arc<Shared>,
+    names: Names,
+    prefetch: u16,
+    sub: Arc<SubShared>,
+    first: (Channel, lapin::Consumer),
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut current = Some(first);
+    let mut backoff = BACKOFF_MIN;
+    'outer: loop {
+        let (channel, mut consumer) = match current.take() {
+            Some(open) => open,
+            None => {
+                let opened = tokio::select! {
+                    opened = shared.open_consumer(&names, prefetch) => opened,
+                    _ = stop.changed() => break 'outer,
+                };
+                match opened {
+                    Ok(open) => {
+                        tracing::info!(queue = %sub.ctx.queue, "amqp: consumer reopened");
+                        backoff = BACKOFF_MIN;
+                        open
+                    }
+                    Err(failure) => {
+                        tracing::warn!(queue = %sub.ctx.queue, error = %failure.message, retry_in = ?backoff, "amqp: reopening consumer failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.changed() => break 'outer,
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                }
+            }
+        };
+        if *stop.borrow() {
+            cancel(&channel, &mut consumer, &sub).await;
+            break;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    cancel(&channel, &mut consumer, &sub).await;
+                    break 'outer;
+                }
+                item = consumer.next() => match item {
+                    Some(Ok(delivery)) => sub.receive(&channel, delivery),
+                    Some(Err(e)) => {
+                        tracing::warn!(queue = %sub.ctx.queue, error = %e, "amqp: consumer failed");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!(queue = %sub.ctx.queue, "amqp: consumer cancelled by the broker");
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => break 'outer,
+        }
+    }
+    sub.close_buffer().await;
+}
+
+/// Cancels the consumer and hands back whatever it delivered after the cancel was sent.
+async fn cancel(channel: &Channel, consumer: &mut lapin::Consumer, sub: &Arc<SubShared>) {
+    let cancelled = tokio::time::timeout(
+        Duration::from_secs(5),
+        channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await;
+    if !matches!(cancelled, Ok(Ok(()))) {
+        return;
+    }
+    // Anything delivered before the broker processed the cancel comes before the stream's end.
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+    {
+        let _ = delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: true })
+            .await;
+    }
+    let _ = sub;
+}
+
+struct AmqpSubscription {
+    sub: Arc<SubShared>,
+    stop: watch::Sender<bool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    /// Cancel safe: a delivery leaves the buffer in the same synchronous step that returns it.
+    async fn next(&mut self) -> Result<Delivery, BusError> {
+        loop {
+            let notified = self.sub.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = lock(&self.sub.state);
+                if state.closed {
+                    return Err(BusError::Closed);
+                }
+                while let Some(slot) = state.buffer.pop_front() {
+                    if let Some(delivery) = slot.hand_out() {
+                        return Ok(delivery);
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), BusError> {
+        lock(&self.sub.state).closed = true;
+        let _ = self.stop.send(true);
+        if let Some(reader) = self.reader.take() {
+            if tokio::time::timeout(Duration::from_secs(10), reader)
+                .await
+                .is_err()
+            {
+                tracing::warn!(queue = %self.sub.ctx.queue, "amqp: closing the consumer timed out");
+            }
+        }
+        self.sub.close_buffer().await;
+        Ok(())
+    }
+}
+
+impl Drop for AmqpSubscription {
+    fn drop(&mut self) {
+        // The reader stops, cancels the consumer and hands back the buffer by itself.
+        lock(&self.sub.state).closed = true;
+        let _ = self.stop.send(true);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deliveries and their leases
+
+enum Phase {
+    /// In the subscription's buffer; handed back to the broker if not handed out by `deadline`.
+    Buffered { deadline: Instant },
+    /// Handed out as delivery `token`.
+    Held { token: u64, deadline: Instant },
+    /// Settled, handed back, or lost with its channel.
+    Done,
+}
+
+struct SlotState {
+    phase: Phase,
+    /// The attempt the next hand-out carries.
+    next_attempt: u32,
+    /// The last hand-out's token.
+    token: u64,
+}
+
+/// One message received from the broker and not yet settled there.
+struct Slot {
+    /// Keeps the channel open while the delivery may still be acked on it.
+    channel: Channel,
+    acker: Acker,
+    message_id: String,
+    body: Bytes,
+    attributes: Attributes,
+    /// The properties to republish with (bookkeeping headers stripped).
+    properties: BasicProperties,
+    state: Mutex<SlotState>,
+    /// Wakes the lease watcher when the deadline moves or the slot is settled.
+    notify: Notify,
+    sub: Weak<SubShared>,
+    ctx: Arc<SettleCtx>,
+}
+
+impl Slot {
+    fn hand_out(self: &Arc<Self>) -> Option<Delivery> {
+        let attempt = {
+            let mut state = lock(&self.state);
+            if !matches!(state.phase, Phase::Buffered { .. }) {
+                return None;
+            }
+            state.token += 1;
+            state.phase = Phase::Held {
+                token: state.token,
+                deadline: Instant::now() + self.ctx.lease,
+            };
+            (state.token, state.next_attempt)
+        };
+        self.notify.notify_one();
+        let (token, attempt) = attempt;
+        Some(Delivery::new(
+            self.message_id.clone(),
+            self.body.clone(),
+            self.attributes.clone(),
+            attempt,
+            Arc::new(AmqpSettle {
+                slot: self.clone(),
+                token,
+            }),
+        ))
+    }
+
+    fn usable(&self) -> bool {
+        self.channel.status().connected() && self.acker.usable()
+    }
+
+    /// Requeues a message that was never handed out (or was handed back by a drop).
+    async fn reject_if_buffered(&self) {
+        {
+            let mut state = lock(&self.state);
+            if !matches!(state.phase, Phase::Buffered { .. }) {
+                return;
+            }
+            state.phase = Phase::Done;
+        }
+        self.notify.notify_one();
+        self.reject().await;
+    }
+
+    async fn reject(&self) {
+        if let Err(e) = self
+            .acker
+            .reject(BasicRejectOptions { requeue: true })
+            .await
+        {
+            tracing::debug!(message_id = %self.message_id, error = %e, "amqp: reject failed; the broker requeues it with the channel");
+        }
+    }
+
+    /// Hands the message back to the group by republishing it with `attempt` (after `delay`), then
+    /// acking the original.
+    async fn requeue(&self, attempt: u32, delay: Duration) -> Result<(), BusError> {
+        if !self.usable() {
+            // The channel died: the broker has requeued the message already.
+            return Err(self.lease_lost());
+        }
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            HDR_ATTEMPT.into(),
+            AMQPValue::LongString(attempt.to_string().into()),
+        );
+        let properties = self.properties.clone().with_headers(headers);
+        let default_exchange = ShortString::default();
+        let shared = &self.ctx.shared;
+        let published = if delay.is_zero() {
+            shared
+                .publish_confirmed(
+                    (&default_exchange, &self.ctx.queue),
+                    &self.body,
+                    &properties,
+                    Prepare::Nothing,
+                )
+                .await
+        } else {
+            let ms = bucket_ms(delay);
+            let name = short(
+                &format!("{}::wait-{ms}ms", self.ctx.queue),
+                "wait queue name",
+            )?;
+            shared
+                .publish_confirmed(
+                    (&default_exchange, &name),
+                    &self.body,
+                    &properties,
+                    Prepare::WaitQueue {
+                        name: &name,
+                        ms,
+                        target: &self.ctx.queue,
+                    },
+                )
+                .await
+        };
+        if let Err(e) = published {
+            // Could not hand it back ourselves: let the broker have it back as it is.
+            self.reject().await;
+            return Err(e);
+        }
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            // The channel died after the copy was confirmed: the broker requeues the original
+            // too, so the message comes twice (at-least-once), never zero times.
+            Ok(false) | Err(_) => {
+                tracing::debug!(message_id = %self.message_id, "amqp: ack after requeue failed; a duplicate follows")
+            }
+        }
+        Ok(())
+    }
+
+    fn lease_lost(&self) -> BusError {
+        BusError::LeaseLost {
+            message_id: self.message_id.clone(),
+        }
+    }
+}
+
+/// Watches one slot's deadline and hands the message back when it passes.
+async fn watch_lease(slot: Arc<Slot>) {
+    loop {
+        let notified = slot.notify.notified();
+        let expired = {
+            let mut state = lock(&slot.state);
+            let now = Instant::now();
+            match state.phase {
+                Phase::Done => return,
+                Phase::Buffered { deadline } | Phase::Held { deadline, .. } if deadline > now => {
+                    Err(deadline)
+                }
+                Phase::Buffered { .. } => {
+                    state.phase = Phase::Done;
+                    Ok(None)
+                }
+                Phase::Held { .. } => {
+                    state.phase = Phase::Done;
+                    Ok(Some(state.next_attempt.saturating_add(1)))
+                }
+            }
+        };
+        match expired {
+            Err(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = notified => {}
+                }
+            }
+            Ok(None) => {
+                if slot.usable() {
+                    slot.reject().await;
+                }
+                return;
+            }
+            Ok(Some(attempt)) => {
+                tracing::debug!(message_id = %slot.message_id, attempt, "amqp: lease expired");
+                if let Err(e) = slot.requeue(attempt, Duration::ZERO).await {
+                    tracing::debug!(message_id = %slot.message_id, error = %e, "amqp: handing back an expired delivery failed");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Settles one hand-out (`token`) of a slot.
+struct AmqpSettle {
+    slot: Arc<Slot>,
+    token: u64,
+}
+
+impl AmqpSettle {
+    /// Ends this hand-out; returns its attempt, or `LeaseLost` if it already ended.
+    fn take(&self) -> Result<u32, BusError> {
+        let attempt = {
+            let mut state = lock(&self.slot.state);
+            match state.phase {
+                Phase::Held { token, .. } if token == self.token => {
+                    state.phase = Phase::Done;
+                    state.next_attempt
+                }
+                _ => return Err(self.slot.lease_lost()),
+            }
+        };
+        self.slot.notify.notify_one();
+        Ok(attempt)
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn ack(&self) -> Result<(), BusError> {
+        self.take()?;
+        match self.slot.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.slot.lease_lost()),
+            Err(e) => {
+                tracing::debug!(message_id = %self.slot.message_id, error = %e, "amqp: ack failed");
+                Err(self.slot.lease_lost())
+            }
+        }
+    }
+
+    async fn nack(&self, delay: Duration) -> Result<(), BusError> {
+        let attempt = self.take()?;
+        self.slot.requeue(attempt.saturating_add(1), delay).await
+    }
+
+    async fn extend(&self, lease: Duration) -> Result<(), BusError> {
+        {
+            let mut state = lock(&self.slot.state);
+            match &mut state.phase {
+                Phase::Held { token, deadline } if *token == self.token => {
+                    *deadline = Instant::now() + lease;
+                }
+                _ => return Err(self.slot.lease_lost()),
+            }
+        }
+        self.slot.notify.notify_one();
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        // Back to the front of this subscription's buffer at once, with the attempt counted, so the
+        // next `next` gets it without a round trip (the broker would hand it to whichever consumer
+        // has a free prefetch slot). If the subscription is gone, back to the broker.
+        if let Some(sub) = self.slot.sub.upgrade() {
+            let mut sub_state = lock(&sub.state);
+            if !sub_state.closed {
+                let mut state = lock(&self.slot.state);
+                match state.phase {
+                    Phase::Held { token, .. } if token == self.token => {
+                        state.phase = Phase::Buffered {
+                            deadline: Instant::now() + self.slot.ctx.lease,
+                        };
+                        state.next_attempt = state.next_attempt.saturating_add(1);
+                    }
+                    _ => return,
+                }
+                drop(state);
+                sub_state.buffer.push_front(self.slot.clone());
+                drop(sub_state);
+                self.slot.notify.notify_one();
+                sub.notify.notify_waiters();
+                return;
+            }
+        }
+        {
+            let mut state = lock(&self.slot.state);
+            match state.phase {
+                Phase::Held { token, .. } if token == self.token => state.phase = Phase::Done,
+                _ => return,
+            }
+        }
+        self.slot.notify.notify_one();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let slot = self.slot.clone();
+            runtime.spawn(async move { slot.reject().await });
+        }
+        // Without a runtime the message goes back when its channel closes.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_up_to_two_significant_digits() {
+        assert_eq!(bucket_ms(Duration::from_millis(600)), 600);
+        assert_eq!(bucket_ms(Duration::from_millis(1234)), 1300);
+        assert_eq!(bucket_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(bucket_ms(Duration::from_millis(99)), 99);
+        assert_eq!(bucket_ms(Duration::from_millis(45_678)), 46_000);
+        assert_eq!(bucket_ms(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn bookkeeping_headers_are_recognised() {
+        assert!(is_bookkeeping("x-death"));
+        assert!(is_bookkeeping("x-first-death-queue"));
+        assert!(is_bookkeeping(HDR_ATTEMPT));
+        assert!(!is_bookkeeping("trace"));
     }
 }
