@@ -1,12 +1,98 @@
-//! The worker-level conformance suite (`millrace_runtime::conformance`) on every bus backend:
-//! the in-memory bus here, and each real broker where its test says how to reach it.
+//! The worker-level conformance suite (`millrace_runtime::conformance`: dead letters after
+//! max_attempts, permanent errors rejected at once, the concurrency limit, graceful shutdown) on
+//! every bus backend: the in-memory bus, RabbitMQ and NATS on this machine, and Kafka (tansu) at
+//! `MILLRACE_TEST_KAFKA`, which `make test` starts.
 
 use std::sync::Arc;
 
 use millrace_bus::memory::MemoryBus;
+use millrace_bus::Bus;
 use millrace_runtime::conformance;
+
+fn prefix(backend: &str) -> String {
+    format!(
+        "wc-{backend}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>() % 100_000
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bus_passes_the_worker_conformance_suite() {
-    conformance::run_all(Arc::new(MemoryBus::new()), "wc-memory").await;
+    conformance::run_all(Arc::new(MemoryBus::new()), &prefix("memory")).await;
+}
+
+/// Deletes the suite's AMQP topology (exchanges, backlog and group queues) for `prefix`.
+async fn amqp_cleanup(url: &str, prefix: &str) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    for case in ["dl", "rj", "cc", "sd"] {
+        let topic = format!("{prefix}.{case}");
+        for (t, group) in [
+            (topic.clone(), "conformance-workers"),
+            (format!("{topic}.dead"), "conformance-inspect"),
+            (format!("{topic}.rejected"), "conformance-inspect"),
+        ] {
+            for q in [format!("{t}::unrouted"), format!("{t}::{group}")] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+            for x in [t.clone(), format!("{t}::unrouted")] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_passes_the_worker_conformance_suite() {
+    let url = std::env::var("MILLRACE_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let bus: Arc<dyn Bus> = Arc::new(
+        millrace_bus::amqp::AmqpBus::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ at {url}: {e}")),
+    );
+    let p = prefix("amqp");
+    let run = tokio::spawn({
+        let (bus, p) = (bus.clone(), p.clone());
+        async move { conformance::run_all(bus, &p).await }
+    });
+    let result = run.await;
+    amqp_cleanup(&url, &p).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_passes_the_worker_conformance_suite() {
+    let url =
+        std::env::var("MILLRACE_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string());
+    let nats = Arc::new(
+        millrace_bus::nats::NatsBus::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("NATS at {url}: {e}")),
+    );
+    let p = prefix("nats");
+    let run = tokio::spawn({
+        let (bus, p): (Arc<dyn Bus>, String) = (nats.clone(), p.clone());
+        async move { conformance::run_all(bus, &p).await }
+    });
+    let result = run.await;
+    let _ = nats.delete_topics_under(&p).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
