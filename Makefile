@@ -3,16 +3,32 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: build test demo bench lint fmt clean
+.PHONY: build test e2e demo bench lint fmt clean
 
 build:
 	$(CARGO) build --workspace --all-targets
 
-# Runs every test, then adds up cargo's per-binary summaries into one closing line.
+# Runs every test (unit, conformance on the memory bus and on RabbitMQ, NATS and Kafka, the
+# end-to-end runs as separate processes), then adds up cargo's per-binary summaries into one
+# closing line. The Kafka broker (tansu) is installed into build/ if missing, started on a free
+# loopback port, and stopped again; RabbitMQ and NATS are the machine's own.
 test:
 	@mkdir -p build
-	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee build/test.log
+	$(CARGO) build --workspace --bins
+	scripts/kafka-broker.sh start
+	set -o pipefail; trap 'scripts/kafka-broker.sh stop' EXIT; \
+	  MILLRACE_TEST_KAFKA=$$(scripts/kafka-broker.sh addr) $(CARGO) test --workspace --no-fail-fast 2>&1 | tee build/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "all tests: %d passed, %d failed\n", p, f}' build/test.log
+
+# One end-to-end run as separate processes: make e2e BUS=amqp|nats|kafka
+BUS ?= amqp
+e2e:
+	@mkdir -p build
+	$(CARGO) build --workspace --bins
+	@if [ "$(BUS)" = kafka ]; then scripts/kafka-broker.sh start; fi
+	set -o pipefail; trap 'if [ "$(BUS)" = kafka ]; then scripts/kafka-broker.sh stop; fi' EXIT; \
+	  MILLRACE_TEST_KAFKA=$$(if [ "$(BUS)" = kafka ]; then scripts/kafka-broker.sh addr; fi) \
+	  $(CARGO) test --test e2e_processes -- --exact e2e_$(subst -,_,$(BUS)) --nocapture
 
 demo:
 	$(CARGO) run --bin millrace -- demo

@@ -2,6 +2,7 @@
 //! `millrace demo` and the end-to-end tests, status, and benchmarks.
 
 pub mod bench;
+pub mod bench_reference;
 pub mod demo;
 pub mod fleet;
 pub mod ingest;

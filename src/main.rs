@@ -253,6 +253,61 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.p50_ms,
                 r.p99_ms
             );
+            // The plainest loop the same client crate allows, against the same broker, on its
+            // own topic, with the worker's prefetch.
+            let reference_topic = format!("{topic}-reference");
+            let (scheme, rest) = bus.split_once("://").unwrap_or((bus.as_str(), ""));
+            let reference = match scheme {
+                "amqp" | "amqps" => Some((
+                    "lapin",
+                    millrace::bench_reference::reference_amqp(
+                        &bus,
+                        &reference_topic,
+                        messages,
+                        body_size,
+                        publishers,
+                        u16::try_from(concurrency).unwrap_or(u16::MAX),
+                    )
+                    .await?,
+                )),
+                "nats" => Some((
+                    "async-nats",
+                    millrace::bench_reference::reference_nats(
+                        &bus,
+                        &reference_topic,
+                        messages,
+                        body_size,
+                        publishers,
+                        concurrency,
+                    )
+                    .await?,
+                )),
+                "kafka" => {
+                    let bootstrap = rest.split(['/', '?']).next().unwrap_or_default();
+                    Some((
+                        "rdkafka",
+                        millrace::bench_reference::reference_kafka(
+                            bootstrap,
+                            &reference_topic,
+                            messages,
+                            body_size,
+                            publishers,
+                        )
+                        .await?,
+                    ))
+                }
+                _ => None,
+            };
+            if let Some((krate, reference)) = reference {
+                println!(
+                    "reference (plain {krate} loop): {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+                    reference.per_sec, reference.p50_ms, reference.p99_ms
+                );
+                println!(
+                    "worker loop / reference: {:.1}%",
+                    100.0 * r.per_sec / reference.per_sec
+                );
+            }
         }
         Command::Bench {
             what:

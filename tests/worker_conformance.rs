@@ -96,3 +96,23 @@ async fn nats_passes_the_worker_conformance_suite() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_passes_the_worker_conformance_suite() {
+    // tansu (started by `make test`, memory storage) forgets everything when it stops, so there
+    // is nothing to clean up afterwards.
+    let addr = std::env::var("MILLRACE_TEST_KAFKA")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+                "MILLRACE_TEST_KAFKA is not set: run through `make test`, which starts a Kafka \
+                 broker (scripts/kafka-broker.sh start) and sets it"
+            )
+        });
+    let url = format!("kafka://{addr}");
+    let bus: Arc<dyn Bus> = millrace_bus::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("Kafka at {url}: {e}"));
+    conformance::run_all(bus, &prefix("kafka")).await;
+}

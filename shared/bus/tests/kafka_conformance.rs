@@ -1,0 +1,128 @@
+//! The conformance suite against a real Kafka-compatible broker: one test per behaviour, so a
+//! failure names it.
+//!
+//! The broker's address comes from `MILLRACE_TEST_KAFKA` (`HOST:PORT`). Without it, the first test
+//! starts tansu through `scripts/kafka-broker.sh start` and the script stops it again when this
+//! test process exits (`KAFKA_STOP_WITH_PID`). No test skips: no broker is a failure.
+//!
+//! Every run uses its own topic prefix, so runs against a shared broker do not see each other.
+//! The tests take turns (one lock) so that their short leases and quiet periods are not measured
+//! on a machine busy with the other tests' thousands of messages.
+//!
+//! There is no broker-restart test: tansu's memory storage forgets everything on restart.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use millrace_bus::conformance;
+use millrace_bus::kafka::KafkaBus;
+use millrace_bus::Bus;
+use tokio::sync::Mutex;
+
+/// The broker address (`HOST:PORT`), started once per test process if not given.
+fn broker() -> &'static str {
+    static ADDR: OnceLock<String> = OnceLock::new();
+    ADDR.get_or_init(|| {
+        if let Ok(addr) = std::env::var("MILLRACE_TEST_KAFKA") {
+            if !addr.trim().is_empty() {
+                return addr.trim().to_string();
+            }
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let script = root.join("scripts/kafka-broker.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .current_dir(&root)
+            .env("KAFKA_STOP_WITH_PID", std::process::id().to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("running {} start: {e}", script.display()));
+        assert!(
+            output.status.success(),
+            "{} start failed ({}); set MILLRACE_TEST_KAFKA=HOST:PORT to use a running broker.\n{}",
+            script.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let addr = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        assert!(
+            !addr.is_empty(),
+            "{} start printed no address",
+            script.display()
+        );
+        addr
+    })
+}
+
+/// A topic prefix unique to this test run (and test).
+fn prefix(test: &str) -> String {
+    static RUN: OnceLock<String> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("millrace-test-{}-{nanos:x}", std::process::id())
+    });
+    format!("{run}.{test}")
+}
+
+/// Connects to the broker and holds the turn for one test.
+async fn bus() -> (KafkaBus, tokio::sync::MutexGuard<'static, ()>) {
+    static TURN: Mutex<()> = Mutex::const_new(());
+    let turn = TURN.lock().await;
+    let addr = broker();
+    let url = format!("kafka://{addr}");
+    match KafkaBus::connect(&url).await {
+        Ok(bus) => (bus, turn),
+        Err(e) => panic!("connecting to {url}: {e}"),
+    }
+}
+
+macro_rules! conformance_test {
+    ($name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (bus, _turn) = bus().await;
+            conformance::$name(&bus, &prefix(stringify!($name))).await;
+            if let Err(e) = bus.flush().await {
+                panic!("flush at the end: {e}");
+            }
+        }
+    };
+}
+
+conformance_test!(publish_and_receive_roundtrip);
+conformance_test!(competing_consumers_share_messages);
+conformance_test!(nack_redelivers);
+conformance_test!(nack_with_delay_redelivers_after_the_delay);
+conformance_test!(expired_lease_redelivers);
+conformance_test!(extended_lease_is_kept);
+conformance_test!(attempt_count_rises_across_redeliveries);
+conformance_test!(abandoned_delivery_goes_to_another_consumer);
+conformance_test!(close_and_reopen_loses_nothing);
+conformance_test!(flush_after_publish_loses_nothing);
+
+/// A bad URL and an unreachable broker fail plainly instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_url_and_unreachable_broker_fail_plainly() {
+    let err = KafkaBus::connect("kafka://")
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("kafka://")),
+        "{err:?}"
+    );
+    let err = KafkaBus::connect("kafka://127.0.0.1:1")
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("cannot reach Kafka at 127.0.0.1:1")),
+        "{err:?}"
+    );
+}

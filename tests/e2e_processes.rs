@@ -1,0 +1,393 @@
+//! End to end as separate processes: every service of both facilitators and the mill runs as
+//! its own OS process (its own binary), sharing only a real broker and local-file stores;
+//! `millrace ingest` feeds them and `millrace status --expect` checks every result against the
+//! plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka); `make test` runs all three.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`; the Makefile does it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_millrace"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the service binaries first (`cargo build --workspace --bins`, which `make test` and `make e2e` do)",
+        path.display()
+    );
+    path
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+struct Fleet {
+    children: Vec<(String, Child)>,
+    logs: PathBuf,
+}
+
+impl Fleet {
+    fn spawn(&mut self, name: &str, binary: &str, args: &[String]) {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
+        let err = log.try_clone().unwrap();
+        let child = Command::new(bin(binary))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        self.children.push((name.to_string(), child));
+    }
+
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text =
+                std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            out.push_str(&format!("\n--- {name} ---\n{tail}\n"));
+        }
+        out
+    }
+
+    /// SIGTERM to every process; each must exit by itself, successfully, within the drain time.
+    fn stop(&mut self) -> Vec<String> {
+        for (_, child) in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let mut problems = Vec::new();
+        for (name, child) in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            problems.push(format!("{name} exited with {status} after SIGTERM"));
+                        }
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        problems.push(format!("{name} did not stop within 40s of SIGTERM"));
+                        break;
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One fleet at a time: three fleets of seven processes at once would only fight over two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn e2e(bus_url: &str, label: &str) {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = d.join("millrace.toml");
+    run(
+        Command::new(bin("millrace"))
+            .args(["keygen", "--dir"])
+            .arg(d),
+        "millrace keygen",
+    );
+    let store = |name: &str| format!("file://{}", d.join("stores").join(name).display());
+    let (s0, s1, sc) = (store("alpha"), store("beta"), store("collector"));
+    let expect = d.join("expect.json");
+    run(
+        Command::new(bin("millrace"))
+            .args(["ingest", "--config"])
+            .arg(&config)
+            .args([
+                "--store0",
+                &s0,
+                "--store1",
+                &s1,
+                "--reports",
+                "2000",
+                "--invalid-fraction",
+                "0.05",
+                "--batch-size",
+                "200",
+                "--expect-out",
+            ])
+            .arg(&expect),
+        "millrace ingest",
+    );
+    let logs = d.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let prefix = format!(
+        "e2e-{label}-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis() % 100_000
+    );
+    let _cleanup = CleanupGuard {
+        bus_url: bus_url.to_string(),
+        prefix: prefix.clone(),
+    };
+    let cfg = config.display().to_string();
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--bus",
+            bus_url,
+            "--topic-prefix",
+            &prefix,
+            "--create-topics",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--config",
+            &cfg,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut fleet = Fleet {
+        children: Vec::new(),
+        logs,
+    };
+    fleet.spawn(
+        "mill",
+        "mill",
+        &common(&[
+            "--collector-store",
+            &sc,
+            "--backoff-base",
+            "200ms",
+            "--backoff-max",
+            "2s",
+            "--max-attempts",
+            "50",
+        ]),
+    );
+    for (f, own, peer) in [("0", &s0, &s1), ("1", &s1, &s0)] {
+        fleet.spawn(
+            &format!("intake-worker-{f}"),
+            "intake-worker",
+            &common(&["--facilitator", f, "--store", own, "--peer-store", peer]),
+        );
+        fleet.spawn(
+            &format!("aggregate-worker-{f}"),
+            "aggregate-worker",
+            &common(&[
+                "--facilitator",
+                f,
+                "--store",
+                own,
+                "--collector-store",
+                &sc,
+                "--backoff-base",
+                "200ms",
+                "--backoff-max",
+                "2s",
+                "--max-attempts",
+                "50",
+            ]),
+        );
+    }
+    // Consumers first, so their queues and groups exist; then the publishers.
+    std::thread::sleep(Duration::from_secs(2));
+    for (f, own) in [("0", &s0), ("1", &s1)] {
+        fleet.spawn(
+            &format!("workflow-manager-{f}"),
+            "workflow-manager",
+            &common(&["--facilitator", f, "--store", own, "--interval", "1s"]),
+        );
+    }
+    let status = Command::new(bin("millrace"))
+        .args(["status", "--config"])
+        .arg(&config)
+        .args(["--collector-store", &sc, "--wait-secs", "240", "--expect"])
+        .arg(&expect)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&status.stdout).to_string();
+    let problems = fleet.stop();
+    assert!(
+        status.status.success(),
+        "{label}: results differ from the plaintext or are missing:\n{report}\n{}",
+        fleet.log_tails()
+    );
+    assert!(
+        problems.is_empty(),
+        "{label}: {problems:?}\n{}",
+        fleet.log_tails()
+    );
+    // The cleaner needs no bus: one pass over each store must succeed (and, with a week's TTL,
+    // delete nothing that is this young).
+    for s in [&s0, &s1] {
+        run(
+            Command::new(bin("cleaner")).args(["--config", &cfg, "--store", s, "--once"]),
+            "cleaner --once",
+        );
+    }
+    run(
+        Command::new(bin("cleaner")).args([
+            "--config",
+            &cfg,
+            "--store",
+            &sc,
+            "--role",
+            "collector",
+            "--once",
+        ]),
+        "cleaner --once (collector)",
+    );
+    println!("{label}: every result equals the plaintext\n{report}");
+}
+
+/// Every topic the fleet used, with the consumer group on it (if any).
+fn fleet_topics(prefix: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut add = |topic: String, group: Option<String>| {
+        out.push((format!("{topic}.dead"), None));
+        out.push((format!("{topic}.rejected"), None));
+        out.push((topic, group));
+    };
+    for f in 0..2 {
+        add(
+            format!("{prefix}.{f}.intake"),
+            Some(format!("intake-worker-{f}")),
+        );
+        add(
+            format!("{prefix}.{f}.aggregate"),
+            Some(format!("aggregate-worker-{f}")),
+        );
+    }
+    add(format!("{prefix}.collect"), Some("mill".to_string()));
+    add(format!("{prefix}.results"), None);
+    out
+}
+
+/// Removes what a run created on the shared brokers (they outlive the test).
+fn cleanup(bus_url: &str, prefix: &str) {
+    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+        return;
+    };
+    runtime.block_on(async {
+        if bus_url.starts_with("nats:") {
+            if let Ok(bus) = millrace_bus::nats::NatsBus::connect(bus_url).await {
+                let _ = bus.delete_topics_under(prefix).await;
+            }
+        } else if bus_url.starts_with("amqp:") {
+            use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+            let Ok(conn) =
+                lapin::Connection::connect(bus_url, lapin::ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            for (topic, group) in fleet_topics(prefix) {
+                let mut queues = vec![format!("{topic}::unrouted")];
+                queues.extend(group.map(|g| format!("{topic}::{g}")));
+                for q in queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                for x in [topic.clone(), format!("{topic}::unrouted")] {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+        }
+    });
+}
+
+/// Cleans up the run's topics however the test ends.
+struct CleanupGuard {
+    bus_url: String,
+    prefix: String,
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        cleanup(&self.bus_url, &self.prefix);
+    }
+}
+
+fn kafka_address() -> String {
+    std::env::var("MILLRACE_TEST_KAFKA")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let out = Command::new("bash")
+                .arg(root.join("scripts/kafka-broker.sh"))
+                .arg("start")
+                .current_dir(root)
+                .output()
+                .unwrap_or_else(|e| panic!("starting the Kafka broker: {e}"));
+            assert!(
+                out.status.success(),
+                "scripts/kafka-broker.sh start failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::read_to_string(root.join("build/kafka.addr"))
+                .unwrap_or_else(|e| panic!("build/kafka.addr: {e}"))
+                .trim()
+                .to_string()
+        })
+}
+
+#[test]
+fn e2e_amqp() {
+    e2e("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp");
+}
+
+#[test]
+fn e2e_nats() {
+    e2e("nats://127.0.0.1:4222", "nats");
+}
+
+#[test]
+fn e2e_kafka() {
+    let addr = kafka_address();
+    e2e(&format!("kafka://{addr}"), "kafka");
+}
