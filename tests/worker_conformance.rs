@@ -9,6 +9,10 @@ use millrace_bus::memory::MemoryBus;
 use millrace_bus::Bus;
 use millrace_runtime::conformance;
 
+/// One backend at a time: the suites time real brokers, and four at once on two cores would
+/// measure the machine instead.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn prefix(backend: &str) -> String {
     format!(
         "wc-{backend}-{}-{}",
@@ -19,6 +23,7 @@ fn prefix(backend: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bus_passes_the_worker_conformance_suite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     conformance::run_all(Arc::new(MemoryBus::new()), &prefix("memory")).await;
 }
 
@@ -57,6 +62,7 @@ async fn amqp_cleanup(url: &str, prefix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_passes_the_worker_conformance_suite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let url = std::env::var("MILLRACE_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
     let bus: Arc<dyn Bus> = Arc::new(
@@ -78,6 +84,7 @@ async fn rabbitmq_passes_the_worker_conformance_suite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_passes_the_worker_conformance_suite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let url =
         std::env::var("MILLRACE_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string());
     let nats = Arc::new(
@@ -99,6 +106,7 @@ async fn nats_passes_the_worker_conformance_suite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_passes_the_worker_conformance_suite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     // tansu (started by `make test`, memory storage) forgets everything when it stops, so there
     // is nothing to clean up afterwards.
     let addr = std::env::var("MILLRACE_TEST_KAFKA")

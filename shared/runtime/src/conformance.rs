@@ -17,7 +17,8 @@ use millrace_bus::{
 
 use crate::{run_worker, Handler, Shutdown, Task, TaskError, WorkerConfig, WorkerReport};
 
-const SOON: Duration = Duration::from_secs(20);
+/// Generous: Kafka consumer-group rebalances on a loaded machine take seconds each.
+const SOON: Duration = Duration::from_secs(60);
 
 fn config(topic: &str) -> WorkerConfig {
     let mut c = WorkerConfig::new(topic, "conformance-workers");
