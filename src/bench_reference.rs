@@ -331,6 +331,10 @@ pub async fn reference_kafka(
                 .set("group.id", format!("{topic}-reference"))
                 .set("auto.offset.reset", "earliest")
                 .set("enable.auto.commit", "false")
+                // As the Kafka backend sets them: with librdkafka's defaults, joining the group
+                // on tansu takes over 20 s (before the clock starts, but still).
+                .set("session.timeout.ms", "3000")
+                .set("heartbeat.interval.ms", "300")
                 .create()
                 .context("creating the consumer")?,
         );

@@ -801,6 +801,9 @@ fn to_tpl(commits: &[(Tp, i64)]) -> Option<TopicPartitionList> {
 // ---------------------------------------------------------------------------------------------
 // The background task: reads the consumer, expires leases, releases due retries, commits.
 
+/// Buffered (not yet handed out) messages at which the subscription pauses fetching.
+const BUFFER_HIGH_WATER: usize = 1000;
+
 async fn run_consumer(
     consumer: Arc<StreamConsumer<SubContext>>,
     shared: Arc<Shared>,
@@ -838,7 +841,11 @@ async fn run_consumer(
             }
             let commits = state.commits(None);
             let buffered = state.ready.len();
-            let want_paused = state.closing || buffered >= prefetch;
+            // Pause well above the prefetch: librdkafka drops what it fetched for a paused
+            // partition and refetches on resume, so pausing at the prefetch itself would turn
+            // every handful of messages into a fetch round trip. Buffered messages are not
+            // leased and belong to partitions only this member reads, so holding more is safe.
+            let want_paused = state.closing || buffered >= (prefetch * 100).max(BUFFER_HIGH_WATER);
             if want_paused != state.paused || state.resync_pause {
                 state.paused = want_paused;
                 state.resync_pause = false;
