@@ -33,8 +33,17 @@ e2e:
 demo:
 	$(CARGO) run --bin millrace -- demo
 
+# Benchmarks (not tests): the fleet beside the bare prio + HPKE rate, then each bus's worker loop
+# beside the plainest loop its client crate allows (1 KiB bodies).
 bench:
-	$(CARGO) run --release --bin millrace -- bench vdaf
+	@mkdir -p build
+	$(CARGO) build --release --bin millrace
+	target/release/millrace bench vdaf
+	target/release/millrace bench bus --bus memory://
+	target/release/millrace bench bus --bus amqp://guest:guest@127.0.0.1:5672/%2f
+	target/release/millrace bench bus --bus nats://127.0.0.1:4222
+	scripts/kafka-broker.sh start
+	trap 'scripts/kafka-broker.sh stop' EXIT; target/release/millrace bench bus --bus kafka://$$(scripts/kafka-broker.sh addr)
 
 lint:
 	$(CARGO) fmt --all -- --check

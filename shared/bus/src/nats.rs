@@ -991,7 +991,14 @@ impl SettleInner {
 impl Settle for NatsSettle {
     async fn ack(&self) -> Result<(), BusError> {
         self.inner.settle()?;
-        self.inner.send(AckKind::Ack).await
+        // A plain ack (no round trip): the worker's slot is not held waiting for the server's
+        // confirmation. If the ack is lost on the way, JetStream redelivers after AckWait and the
+        // idempotent handler runs again: at-least-once, as every backend promises.
+        self.inner
+            .acker
+            .ack_with(AckKind::Ack)
+            .await
+            .map_err(|e| backend(format!("message {}: {e}", self.inner.message_id)))
     }
 
     async fn nack(&self, delay: Duration) -> Result<(), BusError> {
