@@ -21,7 +21,7 @@ use millrace_protocol::layout::{states_key, sum_part_key, validation_key, Partit
 use millrace_protocol::tasks::{topics, AggregateTask, SumPartReady, TaskMessage, TASK_VERSION};
 use millrace_protocol::vdaf::ReportId;
 use millrace_runtime::{Handler, Task, TaskError};
-use millrace_store::{Store, StoreError};
+use millrace_store::Store;
 
 pub struct AggregateWorker {
     config: Arc<Config>,
@@ -32,15 +32,6 @@ pub struct AggregateWorker {
     topic_prefix: String,
     signer: Signer25519,
     facilitator_keys: KeyRing,
-}
-
-fn store_error(e: StoreError) -> TaskError {
-    match e {
-        StoreError::Conflict { .. } | StoreError::InvalidKey { .. } => {
-            TaskError::Permanent(e.to_string())
-        }
-        _ => TaskError::Transient(e.to_string()),
-    }
 }
 
 /// One batch's inputs to the combine step.
@@ -84,7 +75,7 @@ impl AggregateWorker {
             .own
             .get(&key)
             .await
-            .map_err(store_error)?
+            .map_err(TaskError::from)?
             .ok_or_else(|| {
                 TaskError::Transient(format!(
                     "{key}: validation by facilitator {by} not here yet"
@@ -121,7 +112,12 @@ impl AggregateWorker {
             Window::parse(&task.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let part_key = sum_part_key(&agg.id, window, self.facilitator);
 
-        let part = match self.collector.get(&part_key).await.map_err(store_error)? {
+        let part = match self
+            .collector
+            .get(&part_key)
+            .await
+            .map_err(TaskError::from)?
+        {
             // Already done (a redelivery): announce it again, the mill is idempotent.
             Some(bytes) => {
                 SumPart::decode(&self.facilitator_keys, &bytes)
@@ -137,14 +133,14 @@ impl AggregateWorker {
                     let p = Partition::parse(&b.partition)
                         .map_err(|e| TaskError::Permanent(e.to_string()))?;
                     let skey = states_key(&agg.id, p, &b.batch);
-                    let sbytes =
-                        self.own
-                            .get(&skey)
-                            .await
-                            .map_err(store_error)?
-                            .ok_or_else(|| {
-                                TaskError::Transient(format!("{skey}: verify states not here yet"))
-                            })?;
+                    let sbytes = self
+                        .own
+                        .get(&skey)
+                        .await
+                        .map_err(TaskError::from)?
+                        .ok_or_else(|| {
+                            TaskError::Transient(format!("{skey}: verify states not here yet"))
+                        })?;
                     let own_ring = KeyRing::new().with(&self.signer);
                     let states = VerifyStates::decode(&own_ring, &sbytes)
                         .map_err(|e| TaskError::Permanent(e.in_object(&skey).to_string()))?;
@@ -169,7 +165,7 @@ impl AggregateWorker {
                 self.collector
                     .create(&part_key, bytes)
                     .await
-                    .map_err(store_error)?;
+                    .map_err(TaskError::from)?;
                 tracing::info!(
                     aggregation = %agg.id,
                     window = %task.window,

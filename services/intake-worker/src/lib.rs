@@ -24,7 +24,7 @@ use millrace_protocol::formats::{
 use millrace_protocol::layout::{ingestion_key, states_key, validation_key, Partition};
 use millrace_protocol::tasks::{IntakeTask, TaskMessage};
 use millrace_runtime::{Handler, Task, TaskError};
-use millrace_store::{Store, StoreError};
+use millrace_store::Store;
 
 /// What one intake-worker needs.
 pub struct IntakeWorker {
@@ -45,15 +45,6 @@ pub struct IntakeOutcome {
     pub reports: usize,
     pub invalid: usize,
     pub batch_rejected: bool,
-}
-
-pub(crate) fn store_error(e: StoreError) -> TaskError {
-    match e {
-        StoreError::Conflict { .. } | StoreError::InvalidKey { .. } => {
-            TaskError::Permanent(e.to_string())
-        }
-        _ => TaskError::Transient(e.to_string()),
-    }
 }
 
 impl IntakeWorker {
@@ -106,12 +97,17 @@ impl IntakeWorker {
         let states = states_key(&agg.id, partition, &task.batch);
 
         // A rerun after a crash: if our own objects are there, only make sure the peer has its copy.
-        if self.own.exists(&states).await.map_err(store_error)? {
-            if let Some(v) = self.own.get(&own_validation).await.map_err(store_error)? {
+        if self.own.exists(&states).await.map_err(TaskError::from)? {
+            if let Some(v) = self
+                .own
+                .get(&own_validation)
+                .await
+                .map_err(TaskError::from)?
+            {
                 self.peer
                     .create(&own_validation, v)
                     .await
-                    .map_err(store_error)?;
+                    .map_err(TaskError::from)?;
                 tracing::info!(batch = %task.batch, "already validated; peer copy ensured");
                 return Ok(IntakeOutcome::default());
             }
@@ -122,7 +118,7 @@ impl IntakeWorker {
             .own
             .get(&key)
             .await
-            .map_err(store_error)?
+            .map_err(TaskError::from)?
             .ok_or_else(|| TaskError::Permanent(format!("{key}: ingestion batch not found")))?;
 
         let (validation, verify_states, outcome) = {
@@ -151,15 +147,15 @@ impl IntakeWorker {
         self.own
             .create(&states, states_bytes)
             .await
-            .map_err(store_error)?;
+            .map_err(TaskError::from)?;
         self.own
             .create(&own_validation, validation_bytes.clone())
             .await
-            .map_err(store_error)?;
+            .map_err(TaskError::from)?;
         self.peer
             .create(&own_validation, validation_bytes)
             .await
-            .map_err(store_error)?;
+            .map_err(TaskError::from)?;
         metrics::counter!("millrace_reports_validated_total", "aggregation" => agg.id.clone())
             .increment(outcome.reports as u64);
         metrics::counter!("millrace_reports_invalid_total", "aggregation" => agg.id.clone())

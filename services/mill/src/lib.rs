@@ -21,7 +21,7 @@ use millrace_protocol::results::{
 };
 use millrace_protocol::tasks::{topics, ResultReady, SumPartReady, TaskMessage, TASK_VERSION};
 use millrace_runtime::{Handler, Task, TaskError};
-use millrace_store::{Store, StoreError};
+use millrace_store::Store;
 
 pub struct Mill {
     config: Arc<Config>,
@@ -29,15 +29,6 @@ pub struct Mill {
     bus: Arc<dyn Bus>,
     topic_prefix: String,
     facilitator_keys: KeyRing,
-}
-
-fn store_error(e: StoreError) -> TaskError {
-    match e {
-        StoreError::Conflict { .. } | StoreError::InvalidKey { .. } => {
-            TaskError::Permanent(e.to_string())
-        }
-        _ => TaskError::Transient(e.to_string()),
-    }
 }
 
 /// What happened to a window when a message for it was handled.
@@ -84,12 +75,12 @@ impl Mill {
         self.collector
             .overwrite(&computation_key(agg, window), c.to_json())
             .await
-            .map_err(store_error)
+            .map_err(TaskError::from)
     }
 
     async fn part(&self, agg: &str, window: Window, f: u8) -> Result<Option<SumPart>, TaskError> {
         let key = sum_part_key(agg, window, f);
-        let Some(bytes) = self.collector.get(&key).await.map_err(store_error)? else {
+        let Some(bytes) = self.collector.get(&key).await.map_err(TaskError::from)? else {
             return Ok(None);
         };
         let (part, signer) = SumPart::decode(&self.facilitator_keys, &bytes)
@@ -121,7 +112,12 @@ impl Mill {
         })?;
         let window = Window::parse(&msg.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let rkey = result_key(&agg.id, window);
-        if self.collector.exists(&rkey).await.map_err(store_error)? {
+        if self
+            .collector
+            .exists(&rkey)
+            .await
+            .map_err(TaskError::from)?
+        {
             return Ok(MillOutcome::AlreadyDone);
         }
         let p0 = self.part(&agg.id, window, 0).await?;
@@ -201,7 +197,7 @@ impl Mill {
         self.collector
             .create(&rkey, result.to_json())
             .await
-            .map_err(store_error)?;
+            .map_err(TaskError::from)?;
         self.bus
             .publish(
                 &topics::results(&self.topic_prefix),

@@ -177,6 +177,21 @@ impl WorkerReport {
     }
 }
 
+impl From<millrace_store::StoreError> for TaskError {
+    /// Object-storage failures in a handler: a conflicting create-only write or a key that is not
+    /// allowed will fail the same way every time (permanent); anything else (the store is slow or
+    /// unreachable, an object is not there yet) may pass on a retry (transient).
+    fn from(e: millrace_store::StoreError) -> Self {
+        use millrace_store::StoreError;
+        match e {
+            StoreError::Conflict { .. } | StoreError::InvalidKey { .. } => {
+                TaskError::Permanent(e.to_string())
+            }
+            _ => TaskError::Transient(e.to_string()),
+        }
+    }
+}
+
 /// The retry delay after failed attempt `attempt` (1-based): `base * 2^(attempt-1)`, capped at
 /// `max`, with equal jitter (between half and all of it), so retries of a burst spread out
 /// but never come back sooner than half the backoff.
