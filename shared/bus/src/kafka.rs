@@ -590,6 +590,15 @@ struct Track {
 
 impl Track {
     /// The offset to commit, if it moved: the lowest unsettled one, else one past the last read.
+    /// Whether [`Track::commit_point`] would return something (without recording it).
+    fn commit_pending(&self) -> bool {
+        self.unsettled
+            .first()
+            .copied()
+            .or(self.next)
+            .is_some_and(|point| !self.committed.is_some_and(|c| c >= point))
+    }
+
     fn commit_point(&mut self) -> Option<i64> {
         let point = self.unsettled.first().copied().or(self.next)?;
         if self.committed.is_some_and(|c| c >= point) {
@@ -636,6 +645,10 @@ impl State {
     }
 
     /// Commit points of every assigned partition that moved.
+    fn commit_pending(&self) -> bool {
+        self.tracks.values().any(Track::commit_pending)
+    }
+
     fn commits(&mut self, only: Option<&HashSet<Tp>>) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
         for (tp, track) in self.tracks.iter_mut() {
@@ -801,6 +814,9 @@ fn to_tpl(commits: &[(Tp, i64)]) -> Option<TopicPartitionList> {
 // ---------------------------------------------------------------------------------------------
 // The background task: reads the consumer, expires leases, releases due retries, commits.
 
+/// How often offsets are committed while a subscription runs.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Buffered (not yet handed out) messages at which the subscription pauses fetching.
 const BUFFER_HIGH_WATER: usize = 1000;
 
@@ -810,6 +826,10 @@ async fn run_consumer(
     bus: Arc<BusInner>,
     prefetch: usize,
 ) {
+    // Offsets are committed at most every COMMIT_INTERVAL while running (one OffsetCommit per
+    // settled message would load the broker for nothing: a crash re-reads at most that much more,
+    // which at-least-once delivery allows). Revocation and close commit at once.
+    let mut last_commit: Option<Instant> = None;
     loop {
         // Housekeeping under the lock; the network work after it.
         let mut republish = Vec::new();
@@ -839,7 +859,18 @@ async fn run_consumer(
                     republish.push((flight.pending, owned));
                 }
             }
-            let commits = state.commits(None);
+            let commit_now = last_commit.is_none_or(|t| now.duration_since(t) >= COMMIT_INTERVAL);
+            let commits = if commit_now {
+                state.commits(None)
+            } else {
+                Vec::new()
+            };
+            if !commits.is_empty() {
+                last_commit = Some(now);
+            }
+            let commit_due = (!commit_now && state.commit_pending())
+                .then(|| last_commit.map(|t| t + COMMIT_INTERVAL))
+                .flatten();
             let buffered = state.ready.len();
             // Pause well above the prefetch: librdkafka drops what it fetched for a paused
             // partition and refetches on resume, so pausing at the prefetch itself would turn
@@ -853,10 +884,10 @@ async fn run_consumer(
             }
             let delayed_due = state.delayed.keys().next().map(|(due, _)| *due);
             let lease_due = state.in_flight.values().map(|f| f.deadline).min();
-            let next_due = match (delayed_due, lease_due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let next_due = [delayed_due, lease_due, commit_due]
+                .into_iter()
+                .flatten()
+                .min();
             let done = state.closing && state.in_flight.is_empty() && state.republishing == 0;
             (commits, next_due, done, released)
         };
