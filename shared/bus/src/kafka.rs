@@ -596,7 +596,7 @@ impl Track {
             .first()
             .copied()
             .or(self.next)
-            .is_some_and(|point| !self.committed.is_some_and(|c| c >= point))
+            .is_some_and(|point| self.committed.is_none_or(|c| c < point))
     }
 
     fn commit_point(&mut self) -> Option<i64> {
