@@ -289,6 +289,16 @@ pub async fn bench_bus_worker(
     for p in pubs {
         p.await??;
     }
+    let published_in = start.elapsed();
+    tracing::info!(
+        per_sec = messages as f64 / published_in.as_secs_f64().max(1e-9),
+        "publishing finished"
+    );
+    eprintln!(
+        "  (published {messages} in {:.2}s: {:.0} msg/s)",
+        published_in.as_secs_f64(),
+        messages as f64 / published_in.as_secs_f64().max(1e-9)
+    );
     let deadline = Instant::now() + Duration::from_secs(600);
     while recorder.done.load(std::sync::atomic::Ordering::SeqCst) < messages {
         anyhow::ensure!(

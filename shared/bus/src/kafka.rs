@@ -830,6 +830,23 @@ async fn run_consumer(
     // settled message would load the broker for nothing: a crash re-reads at most that much more,
     // which at-least-once delivery allows). Revocation and close commit at once.
     let mut last_commit: Option<Instant> = None;
+    // Reading runs in a task of its own: `recv` is never cancelled by the housekeeping wake-ups
+    // (two per message), which would otherwise recreate the receive future for every settle.
+    let reader = {
+        let (consumer, shared) = (consumer.clone(), shared.clone());
+        tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(message) => ingest(&shared, &message),
+                    Err(e) => {
+                        warn!(topic = %shared.topic, group = %shared.group, error = %e,
+                              "error from the kafka consumer; continuing");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    };
     loop {
         // Housekeeping under the lock; the network work after it.
         let mut republish = Vec::new();
@@ -938,16 +955,10 @@ async fn run_consumer(
         tokio::select! {
             _ = shared.task_wake.notified() => {}
             _ = sleep => {}
-            received = consumer.recv() => match received {
-                Ok(message) => ingest(&shared, &message),
-                Err(e) => {
-                    warn!(topic = %shared.topic, group = %shared.group, error = %e,
-                          "error from the kafka consumer; continuing");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
         }
     }
+    reader.abort();
+    let _ = reader.await;
 
     // Closing: commit what is contiguous, leave the group. Blocking calls, off the runtime.
     let commits = {
@@ -1044,11 +1055,17 @@ fn ingest(shared: &Shared, message: &rdkafka::message::BorrowedMessage<'_>) {
         let seq = state.seq();
         state.delayed.insert((due, seq), pending);
         drop(state);
-        // The task's timer must learn of the new due time; it loops after this anyway.
+        // The housekeeping task's timer must learn of the new due time.
+        shared.wake_task();
     } else {
+        let buffered = state.ready.len() + 1;
         state.ready.push_back(pending);
         drop(state);
         shared.ready_notify.notify_waiters();
+        if buffered >= BUFFER_HIGH_WATER {
+            // Time to pause fetching: the housekeeping task decides.
+            shared.wake_task();
+        }
     }
 }
 
