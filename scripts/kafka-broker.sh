@@ -197,8 +197,9 @@ start) cmd_start ;;
 stop) cmd_stop ;;
 addr) cmd_addr ;;
 status) cmd_status ;;
+binary) tansu_binary ;;
 *)
-    echo "usage: $0 {start|stop|addr|status}" >&2
+    echo "usage: $0 {start|stop|addr|status|binary}" >&2
     exit 2
     ;;
 esac

