@@ -114,6 +114,17 @@ impl Drop for Fleet {
     }
 }
 
+/// Retry settings for the services that wait on other services (the mill for the second sum
+/// part, the aggregate-worker for the peer's validations): short backoff, many attempts.
+const WAITING_RETRIES: &[&str] = &[
+    "--backoff-base",
+    "200ms",
+    "--backoff-max",
+    "2s",
+    "--max-attempts",
+    "50",
+];
+
 /// One fleet at a time: three fleets of seven processes at once would only fight over two cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -190,16 +201,7 @@ fn e2e(bus_url: &str, label: &str) {
     fleet.spawn(
         "mill",
         "mill",
-        &common(&[
-            "--collector-store",
-            &sc,
-            "--backoff-base",
-            "200ms",
-            "--backoff-max",
-            "2s",
-            "--max-attempts",
-            "50",
-        ]),
+        &common(&[&["--collector-store", &sc][..], WAITING_RETRIES].concat()),
     );
     for (f, own, peer) in [("0", &s0, &s1), ("1", &s1, &s0)] {
         fleet.spawn(
@@ -210,20 +212,13 @@ fn e2e(bus_url: &str, label: &str) {
         fleet.spawn(
             &format!("aggregate-worker-{f}"),
             "aggregate-worker",
-            &common(&[
-                "--facilitator",
-                f,
-                "--store",
-                own,
-                "--collector-store",
-                &sc,
-                "--backoff-base",
-                "200ms",
-                "--backoff-max",
-                "2s",
-                "--max-attempts",
-                "50",
-            ]),
+            &common(
+                &[
+                    &["--facilitator", f, "--store", own, "--collector-store", &sc][..],
+                    WAITING_RETRIES,
+                ]
+                .concat(),
+            ),
         );
     }
     // Consumers first, so their queues and groups exist; then the publishers.
@@ -311,31 +306,12 @@ fn cleanup(bus_url: &str, prefix: &str) {
                 let _ = bus.delete_topics_under(prefix).await;
             }
         } else if bus_url.starts_with("amqp:") {
-            use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-            let Ok(conn) =
-                lapin::Connection::connect(bus_url, lapin::ConnectionProperties::default()).await
-            else {
-                return;
-            };
-            for (topic, group) in fleet_topics(prefix) {
-                let mut queues = vec![format!("{topic}::unrouted")];
-                queues.extend(group.map(|g| format!("{topic}::{g}")));
-                for q in queues {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for x in [topic.clone(), format!("{topic}::unrouted")] {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
+            if let Ok(bus) = millrace_bus::amqp::AmqpBus::connect(bus_url).await {
+                for (topic, group) in fleet_topics(prefix) {
+                    let groups: Vec<&str> = group.iter().map(String::as_str).collect();
+                    let _ = bus.delete_topic(&topic, &groups).await;
                 }
             }
-            let _ = conn.close(200, "done".into()).await;
         }
     });
 }

@@ -28,36 +28,14 @@ async fn memory_bus_passes_the_worker_conformance_suite() {
 }
 
 /// Deletes the suite's AMQP topology (exchanges, backlog and group queues) for `prefix`.
-async fn amqp_cleanup(url: &str, prefix: &str) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
-    else {
-        return;
-    };
+async fn amqp_cleanup(bus: &millrace_bus::amqp::AmqpBus, prefix: &str) {
     for case in ["dl", "rj", "cc", "sd"] {
         let topic = format!("{prefix}.{case}");
-        for (t, group) in [
-            (topic.clone(), "conformance-workers"),
-            (format!("{topic}.dead"), "conformance-inspect"),
-            (format!("{topic}.rejected"), "conformance-inspect"),
-        ] {
-            for q in [format!("{t}::unrouted"), format!("{t}::{group}")] {
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-            }
-            for x in [t.clone(), format!("{t}::unrouted")] {
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-            }
+        let _ = bus.delete_topic(&topic, &["conformance-workers"]).await;
+        for side in [format!("{topic}.dead"), format!("{topic}.rejected")] {
+            let _ = bus.delete_topic(&side, &["conformance-inspect"]).await;
         }
     }
-    let _ = conn.close(200, "done".into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,18 +43,19 @@ async fn rabbitmq_passes_the_worker_conformance_suite() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let url = std::env::var("MILLRACE_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
-    let bus: Arc<dyn Bus> = Arc::new(
+    let amqp = Arc::new(
         millrace_bus::amqp::AmqpBus::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("RabbitMQ at {url}: {e}")),
     );
+    let bus: Arc<dyn Bus> = amqp.clone();
     let p = prefix("amqp");
     let run = tokio::spawn({
         let (bus, p) = (bus.clone(), p.clone());
         async move { conformance::run_all(bus, &p).await }
     });
     let result = run.await;
-    amqp_cleanup(&url, &p).await;
+    amqp_cleanup(&amqp, &p).await;
     if let Err(e) = result {
         std::panic::resume_unwind(e.into_panic());
     }

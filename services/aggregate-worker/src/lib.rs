@@ -31,6 +31,8 @@ pub struct AggregateWorker {
     bus: Arc<dyn Bus>,
     topic_prefix: String,
     signer: Signer25519,
+    /// Verifies our own private verify states.
+    own_keys: KeyRing,
     facilitator_keys: KeyRing,
 }
 
@@ -58,6 +60,7 @@ impl AggregateWorker {
             collector,
             bus,
             topic_prefix: topic_prefix.to_string(),
+            own_keys: KeyRing::new().with(&signer),
             signer,
             facilitator_keys,
         })
@@ -141,8 +144,7 @@ impl AggregateWorker {
                         .ok_or_else(|| {
                             TaskError::Transient(format!("{skey}: verify states not here yet"))
                         })?;
-                    let own_ring = KeyRing::new().with(&self.signer);
-                    let states = VerifyStates::decode(&own_ring, &sbytes)
+                    let states = VerifyStates::decode(&self.own_keys, &sbytes)
                         .map_err(|e| TaskError::Permanent(e.in_object(&skey).to_string()))?;
                     let v0 = self.load_validation(&agg.id, p, &b.batch, 0).await?;
                     let v1 = self.load_validation(&agg.id, p, &b.batch, 1).await?;

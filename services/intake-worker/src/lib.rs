@@ -33,7 +33,6 @@ pub struct IntakeWorker {
     own: Store,
     peer: Store,
     signer: Signer25519,
-    own_keys: KeyRing,
     hpke: HpkePrivateKey,
     ingestors: KeyRing,
     verify_keys: Vec<(String, VerifyKey)>,
@@ -56,7 +55,6 @@ impl IntakeWorker {
         peer: Store,
     ) -> anyhow::Result<Self> {
         let signer = config.facilitator_signer(facilitator)?;
-        let own_keys = KeyRing::new().with(&signer);
         let hpke = config.hpke_private_key(facilitator)?;
         let ingestors = config.ingestor_keys()?;
         let mut verify_keys = Vec::new();
@@ -69,7 +67,6 @@ impl IntakeWorker {
             own,
             peer,
             signer,
-            own_keys,
             hpke,
             ingestors,
             verify_keys,
@@ -168,11 +165,6 @@ impl IntakeWorker {
             "batch validated"
         );
         Ok(outcome)
-    }
-
-    /// The key ring that verifies this facilitator's own objects.
-    pub fn own_keys(&self) -> &KeyRing {
-        &self.own_keys
     }
 }
 

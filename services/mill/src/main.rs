@@ -45,14 +45,11 @@ async fn main() -> anyhow::Result<()> {
         service.bus.clone(),
         &args.bus.topic_prefix,
     )?;
-    service.readiness.set_ready(true);
-    let report = millrace_runtime::run_worker(
-        service.bus,
-        args.worker.worker_config(topic, group),
-        Arc::new(mill),
-        service.shutdown,
-    )
-    .await?;
-    tracing::info!(?report, "mill stopped");
-    Ok(())
+    service
+        .consume(
+            "mill",
+            args.worker.worker_config(topic, group),
+            Arc::new(mill),
+        )
+        .await
 }

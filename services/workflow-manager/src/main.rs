@@ -1,13 +1,12 @@
 //! The workflow-manager binary: one pass (`--once`, for a CronJob) or a loop (`--interval`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use millrace_protocol::config::Config;
 use millrace_protocol::tasks::topics;
-use millrace_runtime::cli::{parse_duration, BusArgs};
+use millrace_runtime::cli::{parse_duration, BusArgs, FacilitatorArgs};
 use millrace_store::Store;
 use millrace_workflow_manager::{Settings, WorkflowManager};
 
@@ -18,15 +17,8 @@ use millrace_workflow_manager::{Settings, WorkflowManager};
 struct Args {
     #[command(flatten)]
     bus: BusArgs,
-    /// The aggregations file (TOML).
-    #[arg(long, env = "MILLRACE_CONFIG")]
-    config: PathBuf,
-    /// Which facilitator this is: 0 or 1.
-    #[arg(long, env = "MILLRACE_FACILITATOR", value_parser = clap::value_parser!(u8).range(0..=1))]
-    facilitator: u8,
-    /// This facilitator's object store.
-    #[arg(long, env = "MILLRACE_STORE")]
-    store: String,
+    #[command(flatten)]
+    me: FacilitatorArgs,
     /// Run one pass and exit (for a CronJob).
     #[arg(long, env = "MILLRACE_ONCE", conflicts_with = "interval")]
     once: bool,
@@ -49,18 +41,18 @@ async fn main() -> anyhow::Result<()> {
         "workflow-manager",
         &args.bus,
         &[
-            (topics::intake(prefix, args.facilitator), None),
-            (topics::aggregate(prefix, args.facilitator), None),
+            (topics::intake(prefix, args.me.facilitator), None),
+            (topics::aggregate(prefix, args.me.facilitator), None),
         ],
     )
     .await?;
-    let config = Arc::new(Config::load(&args.config)?);
+    let config = Arc::new(Config::load(&args.me.config)?);
     let wm = WorkflowManager::new(
         config,
-        Store::open(&args.store)?,
+        Store::open(&args.me.store)?,
         service.bus.clone(),
         Settings {
-            facilitator: args.facilitator,
+            facilitator: args.me.facilitator,
             topic_prefix: prefix.clone(),
             instance: millrace_workflow_manager::default_instance_name(),
             claim_timeout: args.claim_timeout,

@@ -637,6 +637,43 @@ impl AmqpBus {
             .map_err(|f| backend(format!("connect: {}", f.message)))?;
         Ok(AmqpBus { shared })
     }
+
+    /// Deletes a topic's broker objects: its exchange, its unrouted backlog (queue and exchange)
+    /// and the queue of each of `groups`. Wait queues expire by themselves. For tests and
+    /// operators tidying a shared broker; a missing object is not an error.
+    pub async fn delete_topic(&self, topic: &str, groups: &[&str]) -> Result<(), BusError> {
+        let names = Names::new(topic, None)?;
+        let mut queues = vec![names.backlog.clone()];
+        for group in groups {
+            if let Some(queue) = Names::new(topic, Some(group))?.queue {
+                queues.push(queue);
+            }
+        }
+        let connection = Connection::connect(&self.shared.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| backend(format!("connect to delete {topic:?}: {e}")))?;
+        // A failed delete closes its channel, so each delete gets a fresh one.
+        for queue in queues {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| backend(e.to_string()))?;
+            let _ = channel
+                .queue_delete(queue, lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [names.exchange, names.backlog] {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| backend(e.to_string()))?;
+            let _ = channel
+                .exchange_delete(exchange, lapin::options::ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = connection.close(200, "done".into()).await;
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 use millrace_bus::amqp::AmqpBus;
 use millrace_bus::{conformance, Bus, Message, SubscribeOptions};
@@ -59,39 +58,13 @@ impl Cleanup {
     }
 
     async fn run(topics: Vec<(String, Vec<&'static str>)>) {
-        let Ok(connection) = Connection::connect(&url(), ConnectionProperties::default()).await
-        else {
+        let Ok(bus) = AmqpBus::connect(&url()).await else {
             return;
         };
-        let mut queues = Vec::new();
-        let mut exchanges = Vec::new();
+        // Wait queues (`T::G::wait-…`) expire by themselves a minute after their last use.
         for (topic, groups) in topics {
-            queues.push(format!("{topic}::unrouted"));
-            for group in groups {
-                queues.push(format!("{topic}::{group}"));
-                queues.push(format!("{topic}::{group}::wait-600ms"));
-            }
-            exchanges.push(topic.clone());
-            exchanges.push(format!("{topic}::unrouted"));
+            let _ = bus.delete_topic(&topic, &groups).await;
         }
-        // A failed delete closes the channel; use a fresh one for each.
-        for queue in queues {
-            if let Ok(channel) = connection.create_channel().await {
-                let _ = channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-                let _ = channel.close(200, "done".into()).await;
-            }
-        }
-        for exchange in exchanges {
-            if let Ok(channel) = connection.create_channel().await {
-                let _ = channel
-                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                    .await;
-                let _ = channel.close(200, "done".into()).await;
-            }
-        }
-        let _ = connection.close(200, "done".into()).await;
     }
 }
 

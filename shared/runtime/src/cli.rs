@@ -2,6 +2,7 @@
 //! and its doc comment is its `--help` text.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::worker::WorkerConfig;
@@ -26,6 +27,20 @@ pub struct BusArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "MILLRACE_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
+}
+
+/// Who a facilitator's service is: its config, its index and its store.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FacilitatorArgs {
+    /// The aggregations file (TOML).
+    #[arg(long, env = "MILLRACE_CONFIG")]
+    pub config: PathBuf,
+    /// Which facilitator this is: 0 or 1.
+    #[arg(long, env = "MILLRACE_FACILITATOR", value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub facilitator: u8,
+    /// This facilitator's object store (file:///…, s3://…, gs://…).
+    #[arg(long, env = "MILLRACE_STORE")]
+    pub store: String,
 }
 
 /// Settings of the worker loop of a consuming service.

@@ -220,6 +220,17 @@ struct Slow {
     done: AtomicUsize,
 }
 
+impl Slow {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Slow {
+            delay,
+            running: AtomicUsize::new(0),
+            max_running: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+        })
+    }
+}
+
 #[async_trait]
 impl Handler for Slow {
     async fn handle(&self, _task: &Task) -> Result<(), TaskError> {
@@ -241,12 +252,7 @@ pub async fn concurrency_limit_is_never_exceeded(bus: Arc<dyn Bus>, prefix: &str
             .await
             .unwrap_or_else(|e| panic!("publish: {e}"));
     }
-    let handler = Arc::new(Slow {
-        delay: Duration::from_millis(30),
-        running: AtomicUsize::new(0),
-        max_running: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-    });
+    let handler = Slow::new(Duration::from_millis(30));
     let mut c = config(&topic);
     c.concurrency = 3;
     let shutdown = Shutdown::new();
@@ -279,12 +285,7 @@ pub async fn shutdown_finishes_in_flight_and_hands_back_the_rest(bus: Arc<dyn Bu
     bus.publish(&topic, Message::new("{\"n\":1}"))
         .await
         .unwrap_or_else(|e| panic!("publish: {e}"));
-    let stuck = Arc::new(Slow {
-        delay: Duration::from_secs(3600),
-        running: AtomicUsize::new(0),
-        max_running: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-    });
+    let stuck = Slow::new(Duration::from_secs(3600));
     let mut c = config(&topic);
     c.lease = Duration::from_secs(60);
     c.drain_grace = Duration::from_millis(200);
@@ -303,12 +304,7 @@ pub async fn shutdown_finishes_in_flight_and_hands_back_the_rest(bus: Arc<dyn Bu
     let first = stop(shutdown, worker).await;
     assert_eq!((first.handed_back, first.succeeded), (1, 0));
 
-    let quick = Arc::new(Slow {
-        delay: Duration::from_millis(300),
-        running: AtomicUsize::new(0),
-        max_running: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-    });
+    let quick = Slow::new(Duration::from_millis(300));
     c.drain_grace = Duration::from_secs(10);
     let shutdown = Shutdown::new();
     let worker = tokio::spawn(run_worker(bus.clone(), c, quick.clone(), shutdown.clone()));

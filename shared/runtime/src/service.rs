@@ -8,7 +8,7 @@ use millrace_bus::{dead_topic, rejected_topic, Bus};
 
 use crate::cli::BusArgs;
 use crate::health::{self, Readiness};
-use crate::Shutdown;
+use crate::{run_worker, Handler, Shutdown, WorkerConfig};
 
 /// What a running service holds.
 pub struct Service {
@@ -50,4 +50,19 @@ pub async fn start(
         readiness,
         shutdown,
     })
+}
+
+impl Service {
+    /// Marks the service ready and runs the worker loop with `handler` until SIGTERM/Ctrl-C.
+    pub async fn consume(
+        self,
+        name: &str,
+        config: WorkerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> anyhow::Result<()> {
+        self.readiness.set_ready(true);
+        let report = run_worker(self.bus, config, handler, self.shutdown).await?;
+        tracing::info!(service = name, ?report, "stopped");
+        Ok(())
+    }
 }
