@@ -8,26 +8,40 @@ SHELL := /bin/bash
 build:
 	$(CARGO) build --workspace --all-targets
 
-# Runs every test (unit, conformance on the memory bus and on RabbitMQ, NATS and Kafka, the
-# end-to-end runs as separate processes), then adds up cargo's per-binary summaries into one
-# closing line. The Kafka broker (tansu) is installed into build/ if missing, started on a free
-# loopback port, and stopped again; RabbitMQ and NATS are the machine's own.
+# Runs every test (unit, conformance on the memory bus and on RabbitMQ, NATS, Kafka, SNS/SQS and
+# Pub/Sub, the cloud stores, the end-to-end runs as separate processes), then adds up cargo's
+# per-binary summaries into one closing line. The Kafka broker (tansu) and the cloud emulators
+# (moto, the Pub/Sub emulator, fake-gcs-server) are installed into build/ if missing, started on
+# free loopback ports, and stopped again; RabbitMQ and NATS are the machine's own.
+EMULATORS := scripts/emulator.sh
 test:
 	@mkdir -p build
 	$(CARGO) build --workspace --bins
 	scripts/kafka-broker.sh start
-	set -o pipefail; trap 'scripts/kafka-broker.sh stop' EXIT; \
-	  MILLRACE_TEST_KAFKA=$$(scripts/kafka-broker.sh addr) $(CARGO) test --workspace --no-fail-fast 2>&1 | tee build/test.log
+	$(EMULATORS) all start
+	set -o pipefail; trap 'scripts/kafka-broker.sh stop; $(EMULATORS) all stop' EXIT; \
+	  MILLRACE_TEST_KAFKA=$$(scripts/kafka-broker.sh addr) \
+	  MILLRACE_TEST_MOTO=$$($(EMULATORS) moto addr) \
+	  MILLRACE_TEST_PUBSUB=$$($(EMULATORS) pubsub addr) \
+	  MILLRACE_TEST_GCS=$$($(EMULATORS) gcs addr) \
+	  $(CARGO) test --workspace --no-fail-fast 2>&1 | tee build/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "all tests: %d passed, %d failed\n", p, f}' build/test.log
 
-# One end-to-end run as separate processes: make e2e BUS=amqp|nats|kafka
+# One end-to-end run as separate processes: make e2e BUS=amqp|nats|kafka|sns-sqs|pubsub
+# (sns-sqs keeps its stores on S3 on moto; pubsub on local files, see tests/cloud_stores.rs).
 BUS ?= amqp
 e2e:
 	@mkdir -p build
 	$(CARGO) build --workspace --bins
-	@if [ "$(BUS)" = kafka ]; then scripts/kafka-broker.sh start; fi
-	set -o pipefail; trap 'if [ "$(BUS)" = kafka ]; then scripts/kafka-broker.sh stop; fi' EXIT; \
+	@case "$(BUS)" in amqp|nats|kafka|sns-sqs|pubsub) ;; \
+	  *) echo "make e2e: BUS must be one of amqp, nats, kafka, sns-sqs, pubsub (got $(BUS))" >&2; exit 2 ;; esac
+	@case "$(BUS)" in kafka) scripts/kafka-broker.sh start ;; sns-sqs) $(EMULATORS) moto start ;; \
+	  pubsub) $(EMULATORS) pubsub start ;; esac
+	set -o pipefail; trap 'case "$(BUS)" in kafka) scripts/kafka-broker.sh stop ;; sns-sqs) $(EMULATORS) moto stop ;; \
+	    pubsub) $(EMULATORS) pubsub stop ;; esac' EXIT; \
 	  MILLRACE_TEST_KAFKA=$$(if [ "$(BUS)" = kafka ]; then scripts/kafka-broker.sh addr; fi) \
+	  MILLRACE_TEST_MOTO=$$(if [ "$(BUS)" = sns-sqs ]; then $(EMULATORS) moto addr; fi) \
+	  MILLRACE_TEST_PUBSUB=$$(if [ "$(BUS)" = pubsub ]; then $(EMULATORS) pubsub addr; fi) \
 	  $(CARGO) test --test e2e_processes -- --exact e2e_$(subst -,_,$(BUS)) --nocapture
 
 demo:

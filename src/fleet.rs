@@ -10,7 +10,7 @@ use millrace_cleaner::{Cleaner, Role};
 use millrace_intake_worker::IntakeWorker;
 use millrace_mill::Mill;
 use millrace_protocol::config::Config;
-use millrace_protocol::tasks::topics;
+use millrace_protocol::tasks::{groups, topics};
 use millrace_runtime::{run_worker, Shutdown, WorkerConfig};
 use millrace_store::Store;
 use millrace_workflow_manager::{Settings, WorkflowManager};
@@ -86,12 +86,12 @@ impl Fleet {
             for (topic, group, handler) in [
                 (
                     topics::intake(prefix, f),
-                    format!("intake-worker-{f}"),
+                    groups::intake(f),
                     intake as Arc<dyn millrace_runtime::Handler>,
                 ),
                 (
                     topics::aggregate(prefix, f),
-                    format!("aggregate-worker-{f}"),
+                    groups::aggregate(f),
                     aggregate as Arc<dyn millrace_runtime::Handler>,
                 ),
             ] {
@@ -139,7 +139,7 @@ impl Fleet {
         let (b, sd, cfg) = (
             bus.clone(),
             shutdown.clone(),
-            worker_config(topics::collect(prefix), "mill".to_string()),
+            worker_config(topics::collect(prefix), groups::collect()),
         );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = run_worker(b, cfg, mill, sd).await {

@@ -7,4 +7,5 @@ pub mod demo;
 pub mod fleet;
 pub mod ingest;
 pub mod keygen;
+pub mod replay;
 pub mod status;

@@ -1,4 +1,4 @@
-//! `millrace`: keygen, ingest, demo, status, bench.
+//! `millrace`: keygen, ingest, demo, status, replay, bench.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,11 +86,74 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         wait_secs: u64,
     },
+    /// Publish one batch's intake task or one window's aggregate task again (recovery after an
+    /// outage or a bad deploy), through the marker protocol, recording who, when and why.
+    Replay {
+        #[command(subcommand)]
+        what: ReplayCommand,
+        #[command(flatten)]
+        common: ReplayArgs,
+    },
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplayCommand {
+    /// One ingestion batch's intake task.
+    Batch {
+        #[arg(long)]
+        aggregation: String,
+        #[arg(long)]
+        batch: String,
+        /// The batch's partition (YYYY/MM/DD/HH); searched for if not given.
+        #[arg(long)]
+        partition: Option<String>,
+    },
+    /// One window's aggregate task (its batches validated by both facilitators).
+    Window {
+        #[arg(long)]
+        aggregation: String,
+        /// As in object keys: 20261123T1200Z-20261123T1300Z.
+        #[arg(long)]
+        window: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// The aggregations file (TOML).
+    #[arg(long, env = "MILLRACE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Whose task: facilitator 0 or 1.
+    #[arg(long, env = "MILLRACE_FACILITATOR", global = true,
+          value_parser = clap::value_parser!(u8).range(0..=1))]
+    facilitator: Option<u8>,
+    /// That facilitator's object store.
+    #[arg(long, env = "MILLRACE_STORE", global = true)]
+    store: Option<String>,
+    /// Message bus URL.
+    #[arg(long, env = "MILLRACE_BUS", global = true)]
+    bus: Option<String>,
+    #[arg(
+        long,
+        env = "MILLRACE_TOPIC_PREFIX",
+        default_value = "millrace",
+        global = true
+    )]
+    topic_prefix: String,
+    /// Why (recorded with the replay).
+    #[arg(long, global = true)]
+    reason: Option<String>,
+    /// Who replays (recorded); default user@host.
+    #[arg(long, global = true)]
+    by: Option<String>,
+    /// Say what would be published; write and publish nothing.
+    #[arg(long, global = true)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,6 +278,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let rows = millrace::status::collect(&config, &collector).await?;
                 millrace::status::print(&rows);
             }
+        }
+        Command::Replay { what, common } => {
+            let need = |v: Option<String>, flag: &str| {
+                v.ok_or_else(|| anyhow::anyhow!("millrace replay needs --{flag}"))
+            };
+            let config_path = common
+                .config
+                .ok_or_else(|| anyhow::anyhow!("millrace replay needs --config"))?;
+            let facilitator = common
+                .facilitator
+                .ok_or_else(|| anyhow::anyhow!("millrace replay needs --facilitator"))?;
+            let store = need(common.store, "store")?;
+            let bus_url = need(common.bus, "bus")?;
+            let reason = need(common.reason, "reason")?;
+            let target = match what {
+                ReplayCommand::Batch {
+                    aggregation,
+                    batch,
+                    partition,
+                } => millrace_workflow_manager::ReplayTarget::Batch {
+                    aggregation,
+                    batch,
+                    partition,
+                },
+                ReplayCommand::Window {
+                    aggregation,
+                    window,
+                } => millrace_workflow_manager::ReplayTarget::Window {
+                    aggregation,
+                    window,
+                },
+            };
+            let request = millrace::replay::ReplayRequest {
+                config: Arc::new(Config::load(&config_path)?),
+                facilitator,
+                store: Store::open(&store)?,
+                bus: millrace_bus::connect(&bus_url)
+                    .await
+                    .context("opening the bus")?,
+                topic_prefix: common.topic_prefix,
+                by: common.by.unwrap_or_else(millrace::replay::default_operator),
+                reason,
+                dry_run: common.dry_run,
+            };
+            let done = millrace::replay::replay(request, &target).await?;
+            print!("{}", millrace::replay::describe(&done));
         }
         Command::Bench {
             what:

@@ -5,7 +5,12 @@
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`; the Makefile does it).
 
+#[path = "support/emulators.rs"]
+mod emulators;
+
 use std::path::{Path, PathBuf};
+
+use millrace_protocol::tasks::{groups, topics};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,6 +48,7 @@ fn run(cmd: &mut Command, what: &str) -> String {
 struct Fleet {
     children: Vec<(String, Child)>,
     logs: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -51,6 +57,7 @@ impl Fleet {
         let err = log.try_clone().unwrap();
         let child = Command::new(bin(binary))
             .args(args)
+            .envs(self.env.iter().cloned())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::from(log))
@@ -128,10 +135,38 @@ const WAITING_RETRIES: &[&str] = &[
 /// One fleet at a time: three fleets of seven processes at once would only fight over two cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn e2e(bus_url: &str, label: &str) {
+/// Where the run keeps its three stores (both facilitators' and the collector's).
+enum Stores {
+    /// Local directories under the run's temporary folder.
+    Files,
+    /// Three fresh buckets on S3 (moto at this endpoint).
+    S3 { endpoint: String },
+}
+
+impl Stores {
+    /// The three store URLs, creating buckets where needed.
+    fn urls(&self, dir: &Path, label: &str) -> [String; 3] {
+        let names = ["alpha", "beta", "collector"];
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        names.map(|name| match self {
+            Stores::Files => format!("file://{}", dir.join("stores").join(name).display()),
+            Stores::S3 { endpoint } => {
+                let bucket = emulators::unique(&format!("{label}-{name}"));
+                runtime.block_on(emulators::create_s3_bucket(endpoint, &bucket));
+                format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1")
+            }
+        })
+    }
+}
+
+fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)]) {
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let config = d.join("millrace.toml");
@@ -141,11 +176,11 @@ fn e2e(bus_url: &str, label: &str) {
             .arg(d),
         "millrace keygen",
     );
-    let store = |name: &str| format!("file://{}", d.join("stores").join(name).display());
-    let (s0, s1, sc) = (store("alpha"), store("beta"), store("collector"));
+    let [s0, s1, sc] = stores.urls(d, label);
     let expect = d.join("expect.json");
     run(
         Command::new(bin("millrace"))
+            .envs(env.iter().cloned())
             .args(["ingest", "--config"])
             .arg(&config)
             .args([
@@ -197,6 +232,7 @@ fn e2e(bus_url: &str, label: &str) {
     let mut fleet = Fleet {
         children: Vec::new(),
         logs,
+        env: env.clone(),
     };
     fleet.spawn(
         "mill",
@@ -231,6 +267,7 @@ fn e2e(bus_url: &str, label: &str) {
         );
     }
     let status = Command::new(bin("millrace"))
+        .envs(env.iter().cloned())
         .args(["status", "--config"])
         .arg(&config)
         .args(["--collector-store", &sc, "--wait-secs", "240", "--expect"])
@@ -253,45 +290,44 @@ fn e2e(bus_url: &str, label: &str) {
     // delete nothing that is this young).
     for s in [&s0, &s1] {
         run(
-            Command::new(bin("cleaner")).args(["--config", &cfg, "--store", s, "--once"]),
+            Command::new(bin("cleaner"))
+                .envs(env.iter().cloned())
+                .args(["--config", &cfg, "--store", s, "--once"]),
             "cleaner --once",
         );
     }
     run(
-        Command::new(bin("cleaner")).args([
-            "--config",
-            &cfg,
-            "--store",
-            &sc,
-            "--role",
-            "collector",
-            "--once",
-        ]),
+        Command::new(bin("cleaner"))
+            .envs(env.iter().cloned())
+            .args([
+                "--config",
+                &cfg,
+                "--store",
+                &sc,
+                "--role",
+                "collector",
+                "--once",
+            ]),
         "cleaner --once (collector)",
     );
     println!("{label}: every result equals the plaintext\n{report}");
 }
 
-/// Every topic the fleet used, with the consumer group on it (if any).
+/// Every topic the fleet used, with the consumer group on it.
 fn fleet_topics(prefix: &str) -> Vec<(String, Option<String>)> {
+    let inspect = Some(millrace_bus::INSPECT_GROUP.to_string());
     let mut out = Vec::new();
     let mut add = |topic: String, group: Option<String>| {
-        out.push((format!("{topic}.dead"), None));
-        out.push((format!("{topic}.rejected"), None));
+        out.push((format!("{topic}.dead"), inspect.clone()));
+        out.push((format!("{topic}.rejected"), inspect.clone()));
         out.push((topic, group));
     };
     for f in 0..2 {
-        add(
-            format!("{prefix}.{f}.intake"),
-            Some(format!("intake-worker-{f}")),
-        );
-        add(
-            format!("{prefix}.{f}.aggregate"),
-            Some(format!("aggregate-worker-{f}")),
-        );
+        add(topics::intake(prefix, f), Some(groups::intake(f)));
+        add(topics::aggregate(prefix, f), Some(groups::aggregate(f)));
     }
-    add(format!("{prefix}.collect"), Some("mill".to_string()));
-    add(format!("{prefix}.results"), None);
+    add(topics::collect(prefix), Some(groups::collect()));
+    add(topics::results(prefix), inspect.clone());
     out
 }
 
@@ -354,16 +390,52 @@ fn kafka_address() -> String {
 
 #[test]
 fn e2e_amqp() {
-    e2e("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp");
+    e2e(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "amqp",
+        Stores::Files,
+        &[],
+    );
 }
 
 #[test]
 fn e2e_nats() {
-    e2e("nats://127.0.0.1:4222", "nats");
+    e2e("nats://127.0.0.1:4222", "nats", Stores::Files, &[]);
 }
 
 #[test]
 fn e2e_kafka() {
     let addr = kafka_address();
-    e2e(&format!("kafka://{addr}"), "kafka");
+    e2e(&format!("kafka://{addr}"), "kafka", Stores::Files, &[]);
+}
+
+/// AWS: SNS topics, SQS queues and S3 buckets, all on moto.
+#[test]
+fn e2e_sns_sqs() {
+    let endpoint = emulators::emulator("moto");
+    e2e(
+        &format!("sns-sqs://us-east-1?endpoint={endpoint}"),
+        "sns-sqs",
+        Stores::S3 {
+            endpoint: endpoint.clone(),
+        },
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+}
+
+/// Google Cloud: Pub/Sub on its emulator. The stores are local files: the GCS emulator cannot take
+/// `object_store`'s uploads (see tests/cloud_stores.rs).
+#[test]
+fn e2e_pubsub() {
+    let pubsub = emulators::emulator("pubsub");
+    e2e(
+        &format!("pubsub://millrace-e2e?emulator={pubsub}"),
+        "pubsub",
+        Stores::Files,
+        &[],
+    );
 }

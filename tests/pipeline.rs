@@ -665,3 +665,192 @@ async fn cleaner_deletes_only_expired_settled_objects_and_markers_last() {
     assert!(r.deleted.last().unwrap().starts_with("computations/"));
     assert!(h.collector.list("sums/").await.unwrap().is_empty());
 }
+
+/// Takes every message waiting on `topic` off the bus (acked) and returns the bodies.
+async fn drain_bodies(h: &Harness, topic: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in h.drain(topic).await {
+        out.push(String::from_utf8_lossy(&d.body).to_string());
+        d.ack().await.unwrap();
+    }
+    out
+}
+
+fn replayer(h: &Harness, by: &str) -> WorkflowManager {
+    h.wm(0, by)
+}
+
+#[tokio::test]
+async fn replaying_a_batch_republishes_it_once_and_records_who_and_why() {
+    use millrace_store::markers;
+    use millrace_workflow_manager::{ReplayKind, ReplayTarget};
+    let h = harness(200, 0.0, 50).await;
+    h.wm(0, "wm").run_once(now()).await.unwrap();
+    let intake = topics::intake(PREFIX, 0);
+    let first = drain_bodies(&h, &intake).await;
+    assert!(!first.is_empty());
+    let task = IntakeTask::from_json(first[0].as_bytes()).unwrap();
+    let target = ReplayTarget::Batch {
+        aggregation: task.aggregation.clone(),
+        batch: task.batch.clone(),
+        partition: None,
+    };
+
+    let r = replayer(&h, "alice@ops")
+        .replay(&target, "intake-worker crash loop")
+        .await
+        .unwrap();
+    assert_eq!(r.kind, ReplayKind::Replay { number: 1 });
+    assert_eq!(
+        drain_bodies(&h, &intake).await,
+        vec![first[0].clone()],
+        "the same task, once"
+    );
+    let r = replayer(&h, "bob@ops")
+        .replay(&target, "again")
+        .await
+        .unwrap();
+    assert_eq!(r.kind, ReplayKind::Replay { number: 2 });
+    assert_eq!(drain_bodies(&h, &intake).await.len(), 1);
+
+    let p = millrace_protocol::layout::Partition::parse(&task.partition).unwrap();
+    let marker = millrace_protocol::layout::intake_marker_key(&task.aggregation, p, &task.batch);
+    let history = markers::replays(&h.stores[0], &marker).await.unwrap();
+    let who: Vec<(&str, Option<&str>, &str)> = history
+        .iter()
+        .map(|r| (r.by.as_str(), r.reason.as_deref(), r.state.as_str()))
+        .collect();
+    assert_eq!(
+        who,
+        vec![
+            ("alice@ops", Some("intake-worker crash loop"), "replayed"),
+            ("bob@ops", Some("again"), "replayed")
+        ]
+    );
+    assert!(history.iter().all(|r| r.message_id.is_some() && r.at > 0));
+    // The workflow-manager still schedules nothing new.
+    assert_eq!(
+        h.wm(0, "wm")
+            .run_once(now())
+            .await
+            .unwrap()
+            .intake_published,
+        0
+    );
+}
+
+#[tokio::test]
+async fn replaying_a_batch_never_scheduled_publishes_it_through_its_marker() {
+    use millrace_workflow_manager::{ReplayKind, ReplayTarget};
+    let h = harness(200, 0.0, 50).await;
+    let batches = h.batch_count().await;
+    let a = &h.config.aggregations[0];
+    let o = h.stores[0]
+        .list(&format!("ingestion/{}/", a.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| parse_ingestion_key(&a.id, &o.key).is_some())
+        .unwrap();
+    let (p, batch) = parse_ingestion_key(&a.id, &o.key).unwrap();
+    let target = ReplayTarget::Batch {
+        aggregation: a.id.clone(),
+        batch,
+        partition: Some(p.path()),
+    };
+    let r = replayer(&h, "alice@ops")
+        .replay(&target, "lost in outage")
+        .await
+        .unwrap();
+    assert_eq!(r.kind, ReplayKind::FirstPublish);
+    assert!(r.message_id.is_some());
+    let report = h.wm(0, "wm").run_once(now()).await.unwrap();
+    assert_eq!(
+        report.intake_published,
+        batches - 1,
+        "the replayed batch is not published twice"
+    );
+    assert_eq!(
+        drain_bodies(&h, &topics::intake(PREFIX, 0)).await.len(),
+        batches
+    );
+}
+
+#[tokio::test]
+async fn replaying_a_window_republishes_the_same_aggregate_task() {
+    use millrace_workflow_manager::{ReplayKind, ReplayTarget};
+    let h = harness(200, 0.0, 50).await;
+    h.run_intake().await;
+    let tasks = h.aggregate_tasks(0).await;
+    assert!(!tasks.is_empty());
+    let original = &tasks[0];
+    let target = ReplayTarget::Window {
+        aggregation: original.aggregation.clone(),
+        window: original.window.clone(),
+    };
+    let r = replayer(&h, "alice@ops")
+        .replay(&target, "bad deploy of aggregate-worker")
+        .await
+        .unwrap();
+    assert_eq!(r.kind, ReplayKind::Replay { number: 1 });
+    assert_eq!(r.excluded_batches, 0);
+    let bodies = drain_bodies(&h, &topics::aggregate(PREFIX, 0)).await;
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(
+        &AggregateTask::from_json(bodies[0].as_bytes()).unwrap(),
+        original
+    );
+}
+
+#[tokio::test]
+async fn replay_refuses_what_does_not_exist_by_name() {
+    use millrace_workflow_manager::ReplayTarget;
+    let h = harness(100, 0.0, 50).await;
+    let agg = h.config.aggregations[0].id.clone();
+    let cases = [
+        (
+            ReplayTarget::Batch {
+                aggregation: agg.clone(),
+                batch: "no-such-batch".into(),
+                partition: None,
+            },
+            "no-such-batch",
+        ),
+        (
+            ReplayTarget::Batch {
+                aggregation: "nope".into(),
+                batch: "b".into(),
+                partition: None,
+            },
+            "no aggregation \"nope\"",
+        ),
+        (
+            ReplayTarget::Window {
+                aggregation: agg.clone(),
+                window: "20261123T1200Z-20261123T1230Z".into(),
+            },
+            "is not a window of aggregation",
+        ),
+        (
+            ReplayTarget::Window {
+                aggregation: agg.clone(),
+                window: "yesterday".into(),
+            },
+            "yesterday",
+        ),
+    ];
+    for (target, expect) in cases {
+        let err = replayer(&h, "ops")
+            .replay(&target, "r")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(expect),
+            "{target:?}: {err:?} should mention {expect:?}"
+        );
+    }
+    assert!(drain_bodies(&h, &topics::intake(PREFIX, 0))
+        .await
+        .is_empty());
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use clap::Parser;
 use millrace_aggregate_worker::AggregateWorker;
 use millrace_protocol::config::Config;
-use millrace_protocol::tasks::topics;
+use millrace_protocol::tasks::{groups, topics};
 use millrace_runtime::cli::{BusArgs, FacilitatorArgs, WorkerArgs};
 use millrace_store::Store;
 
@@ -29,12 +29,15 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let topic = topics::aggregate(&args.bus.topic_prefix, args.me.facilitator);
-    let group = format!("aggregate-worker-{}", args.me.facilitator);
+    let group = groups::aggregate(args.me.facilitator);
     let collect = topics::collect(&args.bus.topic_prefix);
     let service = millrace_runtime::service::start(
         "aggregate-worker",
         &args.bus,
-        &[(topic.clone(), Some(group.clone())), (collect, None)],
+        &[
+            (topic.clone(), Some(group.clone())),
+            (collect, Some(groups::collect())),
+        ],
     )
     .await?;
     let config = Arc::new(Config::load(&args.me.config)?);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use clap::Parser;
 use millrace_intake_worker::IntakeWorker;
 use millrace_protocol::config::Config;
-use millrace_protocol::tasks::topics;
+use millrace_protocol::tasks::{groups, topics};
 use millrace_runtime::cli::{BusArgs, FacilitatorArgs, WorkerArgs};
 use millrace_store::Store;
 
@@ -29,7 +29,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let topic = topics::intake(&args.bus.topic_prefix, args.me.facilitator);
-    let group = format!("intake-worker-{}", args.me.facilitator);
+    let group = groups::intake(args.me.facilitator);
     let service = millrace_runtime::service::start(
         "intake-worker",
         &args.bus,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Parser;
 use millrace_mill::Mill;
 use millrace_protocol::config::Config;
-use millrace_protocol::tasks::topics;
+use millrace_protocol::tasks::{groups, topics};
 use millrace_runtime::cli::{BusArgs, WorkerArgs};
 use millrace_store::Store;
 
@@ -30,12 +30,15 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let topic = topics::collect(&args.bus.topic_prefix);
-    let group = "mill".to_string();
+    let group = groups::collect();
     let results = topics::results(&args.bus.topic_prefix);
     let service = millrace_runtime::service::start(
         "mill",
         &args.bus,
-        &[(topic.clone(), Some(group.clone())), (results, None)],
+        &[
+            (topic.clone(), Some(group.clone())),
+            (results, Some(millrace_bus::INSPECT_GROUP.to_string())),
+        ],
     )
     .await?;
     let config = Arc::new(Config::load(&args.config)?);

@@ -13,6 +13,10 @@
 //! step, neither lose a task nor schedule one twice. `--dry-run` writes and publishes nothing and
 //! logs each action it would take.
 
+mod replay;
+
+pub use replay::{ReplayError, ReplayKind, ReplayTarget, Replayed};
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use millrace_protocol::config::Config;
-use millrace_protocol::tasks::topics;
+use millrace_protocol::tasks::{groups, topics};
 use millrace_runtime::cli::{parse_duration, BusArgs, FacilitatorArgs};
 use millrace_store::Store;
 use millrace_workflow_manager::{Settings, WorkflowManager};
@@ -41,8 +41,14 @@ async fn main() -> anyhow::Result<()> {
         "workflow-manager",
         &args.bus,
         &[
-            (topics::intake(prefix, args.me.facilitator), None),
-            (topics::aggregate(prefix, args.me.facilitator), None),
+            (
+                topics::intake(prefix, args.me.facilitator),
+                Some(groups::intake(args.me.facilitator)),
+            ),
+            (
+                topics::aggregate(prefix, args.me.facilitator),
+                Some(groups::aggregate(args.me.facilitator)),
+            ),
         ],
     )
     .await?;

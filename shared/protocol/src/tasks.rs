@@ -166,6 +166,21 @@ pub mod topics {
     }
 }
 
+/// The consumer group that reads each topic. Publishers create it too (with `--create-topics`), so
+/// that on buses where a topic without a subscription drops messages (SNS, Pub/Sub) nothing
+/// published before the consumer's first start is lost.
+pub mod groups {
+    pub fn intake(facilitator: u8) -> String {
+        format!("intake-worker-{facilitator}")
+    }
+    pub fn aggregate(facilitator: u8) -> String {
+        format!("aggregate-worker-{facilitator}")
+    }
+    pub fn collect() -> String {
+        "mill".to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use millrace_bus::{dead_topic, rejected_topic, Bus};
+use millrace_bus::{dead_topic, rejected_topic, Bus, INSPECT_GROUP};
 
 use crate::cli::BusArgs;
 use crate::health::{self, Readiness};
@@ -17,8 +17,9 @@ pub struct Service {
     pub shutdown: Shutdown,
 }
 
-/// Connects the bus named by `args`, creates `topics` (each with its `.dead` and `.rejected`
-/// companions, and `group` where one is given) if `--create-topics` is set, and starts the health
+/// Connects the bus named by `args`; creates `topics` (each with its `.dead` and `.rejected`
+/// companions, and `group` where one is given) if `--create-topics` is set, or else checks that
+/// they exist, so that a missing topic is a start-up error naming it; and starts the health
 /// endpoint.
 pub async fn start(
     name: &str,
@@ -29,13 +30,23 @@ pub async fn start(
     let bus = millrace_bus::connect(&args.bus)
         .await
         .with_context(|| format!("{name}: cannot open the bus"))?;
-    if args.create_topics {
-        for (topic, group) in topics {
-            for t in [topic.clone(), dead_topic(topic), rejected_topic(topic)] {
-                let g = if &t == topic { group.as_deref() } else { None };
+    for (topic, group) in topics {
+        for t in [topic.clone(), dead_topic(topic), rejected_topic(topic)] {
+            // The dead-letter and rejected topics get a group of their own so that, on buses
+            // where an unsubscribed topic drops messages, what lands there is kept for operators.
+            let g = if &t == topic {
+                group.as_deref()
+            } else {
+                Some(INSPECT_GROUP)
+            };
+            if args.create_topics {
                 bus.create_topic(&t, g)
                     .await
                     .with_context(|| format!("{name}: cannot create topic {t}"))?;
+            } else {
+                bus.check_topic(&t, g).await.with_context(|| {
+                    format!("{name}: topic {t} is not ready (create it with Terraform, or start once with --create-topics)")
+                })?;
             }
         }
     }

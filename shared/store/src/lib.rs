@@ -19,6 +19,8 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+#[cfg(any(feature = "s3", feature = "gcs"))]
+pub mod cloud;
 pub mod markers;
 
 /// Errors from object storage, each naming the key involved.
@@ -74,6 +76,17 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
 }
 
+/// `url` with any password replaced, for error messages and logs.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn check_key(key: &str) -> Result<Path, StoreError> {
     let bad = |reason: &str| StoreError::InvalidKey {
         key: key.to_string(),
@@ -92,11 +105,33 @@ fn check_key(key: &str) -> Result<Path, StoreError> {
 }
 
 impl Store {
-    /// Opens the store named by `url`: `file:///srv/millrace/alpha` (created if missing) or
-    /// `memory://` (a new, empty in-process store).
+    /// An error from a write. `NotFound` on a write means the bucket (or base directory) itself
+    /// is missing, which is worth saying in so many words.
+    fn write_error(&self, key: &str, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { source, .. } => StoreError::Backend {
+                key: key.to_string(),
+                message: format!(
+                    "cannot write: the bucket or directory of store {} does not exist ({source})",
+                    redacted(&self.url)
+                ),
+            },
+            other => StoreError::backend(key, other),
+        }
+    }
+
+    /// Opens the store named by `url`:
+    ///
+    /// * `file:///srv/millrace/alpha`: a local directory (created if missing);
+    /// * `memory://`: a new, empty in-process store;
+    /// * `s3://BUCKET[/PREFIX][?endpoint=URL&region=REGION]`: Amazon S3 or an S3-compatible store;
+    /// * `gs://BUCKET[/PREFIX][?endpoint=URL]`: Google Cloud Storage.
+    ///
+    /// Cloud credentials are ambient; see [`cloud`] for where they and emulator endpoints come
+    /// from.
     pub fn open(url: &str) -> Result<Store, StoreError> {
         let invalid = |reason: String| StoreError::InvalidUrl {
-            url: url.to_string(),
+            url: redacted(url),
             reason,
         };
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -116,13 +151,27 @@ impl Store {
                 })
             }
             "memory" => Ok(Store::memory()),
+            #[cfg(feature = "s3")]
+            "s3" => cloud::open_s3(url, &parsed).map_err(invalid),
+            #[cfg(feature = "gcs")]
+            "gs" => cloud::open_gcs(url, &parsed).map_err(invalid),
+            #[allow(unreachable_patterns)]
             "s3" | "gs" => Err(invalid(format!(
-                "the {} backend is not built into this binary yet",
-                parsed.scheme()
+                "the {} backend is not built into this binary (cargo feature {})",
+                parsed.scheme(),
+                if parsed.scheme() == "s3" { "s3" } else { "gcs" }
             ))),
             other => Err(invalid(format!(
                 "unknown scheme {other:?}; expected file, memory, s3 or gs"
             ))),
+        }
+    }
+
+    /// Wraps an already built `object_store` backend (tests, or callers with their own client).
+    pub fn from_object_store(url: impl Into<String>, inner: Arc<dyn ObjectStore>) -> Store {
+        Store {
+            url: url.into(),
+            inner,
         }
     }
 
@@ -193,7 +242,7 @@ impl Store {
                     })
                 }
             }
-            Err(e) => Err(StoreError::backend(key, e)),
+            Err(e) => Err(self.write_error(key, e)),
         }
     }
 
@@ -216,7 +265,7 @@ impl Store {
         {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(StoreError::backend(key, e)),
+            Err(e) => Err(self.write_error(key, e)),
         }
     }
 
@@ -228,7 +277,7 @@ impl Store {
             .put(&path, PutPayload::from_bytes(bytes.into()))
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::backend(key, e))
+            .map_err(|e| self.write_error(key, e))
     }
 
     /// Every object under `prefix` (a key prefix ending in `/`), sorted by key.

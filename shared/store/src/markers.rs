@@ -13,6 +13,18 @@
 //! (`ifGenerationMatch=0`) without relying on ETag semantics that differ between them. A crash
 //! between publish and mark is absorbed by idempotent workers after the claim times out.
 //!
+//! Replays (`millrace replay`, for recovery after an outage or a bad deploy) publish a task whose
+//! marker says it was already published, once more, and leave a record of who did it, when and
+//! why:
+//!
+//! * `K.replay.N.claim` — `{"state":"replaying","by","at","generation":N,"reason"}`;
+//! * `K.replay.N.published` — the same with `"state":"replayed"` and the message id.
+//!
+//! `N` counts the task's replays from 1. Two operators replaying the same task at the same moment
+//! race for the same `K.replay.N.claim`; one wins and the other is told who did it, so one request
+//! to replay publishes the task once. A task that was never published is not replayed this way:
+//! it goes through the normal claim, so the workflow-manager does not publish it a second time.
+//!
 //! The cleaner deletes marker objects only after the object they guard is gone.
 
 use std::time::Duration;
@@ -32,6 +44,9 @@ pub struct MarkerRecord {
     pub generation: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// Why a replay was made (replay records only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The result of trying to claim a marker.
@@ -60,9 +75,12 @@ pub fn published_key(key: &str) -> String {
 
 /// Every object key belonging to the marker `key`, given the keys listed in its folder.
 pub fn is_marker_object(key: &str, candidate: &str) -> bool {
-    candidate
-        .strip_prefix(key)
-        .is_some_and(|rest| rest == ".published" || rest == ".claim" || rest.starts_with(".claim."))
+    candidate.strip_prefix(key).is_some_and(|rest| {
+        rest == ".published"
+            || rest == ".claim"
+            || rest.starts_with(".claim.")
+            || rest.starts_with(".replay.")
+    })
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<MarkerRecord, StoreError> {
@@ -73,14 +91,19 @@ fn decode(key: &str, bytes: &[u8]) -> Result<MarkerRecord, StoreError> {
 }
 
 fn record(state: &str, by: &str, generation: u32, message_id: Option<String>) -> Vec<u8> {
-    serde_json::to_vec(&MarkerRecord {
+    encode(&MarkerRecord {
         state: state.to_string(),
         by: by.to_string(),
         at: Utc::now().timestamp(),
         generation,
         message_id,
+        reason: None,
     })
-    .unwrap_or_default()
+}
+
+fn encode(record: &MarkerRecord) -> Vec<u8> {
+    // Serialising a struct of strings and integers cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
 }
 
 /// Is the task behind marker `key` published?
@@ -162,6 +185,127 @@ pub async fn mark_published(
         .await
 }
 
+/// The result of trying to claim a replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayClaim {
+    /// We hold replay number `number`; publish, then [`mark_replayed`].
+    Won { number: u32 },
+    /// The task was never published: schedule it through [`claim`] instead.
+    NotPublished,
+    /// Someone else claimed the same replay a moment ago.
+    RacedWith { by: String, at: i64 },
+}
+
+fn replay_key(key: &str, number: u32, what: &str) -> String {
+    format!("{key}.replay.{number}.{what}")
+}
+
+/// Every replay of the task behind marker `key`, oldest first: the claim records, with the
+/// message id filled in for those that were published.
+pub async fn replays(store: &Store, key: &str) -> Result<Vec<MarkerRecord>, StoreError> {
+    let folder = match key.rsplit_once('/') {
+        Some((folder, _)) => format!("{folder}/"),
+        None => String::new(),
+    };
+    let mut numbers: Vec<u32> = store
+        .list(&folder)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix(key)?.strip_prefix(".replay.")?;
+            rest.strip_suffix(".claim")?.parse().ok()
+        })
+        .collect();
+    numbers.sort_unstable();
+    let mut out = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        let published = replay_key(key, n, "published");
+        let claimed = replay_key(key, n, "claim");
+        let (k, bytes) = match store.get(&published).await? {
+            Some(b) => (published, b),
+            None => {
+                let Some(b) = store.get(&claimed).await? else {
+                    continue;
+                };
+                (claimed, b)
+            }
+        };
+        out.push(decode(&k, &bytes)?);
+    }
+    Ok(out)
+}
+
+/// Claims the next replay of the task behind marker `key` as `me`, recording `reason`.
+pub async fn claim_replay(
+    store: &Store,
+    key: &str,
+    me: &str,
+    reason: &str,
+) -> Result<ReplayClaim, StoreError> {
+    if !is_published(store, key).await? {
+        return Ok(ReplayClaim::NotPublished);
+    }
+    let number = replays(store, key)
+        .await?
+        .iter()
+        .map(|r| r.generation)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    claim_replay_number(store, key, number, me, reason).await
+}
+
+async fn claim_replay_number(
+    store: &Store,
+    key: &str,
+    number: u32,
+    me: &str,
+    reason: &str,
+) -> Result<ReplayClaim, StoreError> {
+    let claim = replay_key(key, number, "claim");
+    let record = MarkerRecord {
+        state: "replaying".to_string(),
+        by: me.to_string(),
+        at: Utc::now().timestamp(),
+        generation: number,
+        message_id: None,
+        reason: Some(reason.to_string()),
+    };
+    if store.create_if_absent(&claim, encode(&record)).await? {
+        return Ok(ReplayClaim::Won { number });
+    }
+    let holder = match store.get(&claim).await? {
+        Some(bytes) => decode(&claim, &bytes)?,
+        None => record,
+    };
+    Ok(ReplayClaim::RacedWith {
+        by: holder.by,
+        at: holder.at,
+    })
+}
+
+/// Records that replay `number` of the task behind `key` was published as `message_id`.
+pub async fn mark_replayed(
+    store: &Store,
+    key: &str,
+    me: &str,
+    number: u32,
+    reason: &str,
+    message_id: &str,
+) -> Result<bool, StoreError> {
+    let record = MarkerRecord {
+        state: "replayed".to_string(),
+        by: me.to_string(),
+        at: Utc::now().timestamp(),
+        generation: number,
+        message_id: Some(message_id.to_string()),
+        reason: Some(reason.to_string()),
+    };
+    store
+        .create_if_absent(&replay_key(key, number, "published"), encode(&record))
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,8 +363,65 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn replays_are_numbered_recorded_and_raced_once() {
+        let s = Store::memory();
+        let t = Duration::from_secs(600);
+        assert_eq!(
+            claim_replay(&s, "m/x", "ops", "outage").await.unwrap(),
+            ReplayClaim::NotPublished
+        );
+        claim(&s, "m/x", "wm", t).await.unwrap();
+        mark_published(&s, "m/x", "wm", 0, "msg-1").await.unwrap();
+        assert_eq!(
+            claim_replay(&s, "m/x", "alice", "outage").await.unwrap(),
+            ReplayClaim::Won { number: 1 }
+        );
+        assert!(mark_replayed(&s, "m/x", "alice", 1, "outage", "msg-2")
+            .await
+            .unwrap());
+        assert_eq!(
+            claim_replay(&s, "m/x", "bob", "bad deploy").await.unwrap(),
+            ReplayClaim::Won { number: 2 }
+        );
+        let history = replays(&s, "m/x").await.unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].by, "alice");
+        assert_eq!(history[0].state, "replayed");
+        assert_eq!(history[0].message_id.as_deref(), Some("msg-2"));
+        assert_eq!(history[0].reason.as_deref(), Some("outage"));
+        assert_eq!(history[1].by, "bob");
+        assert_eq!(history[1].state, "replaying");
+        // A replay record of another task in the same folder is not ours.
+        claim(&s, "m/xy", "wm", t).await.unwrap();
+        mark_published(&s, "m/xy", "wm", 0, "msg-3").await.unwrap();
+        claim_replay(&s, "m/xy", "carol", "x").await.unwrap();
+        assert_eq!(replays(&s, "m/x").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn two_operators_replaying_at_once_publish_once() {
+        let s = Store::memory();
+        claim(&s, "m/x", "wm", Duration::from_secs(600))
+            .await
+            .unwrap();
+        mark_published(&s, "m/x", "wm", 0, "msg-1").await.unwrap();
+        // Both read the history before either wrote, so both go for replay number 1.
+        assert_eq!(
+            claim_replay_number(&s, "m/x", 1, "alice", "r")
+                .await
+                .unwrap(),
+            ReplayClaim::Won { number: 1 }
+        );
+        assert!(matches!(
+            claim_replay_number(&s, "m/x", 1, "bob", "r").await.unwrap(),
+            ReplayClaim::RacedWith { by, .. } if by == "alice"
+        ));
+    }
+
     #[test]
     fn marker_objects_are_recognised() {
+        assert!(is_marker_object("m/b1", "m/b1.replay.2.claim"));
         assert!(is_marker_object("m/b1", "m/b1.claim"));
         assert!(is_marker_object("m/b1", "m/b1.claim.3"));
         assert!(is_marker_object("m/b1", "m/b1.published"));
