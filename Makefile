@@ -3,7 +3,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: build test e2e demo bench lint fmt clean
+.PHONY: build test e2e demo bench lint fmt clean up images
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -68,3 +68,17 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# Containers (need Docker with Compose v2 and BuildKit; see deploy/README.md).
+# The whole fleet on one broker: make up PROFILE=rabbitmq|nats|kafka|aws|pubsub
+PROFILE ?= rabbitmq
+up:
+	docker compose --profile $(PROFILE) up --build
+
+# One image per binary, from deploy/Dockerfile: millrace/<service>:dev
+IMAGE_TAG ?= dev
+IMAGES := workflow-manager intake-worker aggregate-worker mill cleaner millrace
+images:
+	set -e; for target in $(IMAGES); do \
+	  docker build -f deploy/Dockerfile --target $$target -t millrace/$$target:$(IMAGE_TAG) .; \
+	done

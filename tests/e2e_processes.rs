@@ -439,3 +439,71 @@ fn e2e_pubsub() {
         &[],
     );
 }
+
+/// Without `--create-topics`, a service on a bus whose topics are infrastructure (SNS/SQS,
+/// Pub/Sub) refuses to start when its topic is missing, and says which one.
+#[test]
+fn a_missing_topic_is_a_start_up_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(
+        Command::new(bin("millrace"))
+            .args(["keygen", "--dir"])
+            .arg(d),
+        "millrace keygen",
+    );
+    let config = d.join("millrace.toml").display().to_string();
+    let store = format!("file://{}", d.join("store").display());
+    let moto = emulators::emulator("moto");
+    let pubsub = emulators::emulator("pubsub");
+    for bus in [
+        format!("sns-sqs://us-east-1?endpoint={moto}"),
+        format!("pubsub://millrace-e2e?emulator={pubsub}"),
+    ] {
+        let prefix = emulators::unique("missing");
+        let log = d.join(format!("{prefix}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(bin("intake-worker"))
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .args([
+                "--bus",
+                &bus,
+                "--topic-prefix",
+                &prefix,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--config",
+                &config,
+                "--facilitator",
+                "0",
+                "--store",
+                &store,
+                "--peer-store",
+                &store,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting intake-worker: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{bus}: intake-worker kept running without its topic");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!status.success(), "{bus}: exited 0 without its topic");
+        let topic = topics::intake(&prefix, 0);
+        assert!(
+            stderr.contains(&topic) && stderr.contains("--create-topics"),
+            "{bus}: the error should name {topic} and say how to create it:\n{stderr}"
+        );
+    }
+}

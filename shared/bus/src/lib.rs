@@ -33,6 +33,10 @@ pub mod kafka;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
+#[cfg(feature = "sns-sqs")]
+pub mod sns_sqs;
 
 /// Message metadata. Bodies stay raw; everything else (trace context, attempt, reason) travels here.
 pub type Attributes = BTreeMap<String, String>;
@@ -43,6 +47,11 @@ pub const ATTR_REASON: &str = "millrace-reason";
 pub const ATTR_ATTEMPT: &str = "millrace-attempt";
 /// Attribute: the topic a dead-lettered or rejected message came from.
 pub const ATTR_ORIGIN_TOPIC: &str = "millrace-origin-topic";
+
+/// The consumer group operators read `{topic}.dead`, `{topic}.rejected` and the results topic
+/// with. Services create it beside those topics, so that on buses where a topic nobody subscribes
+/// to drops its messages (SNS, Pub/Sub) what lands there is kept.
+pub const INSPECT_GROUP: &str = "inspect";
 
 /// A message to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,6 +168,14 @@ pub trait Bus: Send + Sync + 'static {
     /// Creates `topic` (and, where the backend needs one, the subscription for `group`) if missing.
     /// Idempotent. Used by `--create-topics` and by tests.
     async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError>;
+
+    /// Checks that `topic` (and, with a group, its subscription) exists, for a start-up check
+    /// without `--create-topics`: `Err(BusError::MissingTopic)` names what is missing. Backends
+    /// that create topics on demand (NATS, RabbitMQ, Kafka) have nothing to check.
+    async fn check_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
+        let _ = (topic, group);
+        Ok(())
+    }
 
     /// Publishes one message; returns the broker's message id once the broker has accepted it.
     async fn publish(&self, topic: &str, message: Message) -> Result<String, BusError>;
@@ -315,6 +332,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
         "nats" => Ok(Arc::new(nats::NatsBus::connect(url).await?)),
         #[cfg(feature = "kafka")]
         "kafka" => Ok(Arc::new(kafka::KafkaBus::connect(url).await?)),
+        #[cfg(feature = "pubsub")]
+        "pubsub" => Ok(Arc::new(pubsub::PubSubBus::connect(url).await?)),
+        #[cfg(feature = "sns-sqs")]
+        "sns-sqs" => Ok(Arc::new(sns_sqs::SnsSqsBus::connect(url).await?)),
         #[allow(unreachable_patterns)]
         "amqp" | "amqps" | "nats" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::InvalidUrl {
             url: url.to_string(),

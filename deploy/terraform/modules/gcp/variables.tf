@@ -1,0 +1,124 @@
+variable "project_id" {
+  description = "The Google Cloud project of the topics, subscriptions, buckets and service accounts (the bus URL is pubsub://PROJECT_ID)."
+  type        = string
+}
+
+variable "location" {
+  description = "Location of the buckets (a region such as europe-west1, or a multi-region such as EU)."
+  type        = string
+}
+
+variable "name_prefix" {
+  description = "Prefix of the service account ids (NAME_PREFIX-f0-intake, NAME_PREFIX-mill, ...) and the custom role."
+  type        = string
+  default     = "millrace"
+  validation {
+    # Service account ids are 6-30 characters; the longest suffix is -collector-cleaner (18).
+    condition     = can(regex("^[a-z][a-z0-9-]{0,11}$", var.name_prefix))
+    error_message = "name_prefix: 1-12 lower-case letters, digits or hyphens, starting with a letter."
+  }
+}
+
+variable "topic_prefix" {
+  description = "The services' --topic-prefix (MILLRACE_TOPIC_PREFIX)."
+  type        = string
+  default     = "millrace"
+  validation {
+    condition     = can(regex("^[A-Za-z][A-Za-z0-9-]{0,29}$", var.topic_prefix))
+    error_message = "topic_prefix: 1-30 letters, digits or hyphens, starting with a letter."
+  }
+}
+
+variable "facilitators" {
+  description = "Which facilitators' topics, subscriptions, buckets and service accounts to create: [0, 1] for both (one shared bus), or one of them."
+  type        = list(number)
+  default     = [0, 1]
+  validation {
+    condition     = length(var.facilitators) > 0 && alltrue([for f in var.facilitators : contains([0, 1], f)])
+    error_message = "facilitators: a non-empty list of 0 and/or 1."
+  }
+}
+
+variable "collector" {
+  description = "Also create the collector's part: its bucket, the collect and results topics, the mill's and the collector cleaner's service accounts."
+  type        = bool
+  default     = true
+}
+
+variable "bucket_prefix" {
+  description = "Bucket names are BUCKET_PREFIX-fac-0, BUCKET_PREFIX-fac-1 and BUCKET_PREFIX-collector. Bucket names are global: make it yours."
+  type        = string
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9-]{1,50}$", var.bucket_prefix))
+    error_message = "bucket_prefix: lower-case letters, digits and hyphens, 2-51 characters."
+  }
+}
+
+variable "store_key_prefix" {
+  description = "The PREFIX of the store URLs (gs://BUCKET/PREFIX), without slashes at either end; empty for none. Lifecycle rules and IAM conditions apply under it."
+  type        = string
+  default     = ""
+  validation {
+    condition     = var.store_key_prefix == "" || can(regex("^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", var.store_key_prefix))
+    error_message = "store_key_prefix: empty, or path segments of letters, digits, _ and - separated by /."
+  }
+}
+
+variable "data_expiration_days" {
+  description = "Lifecycle backstop: ingestion batches, validations, verify states and sum parts are deleted after this many days. The cleaner normally deletes them first (after its TTL, 7 days by default, once their window is settled); keep this longer than the TTL plus the aggregations' max_age."
+  type        = number
+  default     = 30
+  validation {
+    condition     = var.data_expiration_days >= 8
+    error_message = "data_expiration_days must be at least 8 (longer than the cleaner's default TTL of 7 days)."
+  }
+}
+
+variable "marker_expiration_days" {
+  description = "Lifecycle backstop for markers/ (and the collector's computations/): must be longer than data_expiration_days, so that a marker never disappears while the batch it guards is still there."
+  type        = number
+  default     = 45
+}
+
+variable "result_expiration_days" {
+  description = "Lifecycle for the collector's results/ (the published results)."
+  type        = number
+  default     = 90
+}
+
+variable "max_delivery_attempts" {
+  description = "Pub/Sub dead-letter policy: deliveries of one message before Pub/Sub forwards it to the subscription's -dlq topic. The worker loop moves a message to {topic}.dead itself after --max-attempts (8 by default), with the reason; this is the backstop for messages that crash a worker before it can. Keep it above every service's --max-attempts."
+  type        = number
+  default     = 30
+  validation {
+    condition     = var.max_delivery_attempts > 8 && var.max_delivery_attempts <= 100
+    error_message = "max_delivery_attempts must be above the default --max-attempts (8) and at most 100 (Pub/Sub's limit)."
+  }
+}
+
+variable "k8s_namespaces" {
+  description = "Kubernetes namespace of each facilitator's services (the kustomize overlay's namespace), keyed by facilitator index."
+  type        = map(string)
+  default = {
+    "0" = "millrace-fac-0"
+    "1" = "millrace-fac-1"
+  }
+}
+
+variable "k8s_collector_namespace" {
+  description = "Kubernetes namespace of the mill and the collector cleaner (the base runs them beside facilitator 0)."
+  type        = string
+  default     = "millrace-fac-0"
+}
+
+variable "workload_identity_pool" {
+  description = "The GKE cluster's workload identity pool; null means PROJECT_ID.svc.id.goog (the cluster runs in project_id)."
+  type        = string
+  default     = null
+}
+
+variable "labels" {
+  description = "Labels for every resource that takes them."
+  type        = map(string)
+  default     = {}
+}

@@ -1,0 +1,1981 @@
+//! The deployment files, checked against the binaries they run:
+//!
+//! * `docker-compose.yml`: every flag and `MILLRACE_*` variable a service passes is one its
+//!   binary accepts (read from the built binary's `--help`), every required setting is given,
+//!   images come from stages `deploy/Dockerfile` has, `depends_on` targets, named volumes and
+//!   brokers exist, ports bind to 127.0.0.1, and every profile is a whole fleet on its own bus.
+//! * `deploy/k8s`: each overlay as `kubectl kustomize` renders it: kinds, schedules, probes,
+//!   grace periods, settings and their URLs per cloud, the config and key files each container
+//!   needs (and no more), network policies; and the facilitator-1 component.
+//! * `deploy/terraform`: `terraform fmt -check`, and the AWS module's SNS/SQS naming against the
+//!   bus's own mapping.
+//!
+//! Each checker returns the problems it finds; the `*_is_caught` tests hand each one a broken
+//! input to prove it can fail.
+//!
+//! Needs the binaries (`cargo build --workspace --bins`, which `make test` does), `kubectl` and
+//! `terraform`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use serde_norway::Value;
+
+/// The binaries the images hold (one Dockerfile target each).
+const BINARIES: [&str; 6] = [
+    "millrace",
+    "workflow-manager",
+    "intake-worker",
+    "aggregate-worker",
+    "mill",
+    "cleaner",
+];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bin(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_millrace"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the service binaries first (`cargo build --workspace --bins`, which `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// Finds an external tool, or says what to install.
+fn require_tool(name: &str, why: &str) -> Result<(), String> {
+    match Command::new(name).arg("version").output() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "`{name}` cannot be run ({e}): install {name} — {why}. These checks do not skip \
+             themselves."
+        )),
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+// ------------------------------------------------------------------------------------------------
+// What a binary accepts, from its --help
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default)]
+struct Cli {
+    /// `--flag` → the environment variable that also sets it, if any.
+    flags: BTreeMap<String, Option<String>>,
+    /// `--flag` → its default, as `--help` shows it.
+    defaults: BTreeMap<String, String>,
+    /// Flags the usage line requires.
+    required: BTreeSet<String>,
+    /// Subcommands (the `millrace` CLI's).
+    subcommands: BTreeSet<String>,
+    /// `MILLRACE_*` variables read outside the flags (the runtime's logging set-up).
+    extra_env: BTreeSet<String>,
+}
+
+impl Cli {
+    fn accepts_env(&self, name: &str) -> bool {
+        self.extra_env.contains(name) || self.flags.values().any(|e| e.as_deref() == Some(name))
+    }
+    fn env_of(&self, flag: &str) -> Option<&str> {
+        self.flags.get(flag).and_then(|e| e.as_deref())
+    }
+}
+
+fn between<'a>(text: &'a str, start: &str, ends: &[char]) -> Option<&'a str> {
+    let from = text.find(start)? + start.len();
+    let rest = &text[from..];
+    let to = rest.find(|c| ends.contains(&c)).unwrap_or(rest.len());
+    Some(&rest[..to])
+}
+
+/// Reads clap's `--help`: option blocks (an option line and its more-indented continuation
+/// lines), the usage line's required flags and the subcommand list.
+fn parse_help(text: &str) -> Cli {
+    let mut cli = Cli::default();
+    let mut blocks: Vec<(String, usize, String)> = Vec::new();
+    let mut open = false;
+    let mut in_commands = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if let Some(usage) = line.strip_prefix("Usage:") {
+            for token in usage.split_whitespace() {
+                if token.starts_with("--") {
+                    cli.required.insert(token.to_string());
+                }
+            }
+            continue;
+        }
+        if line.starts_with("Commands:") {
+            in_commands = true;
+            continue;
+        }
+        if in_commands {
+            match trimmed.split_whitespace().next() {
+                Some(word) if indent > 0 => {
+                    cli.subcommands.insert(word.to_string());
+                }
+                _ => in_commands = false,
+            }
+            continue;
+        }
+        let option = trimmed.strip_prefix('-').filter(|_| indent > 0).map(|_| {
+            match trimmed.split_once(", --") {
+                Some((short, long)) if short.len() == 2 => format!("--{long}"),
+                _ => trimmed.to_string(),
+            }
+        });
+        match option {
+            Some(opt) if opt.starts_with("--") => {
+                let name: String = opt[2..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                blocks.push((format!("--{name}"), indent, opt.clone()));
+                open = true;
+            }
+            _ => match blocks.last_mut() {
+                Some((_, block_indent, body))
+                    if open && !trimmed.is_empty() && indent > *block_indent =>
+                {
+                    body.push(' ');
+                    body.push_str(trimmed);
+                }
+                _ => open = false,
+            },
+        }
+    }
+    for (flag, _, body) in blocks {
+        let env = between(&body, "[env: ", &['=', ']']).map(str::to_string);
+        if let Some(default) = between(&body, "[default: ", &[']']) {
+            cli.defaults.insert(flag.clone(), default.to_string());
+        }
+        cli.flags.insert(flag, env);
+    }
+    cli
+}
+
+/// `MILLRACE_*` names the runtime reads itself (not flags): string literals in its telemetry.
+fn runtime_env() -> BTreeSet<String> {
+    let text = read(&root().join("shared/runtime/src/telemetry.rs"));
+    text.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| {
+            s.starts_with("MILLRACE_")
+                && s.len() > "MILLRACE_".len()
+                && s.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `--help` of `binary` (or of `millrace SUB`), parsed once per test process.
+fn cli(binary: &str, sub: Option<&str>) -> Cli {
+    static CACHE: OnceLock<Mutex<BTreeMap<String, Cli>>> = OnceLock::new();
+    let key = format!("{binary} {}", sub.unwrap_or(""));
+    let cache = CACHE.get_or_init(|| Mutex::new(BTreeMap::new()));
+    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return found.clone();
+    }
+    let mut cmd = Command::new(bin(binary));
+    cmd.env_clear();
+    if let Some(sub) = sub {
+        cmd.arg(sub);
+    }
+    let out = cmd
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("running `{key} --help`: {e}"));
+    assert!(
+        out.status.success(),
+        "`{key} --help` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut parsed = parse_help(&String::from_utf8_lossy(&out.stdout));
+    parsed.extra_env = runtime_env();
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, parsed.clone());
+    parsed
+}
+
+/// One run of a Millrace binary: its arguments (the subcommand first, for `millrace`) and
+/// environment.
+#[derive(Clone, Debug)]
+struct Invocation {
+    who: String,
+    binary: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+impl Invocation {
+    fn sub(&self) -> Option<&str> {
+        (self.binary == "millrace")
+            .then(|| self.args.first().map(String::as_str))
+            .flatten()
+    }
+
+    /// A setting, from `--flag value`, `--flag=value` or the flag's environment variable.
+    fn setting(&self, cli: &Cli, flag: &str) -> Option<String> {
+        let mut args = self.args.iter();
+        while let Some(a) = args.next() {
+            if a == flag {
+                return match args.next() {
+                    Some(v) if !v.starts_with("--") => Some(v.clone()),
+                    _ => Some("true".to_string()),
+                };
+            }
+            if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+                return Some(v.to_string());
+            }
+        }
+        cli.env_of(flag).and_then(|e| self.env.get(e)).cloned()
+    }
+}
+
+fn cli_for(inv: &Invocation) -> Cli {
+    cli(&inv.binary, inv.sub())
+}
+
+/// Every flag and `MILLRACE_*` variable is one the binary accepts, and every required flag is
+/// given (as a flag or through its variable).
+fn check_invocation(inv: &Invocation, cli: &Cli) -> Vec<String> {
+    let mut problems = Vec::new();
+    let what = match inv.sub() {
+        Some(sub) => format!("millrace {sub}"),
+        None => inv.binary.clone(),
+    };
+    if !BINARIES.contains(&inv.binary.as_str()) {
+        problems.push(format!("{}: runs unknown binary {:?}", inv.who, inv.binary));
+        return problems;
+    }
+    for arg in &inv.args {
+        if let Some(flag) = arg.strip_prefix("--") {
+            let name = format!("--{}", flag.split('=').next().unwrap_or(""));
+            if !cli.flags.contains_key(&name) {
+                problems.push(format!("{}: `{what}` has no flag {name}", inv.who));
+            }
+        }
+    }
+    for name in inv.env.keys().filter(|k| k.starts_with("MILLRACE_")) {
+        if !cli.accepts_env(name) {
+            problems.push(format!(
+                "{}: `{what}` reads no environment variable {name}",
+                inv.who
+            ));
+        }
+    }
+    for flag in &cli.required {
+        if inv.setting(cli, flag).is_none() {
+            problems.push(format!(
+                "{}: `{what}` needs {flag}{} and gets neither",
+                inv.who,
+                cli.env_of(flag)
+                    .map(|e| format!(" (or {e})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    problems
+}
+
+// ------------------------------------------------------------------------------------------------
+// YAML
+// ------------------------------------------------------------------------------------------------
+
+fn has_merge_key(v: &Value) -> bool {
+    match v {
+        Value::Mapping(m) => m.contains_key("<<") || m.values().any(has_merge_key),
+        Value::Sequence(s) => s.iter().any(has_merge_key),
+        Value::Tagged(t) => has_merge_key(&t.value),
+        _ => false,
+    }
+}
+
+/// Parses one YAML document, resolving aliases and merge keys (`<<`) as compose does.
+fn load_yaml(text: &str, what: &str) -> Value {
+    let mut doc: Value =
+        serde_norway::from_str(text).unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}"));
+    // Merged-in mappings may carry merge keys of their own: apply until none is left.
+    for _ in 0..8 {
+        if !has_merge_key(&doc) {
+            break;
+        }
+        doc.apply_merge()
+            .unwrap_or_else(|e| panic!("{what}: bad merge key: {e}"));
+    }
+    assert!(!has_merge_key(&doc), "{what}: merge keys left unresolved");
+    doc
+}
+
+fn load_all_yaml(text: &str, what: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| {
+            use serde::Deserialize;
+            Value::deserialize(d).unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}"))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn str_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::Sequence(s) => s.iter().filter_map(str_of).collect(),
+        Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+        _ => Vec::new(),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// docker-compose.yml
+// ------------------------------------------------------------------------------------------------
+
+/// Each profile, the scheme of its bus URL and the image of its broker.
+const PROFILES: [(&str, &str, &str); 5] = [
+    ("rabbitmq", "amqp", "rabbitmq:"),
+    ("nats", "nats", "nats:"),
+    ("kafka", "kafka", "apache/kafka:"),
+    ("aws", "sns-sqs", "motoserver/moto:"),
+    (
+        "pubsub",
+        "pubsub",
+        "gcr.io/google.com/cloudsdktool/google-cloud-cli:",
+    ),
+];
+
+/// Splits a `sh -c` script into simple commands (words), joining `\`-continued lines and
+/// honouring quotes; `;`, `&&`, `||`, `|` and newlines separate commands.
+fn shell_commands(script: &str) -> Vec<Vec<String>> {
+    let script = script.replace("\\\n", " ");
+    let mut commands = Vec::new();
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = script.chars().peekable();
+    let end_word = |word: &mut String, in_word: &mut bool, words: &mut Vec<String>| {
+        if *in_word {
+            words.push(std::mem::take(word));
+            *in_word = false;
+        }
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                for q in chars.by_ref() {
+                    if q == '\'' {
+                        break;
+                    }
+                    word.push(q);
+                }
+            }
+            '"' => {
+                in_word = true;
+                while let Some(q) = chars.next() {
+                    match q {
+                        '"' => break,
+                        '\\' => {
+                            if let Some(n) = chars.next() {
+                                word.push(n);
+                            }
+                        }
+                        _ => word.push(q),
+                    }
+                }
+            }
+            '\n' | ';' | '&' | '|' => {
+                end_word(&mut word, &mut in_word, &mut words);
+                if !words.is_empty() {
+                    commands.push(std::mem::take(&mut words));
+                }
+            }
+            c if c.is_whitespace() => end_word(&mut word, &mut in_word, &mut words),
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    end_word(&mut word, &mut in_word, &mut words);
+    if !words.is_empty() {
+        commands.push(words);
+    }
+    commands
+}
+
+fn environment(svc: &Value) -> BTreeMap<String, String> {
+    match &svc["environment"] {
+        Value::Mapping(m) => m
+            .iter()
+            .filter_map(|(k, v)| Some((str_of(k)?, str_of(v).unwrap_or_default())))
+            .collect(),
+        Value::Sequence(s) => s
+            .iter()
+            .filter_map(str_of)
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (kv, String::new()),
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// The Millrace binary a service's image holds: its build target in deploy/Dockerfile, or its
+/// image name `millrace/BINARY:TAG`.
+fn compose_binary(svc: &Value) -> Option<String> {
+    if let Some(target) = str_of(&svc["build"]["target"]) {
+        return Some(target);
+    }
+    let image = str_of(&svc["image"])?;
+    let name = image.strip_prefix("millrace/")?.split(':').next()?;
+    Some(name.to_string())
+}
+
+/// The Millrace runs of a service: its command given to the image's entrypoint, or each
+/// Millrace command of a `sh -c` script.
+fn compose_invocations(name: &str, svc: &Value) -> Result<Vec<Invocation>, String> {
+    let Some(binary) = compose_binary(svc) else {
+        return Ok(Vec::new());
+    };
+    let env = environment(svc);
+    let entrypoint = strings(&svc["entrypoint"]);
+    let command = strings(&svc["command"]);
+    let shell = entrypoint
+        .first()
+        .is_some_and(|e| e.ends_with("/sh") || e.ends_with("/bash") || e == "sh" || e == "bash");
+    if !shell {
+        if !entrypoint.is_empty() {
+            return Err(format!(
+                "{name}: entrypoint {entrypoint:?} is neither the image's binary nor a shell"
+            ));
+        }
+        return Ok(vec![Invocation {
+            who: name.to_string(),
+            binary,
+            args: command,
+            env,
+        }]);
+    }
+    // `sh -ec SCRIPT`: the script is the first command word (or the last entrypoint word).
+    let script = match &svc["command"] {
+        Value::Sequence(s) => s.first().and_then(str_of),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+    .or_else(|| entrypoint.last().cloned())
+    .unwrap_or_default();
+    let mut runs = Vec::new();
+    for words in shell_commands(&script) {
+        let Some(first) = words.first() else { continue };
+        let program = first.rsplit('/').next().unwrap_or(first);
+        if !BINARIES.contains(&program) {
+            continue;
+        }
+        if program != binary {
+            return Err(format!(
+                "{name}: its script runs {program}, but its image holds {binary}"
+            ));
+        }
+        runs.push(Invocation {
+            who: name.to_string(),
+            binary: binary.clone(),
+            args: words[1..].to_vec(),
+            env: env.clone(),
+        });
+    }
+    if runs.is_empty() {
+        return Err(format!("{name}: its script runs no Millrace command"));
+    }
+    Ok(runs)
+}
+
+fn profiles_of(svc: &Value) -> BTreeSet<String> {
+    strings(&svc["profiles"]).into_iter().collect()
+}
+
+/// The host a bus or store URL reaches (for emulators: the `endpoint` / `emulator` parameter).
+fn url_host(raw: &str) -> Option<String> {
+    let url = url::Url::parse(raw).ok()?;
+    for (k, v) in url.query_pairs() {
+        if k == "endpoint" {
+            return url::Url::parse(&v).ok()?.host_str().map(str::to_string);
+        }
+        if k == "emulator" {
+            return v.split(':').next().map(str::to_string);
+        }
+    }
+    url.host_str().map(str::to_string)
+}
+
+fn dockerfile_stages(path: &Path) -> BTreeSet<String> {
+    read(path)
+        .lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            match words.as_slice() {
+                [from, _, as_, stage]
+                    if from.eq_ignore_ascii_case("FROM") && as_.eq_ignore_ascii_case("AS") =>
+                {
+                    Some(stage.to_string())
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(services) = doc["services"].as_mapping() else {
+        return vec!["docker-compose.yml has no services".to_string()];
+    };
+    let services: BTreeMap<String, &Value> = services
+        .iter()
+        .filter_map(|(k, v)| Some((str_of(k)?, v)))
+        .collect();
+    let volumes: BTreeSet<String> = doc["volumes"]
+        .as_mapping()
+        .map(|m| m.keys().filter_map(str_of).collect())
+        .unwrap_or_default();
+
+    let mut runs: BTreeMap<String, Vec<Invocation>> = BTreeMap::new();
+    for (name, svc) in &services {
+        // Ports: loopback only.
+        if let Value::Sequence(ports) = &svc["ports"] {
+            for p in ports {
+                let ok = match p {
+                    Value::Mapping(_) => str_of(&p["host_ip"]).as_deref() == Some("127.0.0.1"),
+                    other => str_of(other).is_some_and(|s| s.starts_with("127.0.0.1:")),
+                };
+                if !ok {
+                    problems.push(format!("{name}: port {p:?} is not bound to 127.0.0.1"));
+                }
+            }
+        }
+        // Named volumes exist.
+        if let Value::Sequence(vols) = &svc["volumes"] {
+            for v in vols {
+                let source = match v {
+                    Value::Mapping(_) => str_of(&v["source"]).unwrap_or_default(),
+                    other => str_of(other)
+                        .and_then(|s| s.split(':').next().map(str::to_string))
+                        .unwrap_or_default(),
+                };
+                let named = !source.is_empty()
+                    && !source.starts_with('/')
+                    && !source.starts_with('.')
+                    && !source.starts_with('~');
+                if named && !volumes.contains(&source) {
+                    problems.push(format!("{name}: volume {source:?} is not declared"));
+                }
+            }
+        }
+        // depends_on: the target exists in the same profiles; the condition can be met.
+        let deps: Vec<(String, String)> = match &svc["depends_on"] {
+            Value::Mapping(m) => m
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        str_of(k)?,
+                        str_of(&v["condition"]).unwrap_or_else(|| "service_started".to_string()),
+                    ))
+                })
+                .collect(),
+            Value::Sequence(s) => s
+                .iter()
+                .filter_map(str_of)
+                .map(|k| (k, "service_started".to_string()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (target, condition) in deps {
+            let Some(t) = services.get(&target) else {
+                problems.push(format!(
+                    "{name}: depends on {target:?}, which does not exist"
+                ));
+                continue;
+            };
+            let (mine, theirs) = (profiles_of(svc), profiles_of(t));
+            if !theirs.is_empty() && !mine.is_subset(&theirs) {
+                problems.push(format!(
+                    "{name}: depends on {target:?}, which is not in all of its profiles {mine:?}"
+                ));
+            }
+            match condition.as_str() {
+                "service_started" => {}
+                "service_healthy" if t["healthcheck"].is_mapping() => {}
+                "service_completed_successfully"
+                    if str_of(&t["restart"]).as_deref().unwrap_or("no") == "no" => {}
+                other => problems.push(format!(
+                    "{name}: depends on {target:?} with condition {other:?}, which it cannot meet"
+                )),
+            }
+        }
+        // Built from this repository: the Dockerfile and its stage exist.
+        if svc["build"].is_mapping() {
+            let dockerfile = str_of(&svc["build"]["dockerfile"]).unwrap_or_default();
+            let path = root().join(&dockerfile);
+            if !path.is_file() {
+                problems.push(format!("{name}: dockerfile {dockerfile:?} does not exist"));
+            } else if let Some(target) = str_of(&svc["build"]["target"]) {
+                if !dockerfile_stages(&path).contains(&target) {
+                    problems.push(format!("{name}: {dockerfile} has no stage {target:?}"));
+                }
+            }
+        } else if str_of(&svc["image"]).is_none() {
+            problems.push(format!("{name}: neither image nor build"));
+        }
+        // Every Millrace run: flags and variables the binary accepts.
+        match compose_invocations(name, svc) {
+            Ok(found) => {
+                for inv in &found {
+                    if !BINARIES.contains(&inv.binary.as_str()) {
+                        problems.push(format!(
+                            "{name}: its image holds no Millrace binary {:?}",
+                            inv.binary
+                        ));
+                        continue;
+                    }
+                    if inv.binary == "millrace" {
+                        let top = cli(&Invocation {
+                            args: Vec::new(),
+                            ..inv.clone()
+                        });
+                        match inv.sub() {
+                            Some(sub) if top.subcommands.contains(sub) => {}
+                            other => {
+                                problems
+                                    .push(format!("{name}: millrace has no subcommand {other:?}"));
+                                continue;
+                            }
+                        }
+                    }
+                    problems.extend(check_invocation(inv, &cli(inv)));
+                }
+                runs.insert(
+                    name.clone(),
+                    found
+                        .into_iter()
+                        .filter(|inv| BINARIES.contains(&inv.binary.as_str()))
+                        .collect(),
+                );
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+
+    // Every profile is a whole fleet on its own broker.
+    let all_profiles: BTreeSet<String> = services.values().flat_map(|s| profiles_of(s)).collect();
+    for p in &all_profiles {
+        let Some((_, scheme, broker_image)) = PROFILES.iter().find(|(name, _, _)| name == p) else {
+            problems.push(format!(
+                "profile {p:?} is not one this test knows (add it to PROFILES)"
+            ));
+            continue;
+        };
+        let in_profile: BTreeMap<&String, &&Value> = services
+            .iter()
+            .filter(|(_, s)| {
+                let ps = profiles_of(s);
+                ps.is_empty() || ps.contains(p)
+            })
+            .collect();
+        if !in_profile
+            .values()
+            .any(|s| str_of(&s["image"]).is_some_and(|i| i.starts_with(broker_image)))
+        {
+            problems.push(format!("profile {p}: no broker (image {broker_image}…)"));
+        }
+        let mut by_role: BTreeMap<String, Vec<&Invocation>> = BTreeMap::new();
+        for name in in_profile.keys() {
+            for inv in runs.get(*name).into_iter().flatten() {
+                let role = match inv.sub() {
+                    Some(sub) => format!("millrace {sub}"),
+                    None => inv.binary.clone(),
+                };
+                by_role.entry(role).or_default().push(inv);
+            }
+        }
+        for (role, want) in [
+            ("workflow-manager", 2),
+            ("intake-worker", 2),
+            ("aggregate-worker", 2),
+            ("mill", 1),
+        ] {
+            let found = by_role.get(role).map(Vec::as_slice).unwrap_or_default();
+            if found.len() != want {
+                problems.push(format!(
+                    "profile {p}: {} {role} service(s), expected {want}",
+                    found.len()
+                ));
+            }
+            if want == 2 {
+                let indexes: BTreeSet<String> = found
+                    .iter()
+                    .filter_map(|inv| inv.setting(&cli(inv), "--facilitator"))
+                    .collect();
+                if indexes != BTreeSet::from(["0".to_string(), "1".to_string()]) {
+                    problems.push(format!(
+                        "profile {p}: {role} runs for facilitators {indexes:?}, expected 0 and 1"
+                    ));
+                }
+            }
+        }
+        if by_role.get("cleaner").map_or(0, Vec::len) < 2 {
+            problems.push(format!(
+                "profile {p}: fewer than two cleaners (one per facilitator store)"
+            ));
+        }
+        // The one-shot jobs: keys and reports first, then the results beside the plaintext.
+        for role in ["millrace keygen", "millrace ingest", "millrace status"] {
+            if !by_role.contains_key(role) {
+                problems.push(format!("profile {p}: nothing runs `{role}`"));
+            }
+        }
+        // Each bus user talks to this profile's broker; each store is reachable.
+        for (name, svc) in &in_profile {
+            let mounts: Vec<String> = strings(&svc["volumes"])
+                .iter()
+                .filter_map(|v| v.split(':').nth(1).map(str::to_string))
+                .collect();
+            for inv in runs.get(*name).into_iter().flatten() {
+                let c = cli(inv);
+                if c.flags.contains_key("--bus") {
+                    match inv.setting(&c, "--bus") {
+                        Some(bus) => {
+                            if !bus.starts_with(&format!("{scheme}://")) {
+                                problems.push(format!(
+                                    "{name}: bus {bus:?} is not a {scheme}:// URL (profile {p})"
+                                ));
+                            }
+                            match url_host(&bus) {
+                                Some(host) if in_profile.contains_key(&host) => {}
+                                other => problems.push(format!(
+                                    "{name}: bus {bus:?} reaches {other:?}, not a service of profile {p}"
+                                )),
+                            }
+                        }
+                        None => problems.push(format!("{name}: no bus URL")),
+                    }
+                }
+                for flag in [
+                    "--store",
+                    "--peer-store",
+                    "--collector-store",
+                    "--store0",
+                    "--store1",
+                ] {
+                    if !c.flags.contains_key(flag) {
+                        continue;
+                    }
+                    let Some(store) = inv.setting(&c, flag) else {
+                        continue;
+                    };
+                    if let Some(path) = store.strip_prefix("file://") {
+                        if !mounts.iter().any(|m| path.starts_with(m.as_str())) {
+                            problems.push(format!(
+                                "{name}: store {store:?} is not inside a mounted volume {mounts:?}"
+                            ));
+                        }
+                    } else {
+                        match url_host(&store) {
+                            Some(host) if in_profile.contains_key(&host) => {}
+                            other => problems.push(format!(
+                                "{name}: store {store:?} reaches {other:?}, not a service of profile {p}"
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (p, _, _) in PROFILES {
+        if !all_profiles.contains(p) {
+            problems.push(format!("profile {p} is missing"));
+        }
+    }
+    problems
+}
+
+fn compose_doc() -> Value {
+    load_yaml(
+        &read(&root().join("docker-compose.yml")),
+        "docker-compose.yml",
+    )
+}
+
+#[test]
+fn compose_profiles_each_run_a_whole_fleet_with_flags_their_binaries_accept() {
+    let problems = check_compose(&compose_doc(), &cli_for);
+    assert!(
+        problems.is_empty(),
+        "docker-compose.yml:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn the_dockerfile_has_a_non_root_stage_per_binary() {
+    let path = root().join("deploy/Dockerfile");
+    let stages = dockerfile_stages(&path);
+    for b in BINARIES {
+        assert!(
+            stages.contains(b),
+            "deploy/Dockerfile has no stage {b:?}: {stages:?}"
+        );
+    }
+    let text = read(&path);
+    assert!(
+        text.lines().any(|l| l.trim() == "USER 65532:65532"),
+        "deploy/Dockerfile: the runtime images must run as user 65532"
+    );
+    let ignore = read(&root().join(".dockerignore"));
+    for entry in ["target/", "build/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == entry),
+            ".dockerignore must leave out {entry}"
+        );
+    }
+}
+
+fn fresh_invocation(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Invocation {
+    Invocation {
+        who: "test".to_string(),
+        binary: binary.to_string(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_flag_or_variable_the_binary_lacks_is_caught() {
+    let env = [
+        ("MILLRACE_BUS", "nats://nats:4222"),
+        ("MILLRACE_CONFIG", "/c.toml"),
+        ("MILLRACE_FACILITATOR", "0"),
+        ("MILLRACE_STORE", "file:///s0"),
+        ("MILLRACE_PEER_STORE", "file:///s1"),
+    ];
+    let good = fresh_invocation("intake-worker", &["--concurrency", "4"], &env);
+    assert_eq!(
+        check_invocation(&good, &cli_for(&good)),
+        Vec::<String>::new()
+    );
+
+    let bad_flag = fresh_invocation("intake-worker", &["--concurency", "4"], &env);
+    let problems = check_invocation(&bad_flag, &cli_for(&bad_flag));
+    assert!(
+        problems.iter().any(|p| p.contains("no flag --concurency")),
+        "{problems:?}"
+    );
+
+    let mut bad_env = good.clone();
+    bad_env
+        .env
+        .insert("MILLRACE_CONCURENCY".to_string(), "4".to_string());
+    let problems = check_invocation(&bad_env, &cli_for(&bad_env));
+    assert!(
+        problems.iter().any(|p| p.contains("MILLRACE_CONCURENCY")),
+        "{problems:?}"
+    );
+
+    // The cleaner uses no bus.
+    let cleaner = fresh_invocation(
+        "cleaner",
+        &[],
+        &[
+            ("MILLRACE_CONFIG", "/c.toml"),
+            ("MILLRACE_STORE", "file:///s0"),
+            ("MILLRACE_BUS", "nats://nats:4222"),
+        ],
+    );
+    let problems = check_invocation(&cleaner, &cli_for(&cleaner));
+    assert!(
+        problems.iter().any(|p| p.contains("MILLRACE_BUS")),
+        "{problems:?}"
+    );
+
+    let mut missing = good.clone();
+    missing.env.remove("MILLRACE_PEER_STORE");
+    let problems = check_invocation(&missing, &cli_for(&missing));
+    assert!(
+        problems.iter().any(|p| p.contains("--peer-store")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn the_help_parser_reads_flags_variables_defaults_and_required_flags() {
+    let c = cli("aggregate-worker", None);
+    assert_eq!(c.env_of("--bus"), Some("MILLRACE_BUS"));
+    assert_eq!(c.env_of("--help"), None);
+    assert_eq!(
+        c.defaults.get("--drain-grace").map(String::as_str),
+        Some("25s")
+    );
+    assert!(c.required.contains("--collector-store"), "{:?}", c.required);
+    assert!(!c.required.contains("--concurrency"), "{:?}", c.required);
+    let m = cli("millrace", None);
+    for sub in ["keygen", "ingest", "status", "demo"] {
+        assert!(m.subcommands.contains(sub), "{:?}", m.subcommands);
+    }
+    assert!(cli("millrace", Some("ingest"))
+        .required
+        .contains("--store0"));
+}
+
+#[test]
+fn shell_scripts_are_split_into_commands() {
+    let cmds = shell_commands(
+        "test -f a || millrace keygen --dir 'x y'\nmillrace ingest \\\n  --store0 \"s3://b?e=1\" ; echo done",
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            vec!["test", "-f", "a"],
+            vec!["millrace", "keygen", "--dir", "x y"],
+            vec!["millrace", "ingest", "--store0", "s3://b?e=1"],
+            vec!["echo", "done"],
+        ]
+    );
+}
+
+fn problems_after(edit: impl FnOnce(&mut Value)) -> Vec<String> {
+    let mut doc = compose_doc();
+    edit(&mut doc);
+    check_compose(&doc, &cli_for)
+}
+
+fn expect_problem(problems: &[String], needle: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(needle)),
+        "expected a problem mentioning {needle:?}, got {problems:?}"
+    );
+}
+
+#[test]
+fn a_broken_compose_file_is_caught() {
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["rabbitmq-mill"]["ports"] =
+                Value::Sequence(vec![Value::String("9464:9464".to_string())]);
+        }),
+        "not bound to 127.0.0.1",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["nats-intake-worker-0"]["command"] =
+                Value::Sequence(vec![Value::String("--prefetch".to_string())]);
+        }),
+        "no flag --prefetch",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["kafka-cleaner-0"]["environment"]["MILLRACE_BUS"] =
+                Value::String("kafka://kafka:9092".to_string());
+        }),
+        "reads no environment variable MILLRACE_BUS",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["aws-intake-worker-1"]["environment"]["MILLRACE_BUS"] =
+                Value::String("nats://nats:4222".to_string());
+        }),
+        "is not a sns-sqs:// URL",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["pubsub-mill"]["depends_on"]["pubsub-brokr"] = Value::Null;
+        }),
+        "\"pubsub-brokr\", which does not exist",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["rabbitmq-cleaner-0"]["volumes"] =
+                Value::Sequence(vec![Value::String("data:/var/lib/millrace".to_string())]);
+        }),
+        "volume \"data\" is not declared",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            if let Some(m) = d["services"].as_mapping_mut() {
+                m.remove("kafka-workflow-manager-1");
+            }
+        }),
+        "profile kafka: 1 workflow-manager service(s), expected 2",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["nats-setup"]["command"] = Value::Sequence(vec![Value::String(
+                "millrace keygen --dir /var/lib/millrace/config".to_string(),
+            )]);
+        }),
+        "profile nats: nothing runs `millrace ingest`",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["aws-aggregate-worker-0"]["build"]["target"] =
+                Value::String("aggregator".to_string());
+        }),
+        "has no stage \"aggregator\"",
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kubernetes (kustomize)
+// ------------------------------------------------------------------------------------------------
+
+const KUBECTL_WHY: &str =
+    "it renders deploy/k8s offline with `kubectl kustomize` (any recent kubectl; kustomize is built in)";
+
+fn kustomize(dir: &Path) -> Vec<Value> {
+    if let Err(e) = require_tool("kubectl", KUBECTL_WHY) {
+        panic!("{e}");
+    }
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running kubectl kustomize {}: {e}", dir.display()));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load_all_yaml(
+        &String::from_utf8_lossy(&out.stdout),
+        &format!("kubectl kustomize {}", dir.display()),
+    )
+}
+
+struct Cloud {
+    name: &'static str,
+    bus_scheme: &'static str,
+    store_scheme: &'static str,
+    identity_annotation: &'static str,
+    /// Ports a pod may reach to get its cloud identity, besides HTTPS (GKE's metadata server).
+    identity_ports: &'static [u64],
+}
+
+const AWS: Cloud = Cloud {
+    name: "aws",
+    bus_scheme: "sns-sqs://",
+    store_scheme: "s3://",
+    identity_annotation: "eks.amazonaws.com/role-arn",
+    identity_ports: &[],
+};
+
+const GCP: Cloud = Cloud {
+    name: "gcp",
+    bus_scheme: "pubsub://",
+    store_scheme: "gs://",
+    identity_annotation: "iam.gke.io/gcp-service-account",
+    identity_ports: &[80, 988],
+};
+
+/// What a rendering must contain.
+struct Expect<'a> {
+    deployments: &'a [&'a str],
+    /// CronJob name and schedule.
+    cronjobs: &'a [(&'a str, &'a str)],
+    facilitator: &'a str,
+}
+
+const ONE_FACILITATOR_AND_THE_MILL: Expect<'static> = Expect {
+    deployments: &["aggregate-worker", "intake-worker", "mill"],
+    cronjobs: &[
+        ("workflow-manager", "*/10 * * * *"),
+        ("cleaner", "0 * * * *"),
+    ],
+    facilitator: "0",
+};
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter()
+        .filter(|d| str_of(&d["kind"]).as_deref() == Some(kind))
+        .collect()
+}
+
+fn name_of(doc: &Value) -> String {
+    str_of(&doc["metadata"]["name"]).unwrap_or_default()
+}
+
+fn find<'a>(docs: &'a [Value], k: &str, name: &str) -> Option<&'a Value> {
+    kind(docs, k).into_iter().find(|d| name_of(d) == name)
+}
+
+/// A duration as the services write them: `25s`, `2m`, `1h`, `500ms`.
+fn seconds(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (n, unit) = text.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    })
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    match selector["matchLabels"].as_mapping() {
+        None => true,
+        Some(m) => m.iter().all(|(k, v)| labels.get(k) == Some(v)),
+    }
+}
+
+/// Egress ports a policy opens (None: a rule without ports, i.e. every port).
+fn egress_ports(policy: &Value) -> Vec<Option<u64>> {
+    let mut out = Vec::new();
+    if let Value::Sequence(rules) = &policy["spec"]["egress"] {
+        for rule in rules {
+            match &rule["ports"] {
+                Value::Sequence(ports) => {
+                    out.extend(ports.iter().map(|p| p["port"].as_u64()));
+                }
+                _ => out.push(None),
+            }
+        }
+    }
+    out
+}
+
+const BROKER_PORTS: [u64; 5] = [5672, 5671, 4222, 9092, 9093];
+
+/// Files a container sees: mount path → where it comes from.
+fn mounted_files(docs: &[Value], pod: &Value, container: &Value) -> BTreeMap<String, String> {
+    let keys_of = |k: &str, name: &str| -> Vec<String> {
+        let Some(doc) = find(docs, k, name) else {
+            return Vec::new();
+        };
+        ["data", "binaryData", "stringData"]
+            .iter()
+            .filter_map(|f| doc[*f].as_mapping())
+            .flat_map(|m| m.keys().filter_map(str_of))
+            .collect()
+    };
+    let source_files = |source: &Value| -> Vec<(String, String)> {
+        let (k, name) = if source["configMap"].is_mapping() {
+            ("ConfigMap", str_of(&source["configMap"]["name"]))
+        } else if source["secret"].is_mapping() {
+            (
+                "Secret",
+                str_of(&source["secret"]["secretName"])
+                    .or_else(|| str_of(&source["secret"]["name"])),
+            )
+        } else {
+            return Vec::new();
+        };
+        let body = if k == "ConfigMap" {
+            &source["configMap"]
+        } else {
+            &source["secret"]
+        };
+        let name = name.unwrap_or_default();
+        match &body["items"] {
+            Value::Sequence(items) => items
+                .iter()
+                .filter_map(|i| {
+                    Some((
+                        str_of(&i["path"])?,
+                        format!("{k} {name} key {}", str_of(&i["key"])?),
+                    ))
+                })
+                .collect(),
+            _ => keys_of(k, &name)
+                .into_iter()
+                .map(|key| (key.clone(), format!("{k} {name} key {key}")))
+                .collect(),
+        }
+    };
+    let mut files = BTreeMap::new();
+    let volumes = pod["volumes"].as_sequence().cloned().unwrap_or_default();
+    for mount in container["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        let (Some(vname), Some(path)) = (str_of(&mount["name"]), str_of(&mount["mountPath"]))
+        else {
+            continue;
+        };
+        let Some(volume) = volumes
+            .iter()
+            .find(|v| str_of(&v["name"]).as_deref() == Some(&vname))
+        else {
+            continue;
+        };
+        let mut inside: Vec<(String, String)> = source_files(volume);
+        if let Value::Sequence(sources) = &volume["projected"]["sources"] {
+            for s in sources {
+                inside.extend(source_files(s));
+            }
+        }
+        match str_of(&mount["subPath"]) {
+            Some(sub) => {
+                if let Some((_, from)) = inside.into_iter().find(|(p, _)| *p == sub) {
+                    files.insert(path, from);
+                }
+            }
+            None => {
+                for (p, from) in inside {
+                    files.insert(format!("{}/{p}", path.trim_end_matches('/')), from);
+                }
+            }
+        }
+    }
+    files
+}
+
+/// Every pod template of the rendering: (owner, pod labels, pod spec, is long-running).
+fn pod_templates(docs: &[Value]) -> Vec<(String, &Value, &Value, bool)> {
+    let mut out = Vec::new();
+    for d in kind(docs, "Deployment") {
+        let t = &d["spec"]["template"];
+        out.push((
+            format!("Deployment {}", name_of(d)),
+            &t["metadata"]["labels"],
+            &t["spec"],
+            true,
+        ));
+    }
+    for c in kind(docs, "CronJob") {
+        let t = &c["spec"]["jobTemplate"]["spec"]["template"];
+        out.push((
+            format!("CronJob {}", name_of(c)),
+            &t["metadata"]["labels"],
+            &t["spec"],
+            false,
+        ));
+    }
+    out
+}
+
+fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String> {
+    let mut problems = Vec::new();
+
+    // Kinds and names.
+    let deployments: BTreeSet<String> = kind(docs, "Deployment").into_iter().map(name_of).collect();
+    let want: BTreeSet<String> = expect.deployments.iter().map(|s| s.to_string()).collect();
+    if deployments != want {
+        problems.push(format!("Deployments {deployments:?}, expected {want:?}"));
+    }
+    for (name, schedule) in expect.cronjobs {
+        match find(docs, "CronJob", name) {
+            None => problems.push(format!("no CronJob {name}")),
+            Some(c) => {
+                if str_of(&c["spec"]["schedule"]).as_deref() != Some(*schedule) {
+                    problems.push(format!(
+                        "CronJob {name} runs {:?}, expected {schedule:?}",
+                        c["spec"]["schedule"]
+                    ));
+                }
+            }
+        }
+    }
+    for c in kind(docs, "CronJob") {
+        if str_of(&c["spec"]["concurrencyPolicy"]).as_deref() != Some("Forbid") {
+            problems.push(format!(
+                "CronJob {} must have concurrencyPolicy: Forbid",
+                name_of(c)
+            ));
+        }
+    }
+    for k in ["ServiceAccount", "NetworkPolicy", "ConfigMap", "Secret"] {
+        if kind(docs, k).is_empty() {
+            problems.push(format!("no {k}"));
+        }
+    }
+    for sa in kind(docs, "ServiceAccount") {
+        if str_of(&sa["metadata"]["annotations"][cloud.identity_annotation])
+            .unwrap_or_default()
+            .is_empty()
+        {
+            problems.push(format!(
+                "ServiceAccount {} has no {} annotation",
+                name_of(sa),
+                cloud.identity_annotation
+            ));
+        }
+    }
+    let policies = kind(docs, "NetworkPolicy");
+    let default_deny = policies.iter().any(|p| {
+        p["spec"]["podSelector"]
+            .as_mapping()
+            .is_none_or(|m| m.is_empty())
+            && strings(&p["spec"]["policyTypes"]).len() == 2
+            && p["spec"]["ingress"].is_null()
+            && p["spec"]["egress"].is_null()
+    });
+    if !default_deny {
+        problems.push(
+            "no default-deny NetworkPolicy (empty podSelector, Ingress and Egress, no rules)"
+                .to_string(),
+        );
+    }
+
+    let config_text = |docs: &[Value]| -> Option<String> {
+        kind(docs, "ConfigMap")
+            .into_iter()
+            .find_map(|c| str_of(&c["data"]["millrace.toml"]))
+    };
+    let Some(toml_text) = config_text(docs) else {
+        problems.push("no ConfigMap holds millrace.toml".to_string());
+        return with_overlay(cloud, problems);
+    };
+
+    for (owner, labels, pod, long_running) in pod_templates(docs) {
+        // Its identity.
+        let sa = str_of(&pod["serviceAccountName"]).unwrap_or_default();
+        if find(docs, "ServiceAccount", &sa).is_none() {
+            problems.push(format!(
+                "{owner}: ServiceAccount {sa:?} is not in the rendering"
+            ));
+        }
+        if pod["securityContext"]["runAsNonRoot"].as_bool() != Some(true) {
+            problems.push(format!("{owner}: the pod must set runAsNonRoot: true"));
+        }
+        // Its network policies.
+        let selected: Vec<&&Value> = policies
+            .iter()
+            .filter(|p| labels_match(&p["spec"]["podSelector"], labels))
+            .collect();
+        let ports: Vec<Option<u64>> = selected.iter().flat_map(|p| egress_ports(p)).collect();
+        let uses_bus = str_of(&labels["millrace.io/bus"]).as_deref() == Some("true");
+        for needed in [53, 443] {
+            if !ports.contains(&Some(needed)) {
+                problems.push(format!(
+                    "{owner}: no NetworkPolicy lets it reach port {needed}"
+                ));
+            }
+        }
+        let reaches_broker = ports
+            .iter()
+            .any(|p| p.is_none_or(|p| BROKER_PORTS.contains(&p)));
+        if owner.ends_with(" cleaner") || owner.ends_with(" cleaner-collector") {
+            if uses_bus
+                || reaches_broker
+                || ports.iter().any(|p| {
+                    !p.is_some_and(|p| p == 53 || p == 443 || cloud.identity_ports.contains(&p))
+                })
+            {
+                problems.push(format!(
+                    "{owner}: the cleaner may reach only DNS, object storage and its identity endpoint, but its policies open {ports:?}"
+                ));
+            }
+        } else if !uses_bus || !BROKER_PORTS.iter().all(|b| ports.contains(&Some(*b))) {
+            problems.push(format!(
+                "{owner}: a bus user must be allowed to reach the broker ports"
+            ));
+        }
+
+        for container in pod["containers"].as_sequence().into_iter().flatten() {
+            let image = str_of(&container["image"]).unwrap_or_default();
+            let binary = image
+                .rsplit('/')
+                .next()
+                .and_then(|i| i.split(':').next())
+                .unwrap_or_default()
+                .to_string();
+            let who = format!(
+                "{owner} container {}",
+                str_of(&container["name"]).unwrap_or_default()
+            );
+            if !BINARIES.contains(&binary.as_str()) || binary == "millrace" {
+                problems.push(format!("{who}: image {image:?} is not a Millrace service"));
+                continue;
+            }
+            // Its environment, resolved.
+            let mut env = BTreeMap::new();
+            for e in container["env"].as_sequence().into_iter().flatten() {
+                let name = str_of(&e["name"]).unwrap_or_default();
+                let value = if let Some(v) = str_of(&e["value"]) {
+                    Some(v)
+                } else if e["valueFrom"]["configMapKeyRef"].is_mapping() {
+                    let r = &e["valueFrom"]["configMapKeyRef"];
+                    let (cm, key) = (
+                        str_of(&r["name"]).unwrap_or_default(),
+                        str_of(&r["key"]).unwrap_or_default(),
+                    );
+                    let v =
+                        find(docs, "ConfigMap", &cm).and_then(|c| str_of(&c["data"][key.as_str()]));
+                    if v.is_none() {
+                        problems.push(format!(
+                            "{who}: {name} refers to {cm}/{key}, which the rendering lacks"
+                        ));
+                    }
+                    v
+                } else {
+                    None
+                };
+                env.insert(name, value.unwrap_or_default());
+            }
+            let mut args = strings(&container["command"]);
+            args.extend(strings(&container["args"]));
+            let inv = Invocation {
+                who: who.clone(),
+                binary: binary.clone(),
+                args,
+                env,
+            };
+            let cli = cli_for(&inv);
+            for p in check_invocation(&inv, &cli) {
+                problems.push(p);
+            }
+            // URLs for this cloud.
+            if let Some(bus) = inv.setting(&cli, "--bus") {
+                if !bus.starts_with(cloud.bus_scheme) {
+                    problems.push(format!(
+                        "{who}: bus {bus:?} is not a {} URL",
+                        cloud.bus_scheme
+                    ));
+                }
+            }
+            for flag in ["--store", "--peer-store", "--collector-store"] {
+                if let Some(store) = inv
+                    .setting(&cli, flag)
+                    .filter(|_| cli.flags.contains_key(flag))
+                {
+                    if !store.starts_with(cloud.store_scheme) {
+                        problems.push(format!(
+                            "{who}: {flag} {store:?} is not a {} URL",
+                            cloud.store_scheme
+                        ));
+                    }
+                }
+            }
+            if let Some(f) = inv.setting(&cli, "--facilitator") {
+                if f != expect.facilitator {
+                    problems.push(format!(
+                        "{who}: facilitator {f}, expected {}",
+                        expect.facilitator
+                    ));
+                }
+            }
+            // Hardening.
+            let sc = &container["securityContext"];
+            if sc["readOnlyRootFilesystem"].as_bool() != Some(true)
+                || sc["allowPrivilegeEscalation"].as_bool() != Some(false)
+            {
+                problems.push(format!(
+                    "{who}: needs readOnlyRootFilesystem: true and allowPrivilegeEscalation: false"
+                ));
+            }
+            for part in ["requests", "limits"] {
+                if !container["resources"][part].is_mapping() {
+                    problems.push(format!("{who}: no resource {part}"));
+                }
+            }
+            // Files: the config, and exactly the secrets this binary reads.
+            let files = mounted_files(docs, pod, container);
+            let config_path = inv.setting(&cli, "--config").unwrap_or_default();
+            if !files.contains_key(&config_path) {
+                problems.push(format!(
+                    "{who}: --config {config_path:?} is not a mounted file ({files:?})"
+                ));
+            }
+            let dir = Path::new(&config_path).parent().unwrap_or(Path::new("/"));
+            let config = match millrace_protocol::config::Config::parse(
+                &toml_text,
+                Path::new(&config_path),
+                dir,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    problems.push(format!("millrace.toml does not parse: {e}"));
+                    continue;
+                }
+            };
+            let index: u8 = expect.facilitator.parse().unwrap_or(0);
+            let me = config.file.facilitator.iter().find(|f| f.index == index);
+            let signing = me.and_then(|f| f.signing_key.clone());
+            let hpke = me.and_then(|f| f.hpke_private_key.clone());
+            let verify: Vec<String> = config
+                .file
+                .aggregation
+                .iter()
+                .map(|a| a.verify_key.clone())
+                .collect();
+            let (needs, must_not): (Vec<Option<String>>, Vec<Option<String>>) =
+                match binary.as_str() {
+                    "intake-worker" => (
+                        [signing, hpke]
+                            .into_iter()
+                            .chain(verify.into_iter().map(Some))
+                            .collect(),
+                        Vec::new(),
+                    ),
+                    "aggregate-worker" => (vec![signing], vec![hpke]),
+                    _ => (Vec::new(), vec![signing, hpke]),
+                };
+            let file_of = |reference: &str| -> Option<String> {
+                reference
+                    .strip_prefix("file:")
+                    .map(|p| dir.join(p).display().to_string())
+            };
+            for reference in needs.into_iter().flatten() {
+                match file_of(&reference) {
+                    Some(path) if files.contains_key(&path) => {}
+                    Some(path) => problems.push(format!(
+                        "{who}: needs {reference} ({path}), which is not mounted"
+                    )),
+                    None => {
+                        let var = reference.strip_prefix("env:").unwrap_or(&reference);
+                        if !inv.env.contains_key(var) {
+                            problems.push(format!("{who}: needs {reference}, which is not set"));
+                        }
+                    }
+                }
+            }
+            for reference in must_not.into_iter().flatten() {
+                if let Some(path) = file_of(&reference).filter(|p| files.contains_key(p)) {
+                    problems.push(format!(
+                        "{who}: may not see {reference}, but {path} is mounted"
+                    ));
+                }
+            }
+            if !matches!(binary.as_str(), "intake-worker" | "aggregate-worker")
+                && files.values().any(|from| from.starts_with("Secret"))
+            {
+                problems.push(format!("{who}: reads no secret, but mounts one"));
+            }
+
+            if long_running {
+                // Probes on the metrics endpoint, which must listen beyond localhost.
+                let addr = inv.setting(&cli, "--metrics-addr").unwrap_or_default();
+                let port: Option<u64> = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+                if !addr.starts_with("0.0.0.0:") {
+                    problems.push(format!(
+                        "{who}: --metrics-addr {addr:?} must bind 0.0.0.0 in a pod"
+                    ));
+                }
+                let named_port = |name: &str| -> Option<u64> {
+                    container["ports"].as_sequence()?.iter().find_map(|p| {
+                        (str_of(&p["name"]).as_deref() == Some(name))
+                            .then(|| p["containerPort"].as_u64())
+                            .flatten()
+                    })
+                };
+                for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
+                {
+                    let get = &container[probe]["httpGet"];
+                    let probe_port = get["port"]
+                        .as_u64()
+                        .or_else(|| str_of(&get["port"]).and_then(|n| named_port(&n)));
+                    if str_of(&get["path"]).as_deref() != Some(path)
+                        || probe_port != port
+                        || port.is_none()
+                    {
+                        problems.push(format!(
+                            "{who}: {probe} must GET {path} on the metrics port {port:?}"
+                        ));
+                    }
+                }
+                // SIGTERM drains for --drain-grace: the pod must be given longer.
+                let drain = inv
+                    .setting(&cli, "--drain-grace")
+                    .or_else(|| cli.defaults.get("--drain-grace").cloned())
+                    .and_then(|d| seconds(&d));
+                let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) as f64;
+                match drain {
+                    Some(d) if grace > d => {}
+                    other => problems.push(format!(
+                        "{who}: terminationGracePeriodSeconds {grace} is not longer than the drain grace {other:?}"
+                    )),
+                }
+            } else if inv
+                .setting(&cli, "--once")
+                .is_none_or(|v| v == "false" || v == "0")
+            {
+                problems.push(format!(
+                    "{who}: a CronJob's container must run once (--once / MILLRACE_ONCE)"
+                ));
+            }
+        }
+    }
+    with_overlay(cloud, problems)
+}
+
+fn with_overlay(cloud: &Cloud, problems: Vec<String>) -> Vec<String> {
+    problems
+        .into_iter()
+        .map(|p| format!("overlay {}: {p}", cloud.name))
+        .collect()
+}
+
+fn overlay(name: &str) -> Vec<Value> {
+    kustomize(&root().join("deploy/k8s/overlays").join(name))
+}
+
+#[test]
+fn the_aws_overlay_renders_a_complete_facilitator_on_sns_sqs_and_s3() {
+    let problems = check_rendering(&overlay("aws"), &AWS, &ONE_FACILITATOR_AND_THE_MILL);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn the_gcp_overlay_renders_a_complete_facilitator_on_pubsub_and_gcs() {
+    let problems = check_rendering(&overlay("gcp"), &GCP, &ONE_FACILITATOR_AND_THE_MILL);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+}
+
+/// Facilitator 1 = an overlay with the facilitator-1 component: no mill, no collector cleaner,
+/// facilitator 1 everywhere. The overlay is written under the target directory, pointing back
+/// at the repository's base and component.
+#[test]
+fn the_facilitator_1_component_drops_the_collector_and_sets_the_index() {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-fac1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let k8s = root().join("deploy/k8s");
+    // kustomize wants relative paths to other kustomizations.
+    let up = "../".repeat(dir.components().count());
+    let rel = |p: &str| {
+        format!(
+            "{up}{}",
+            k8s.join(p).display().to_string().trim_start_matches('/')
+        )
+    };
+    let text = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: millrace-fac-1\n\
+         resources:\n  - {}\ncomponents:\n  - {}\n\
+         configMapGenerator:\n  - name: millrace-settings\n    behavior: merge\n    literals:\n\
+         \x20     - bus=sns-sqs://us-east-1\n      - store=s3://b-fac-1\n      - peer-store=s3://b-fac-0\n\
+         \x20     - collector-store=s3://b-collector\n\
+         secretGenerator:\n  - name: millrace-signing-key\n    behavior: replace\n    literals: [beta.ed25519=x]\n\
+         \x20 - name: millrace-intake-keys\n    behavior: replace\n    literals: [beta.hpke=x, clicks.verify=x]\n\
+         patches:\n{}",
+        rel("base"),
+        rel("components/facilitator-1"),
+        ["workflow-manager", "intake-worker", "aggregate-worker", "cleaner"]
+            .iter()
+            .map(|sa| format!(
+                "  - patch: |-\n      apiVersion: v1\n      kind: ServiceAccount\n      metadata:\n        name: {sa}\n        annotations:\n          eks.amazonaws.com/role-arn: arn:aws:iam::111122223333:role/millrace-fac-1-{sa}\n"
+            ))
+            .collect::<String>(),
+    );
+    std::fs::write(dir.join("kustomization.yaml"), text)
+        .unwrap_or_else(|e| panic!("writing the test overlay: {e}"));
+    let docs = kustomize(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let expect = Expect {
+        deployments: &["aggregate-worker", "intake-worker"],
+        cronjobs: &[
+            ("workflow-manager", "*/10 * * * *"),
+            ("cleaner", "0 * * * *"),
+        ],
+        facilitator: "1",
+    };
+    let problems = check_rendering(&docs, &AWS, &expect);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+    for (k, name) in [("CronJob", "cleaner-collector"), ("ServiceAccount", "mill")] {
+        assert!(
+            find(&docs, k, name).is_none(),
+            "facilitator 1 still has {k} {name}"
+        );
+    }
+}
+
+fn rendering_problems_after(edit: impl FnOnce(&mut Vec<Value>)) -> Vec<String> {
+    let mut docs = overlay("aws");
+    edit(&mut docs);
+    check_rendering(&docs, &AWS, &ONE_FACILITATOR_AND_THE_MILL)
+}
+
+fn doc_mut<'a>(docs: &'a mut [Value], k: &str, name: &str) -> &'a mut Value {
+    docs.iter_mut()
+        .find(|d| str_of(&d["kind"]).as_deref() == Some(k) && name_of(d) == name)
+        .unwrap_or_else(|| panic!("the aws rendering has no {k} {name}"))
+}
+
+fn settings_mut(docs: &mut [Value]) -> &mut Value {
+    docs.iter_mut()
+        .find(|d| {
+            str_of(&d["kind"]).as_deref() == Some("ConfigMap")
+                && name_of(d).starts_with("millrace-settings")
+        })
+        .unwrap_or_else(|| panic!("the aws rendering has no millrace-settings ConfigMap"))
+}
+
+#[test]
+fn a_broken_rendering_is_caught() {
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "Deployment", "intake-worker")["spec"]["template"]["spec"]
+                ["terminationGracePeriodSeconds"] =
+                Value::Number(serde_norway::Number::from(20u64));
+        }),
+        "is not longer than the drain grace",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "CronJob", "workflow-manager")["spec"]["schedule"] =
+                Value::String("@hourly".to_string());
+        }),
+        "CronJob workflow-manager runs",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "CronJob", "cleaner")["spec"]["concurrencyPolicy"] =
+                Value::String("Allow".to_string());
+        }),
+        "concurrencyPolicy: Forbid",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            settings_mut(d)["data"]["bus"] = Value::String("pubsub://example-project".to_string());
+        }),
+        "is not a sns-sqs:// URL",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            settings_mut(d)["data"]["peer-store"] = Value::String("gs://elsewhere".to_string());
+        }),
+        "--peer-store \"gs://elsewhere\" is not a s3:// URL",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let c =
+                &mut doc_mut(d, "Deployment", "mill")["spec"]["template"]["spec"]["containers"][0];
+            c["readinessProbe"]["httpGet"]["path"] = Value::String("/healthz".to_string());
+        }),
+        "readinessProbe must GET /readyz",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let c = &mut doc_mut(d, "Deployment", "aggregate-worker")["spec"]["template"]["spec"]
+                ["containers"][0];
+            if let Some(env) = c["env"].as_sequence_mut() {
+                env.push(
+                    serde_norway::from_str("{name: MILLRACE_PEER_STORE, value: s3://x}")
+                        .unwrap_or(Value::Null),
+                );
+            }
+        }),
+        "reads no environment variable MILLRACE_PEER_STORE",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let pod = &mut doc_mut(d, "Deployment", "intake-worker")["spec"]["template"]["spec"];
+            pod["volumes"][1] =
+                serde_norway::from_str("{name: keys, secret: {secretName: nothing-here}}")
+                    .unwrap_or(Value::Null);
+        }),
+        "which is not mounted",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let intake_keys = kind(d, "Secret")
+                .into_iter()
+                .map(name_of)
+                .find(|n| n.starts_with("millrace-intake-keys"))
+                .unwrap_or_else(|| panic!("the aws rendering has no millrace-intake-keys Secret"));
+            let pod = &mut doc_mut(d, "Deployment", "aggregate-worker")["spec"]["template"]["spec"];
+            pod["volumes"][1] = serde_norway::from_str(&format!(
+                "{{name: keys, projected: {{sources: [{{secret: {{name: {intake_keys}}}}}]}}}}"
+            ))
+            .unwrap_or(Value::Null);
+        }),
+        "may not see file:keys/alpha.hpke",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "CronJob", "cleaner")["spec"]["jobTemplate"]["spec"]["template"]
+                ["metadata"]["labels"]["millrace.io/bus"] = Value::String("true".to_string());
+        }),
+        "the cleaner may reach only DNS, object storage and its identity endpoint",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            d.retain(|doc| name_of(doc) != "default-deny");
+        }),
+        "no default-deny NetworkPolicy",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "ServiceAccount", "mill")["metadata"]["annotations"] = Value::Null;
+        }),
+        "ServiceAccount mill has no eks.amazonaws.com/role-arn annotation",
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Terraform
+// ------------------------------------------------------------------------------------------------
+
+const TERRAFORM_WHY: &str =
+    "`terraform fmt -check` checks deploy/terraform offline (Terraform 1.5 or later)";
+
+fn terraform_fmt_problems(dir: &Path) -> Vec<String> {
+    if let Err(e) = require_tool("terraform", TERRAFORM_WHY) {
+        panic!("{e}");
+    }
+    let out = Command::new("terraform")
+        .args(["fmt", "-check", "-recursive", "-no-color"])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running terraform fmt: {e}"));
+    if out.status.success() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "terraform fmt -check -recursive {} failed; not formatted:\n{}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )]
+    }
+}
+
+#[test]
+fn the_terraform_is_formatted() {
+    let problems = terraform_fmt_problems(&root().join("deploy/terraform"));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn badly_formatted_terraform_is_caught() {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-tf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    std::fs::write(
+        dir.join("main.tf"),
+        "variable \"x\" {\n      type=string\n}\n",
+    )
+    .unwrap_or_else(|e| panic!("writing the test file: {e}"));
+    let problems = terraform_fmt_problems(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !problems.is_empty(),
+        "terraform fmt accepted a badly formatted file"
+    );
+}
+
+#[test]
+fn a_missing_tool_is_reported_with_what_to_install() {
+    let e = require_tool("millrace-no-such-tool", "it is needed")
+        .err()
+        .unwrap_or_default();
+    assert!(
+        e.contains("install millrace-no-such-tool") && e.contains("it is needed"),
+        "{e}"
+    );
+}
+
+/// The AWS module names SNS topics and SQS queues by a rule of its own; it must be the bus's.
+#[test]
+fn the_aws_module_names_topics_and_queues_as_the_bus_does() {
+    use millrace_bus::sns_sqs::{queue_name, topic_name};
+
+    let module = read(&root().join("deploy/terraform/modules/aws/main.tf"));
+    for rule in [
+        r#"sns_name   = { for t, _ in local.topics : t => replace(t, ".", "_") }"#,
+        r#"queue_name = { for t, g in local.topics : t => "${replace(t, ".", "_")}__${g}" }"#,
+        r#""${local.p}.${f}.intake" => "intake-worker-${f}""#,
+        r#""${local.p}.${f}.aggregate" => "aggregate-worker-${f}""#,
+        r#""${local.p}.collect" = "mill""#,
+        r#""${local.p}.results" = "inspect""#,
+    ] {
+        assert!(
+            module.contains(rule),
+            "deploy/terraform/modules/aws/main.tf no longer has {rule:?}; update this test with it"
+        );
+    }
+    for (topic, group) in fleet_topics("millrace") {
+        let module_topic = topic.replace('.', "_");
+        assert_eq!(topic_name(&topic), module_topic, "SNS name of {topic}");
+        assert_eq!(
+            queue_name(&topic, &group),
+            format!("{module_topic}__{group}"),
+            "SQS name of {topic} / {group}"
+        );
+    }
+}
+
+/// The same for the Google Cloud module and the Pub/Sub backend.
+#[test]
+fn the_gcp_module_names_topics_and_subscriptions_as_the_bus_does() {
+    use millrace_bus::pubsub::{subscription_id, topic_id};
+
+    let module = read(&root().join("deploy/terraform/modules/gcp/main.tf"));
+    for rule in [
+        r#"subscription_name = { for t, g in local.topics : t => "${t}~${g}" }"#,
+        r#"name    = each.key"#,
+    ] {
+        assert!(
+            module.contains(rule)
+                || read(&root().join("deploy/terraform/modules/gcp/pubsub.tf")).contains(rule),
+            "deploy/terraform/modules/gcp no longer has {rule:?}; update this test with it"
+        );
+    }
+    for (topic, group) in fleet_topics("millrace") {
+        assert_eq!(topic_id(&topic), topic, "Pub/Sub topic id of {topic}");
+        assert_eq!(
+            subscription_id(&topic, &group),
+            format!("{topic}~{group}"),
+            "Pub/Sub subscription id of {topic} / {group}"
+        );
+    }
+}
+
+/// Every topic the fleet uses, each with the one consumer group on it.
+fn fleet_topics(prefix: &str) -> Vec<(String, String)> {
+    use millrace_protocol::tasks::{groups, topics};
+
+    let mut fleet: Vec<(String, String)> = Vec::new();
+    for f in 0..2u8 {
+        fleet.push((topics::intake(prefix, f), groups::intake(f)));
+        fleet.push((topics::aggregate(prefix, f), groups::aggregate(f)));
+        // The modules' own templates for these groups.
+        assert_eq!(groups::intake(f), format!("intake-worker-{f}"));
+        assert_eq!(groups::aggregate(f), format!("aggregate-worker-{f}"));
+    }
+    assert_eq!(groups::collect(), "mill");
+    fleet.push((topics::collect(prefix), groups::collect()));
+    let inspect = millrace_bus::INSPECT_GROUP.to_string();
+    assert_eq!(inspect, "inspect");
+    fleet.push((topics::results(prefix), inspect.clone()));
+    let companions: Vec<(String, String)> = fleet
+        .iter()
+        .flat_map(|(t, _)| {
+            [
+                (millrace_bus::dead_topic(t), inspect.clone()),
+                (millrace_bus::rejected_topic(t), inspect.clone()),
+            ]
+        })
+        .collect();
+    fleet.extend(companions);
+    fleet
+}
