@@ -1,11 +1,9 @@
 //! The worker-level conformance suite (`millrace_runtime::conformance`: dead letters after
 //! max_attempts, permanent errors rejected at once, the concurrency limit, graceful shutdown) on
-//! every bus backend: the in-memory bus, RabbitMQ and NATS on this machine, Kafka (tansu) at
-//! `MILLRACE_TEST_KAFKA`, which `make test` starts, and SNS/SQS (moto) and Pub/Sub (its emulator),
-//! started by `make test` or, without it, by the first test that needs them.
-
-#[path = "support/emulators.rs"]
-mod emulators;
+//! every bus backend: the in-memory bus, RabbitMQ and NATS on this machine, and Kafka (tansu) at
+//! `MILLRACE_TEST_KAFKA`, which `make test` starts. SNS/SQS and Pub/Sub run the same suite in
+//! `tests/worker_conformance_cloud.rs` (a process of their own, so the Kafka group timings here are
+//! not measured beside the emulator clients' background tasks).
 
 use std::sync::Arc;
 
@@ -106,32 +104,4 @@ async fn kafka_passes_the_worker_conformance_suite() {
         .await
         .unwrap_or_else(|e| panic!("Kafka at {url}: {e}"));
     conformance::run_all(bus, &prefix("kafka")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sns_sqs_passes_the_worker_conformance_suite() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    // moto keeps everything in memory and is thrown away after the run: nothing to clean up.
-    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-    }
-    let endpoint = emulators::emulator("moto");
-    let url = format!("sns-sqs://us-east-1?endpoint={endpoint}");
-    let bus: Arc<dyn Bus> = millrace_bus::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("SNS/SQS at {url}: {e}"));
-    conformance::run_all(bus, &prefix("sns")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pubsub_passes_the_worker_conformance_suite() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    // The emulator keeps everything in memory and is thrown away after the run.
-    let host = emulators::emulator("pubsub");
-    let url = format!("pubsub://millrace-test?emulator={host}");
-    let bus: Arc<dyn Bus> = millrace_bus::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("Pub/Sub at {url}: {e}"));
-    conformance::run_all(bus, &prefix("pubsub")).await;
 }

@@ -113,7 +113,12 @@
 //!   `DeleteMessage` with a stale receipt handle (moto does too), so without the client-side check
 //!   a late ack could delete a message another consumer is working on.
 //! * `extend(lease)` is `ChangeMessageVisibility(ceil(lease) + 1 s)` and moves the deadline to
-//!   (sent + lease). SQS caps a message's total visibility at 12 hours from its receive.
+//!   (sent + lease) once SQS has confirmed it. SQS caps a message's total visibility at 12 hours
+//!   from its receive.
+//! * Callers count the lease from when `next` hands the delivery out, SQS from the receive. A
+//!   message that waited in the buffer for more than a quarter of its lease is therefore extended
+//!   to a whole lease in the background as `next` hands it out (its old deadline holds until SQS
+//!   confirms); one whose lease ran out in the buffer is skipped and handed back.
 //! * `nack(delay)` is `ChangeMessageVisibility(ceil(delay))`: the delay is rounded **up to whole
 //!   seconds** (600 ms waits 1 s), at most 12 hours; `nack(0)` makes it visible at once.
 //! * `ack` is `DeleteMessage` with this delivery's receipt handle (receipt handles change with
@@ -1157,6 +1162,7 @@ impl Bus for SnsSqsBus {
         Ok(Box::new(SqsSubscription {
             shared,
             prefetch,
+            lease: client_lease(options.lease),
             topic: topic.to_string(),
             group: options.group,
         }))
@@ -1363,6 +1369,8 @@ impl Receiver {
 struct SqsSubscription {
     shared: Arc<SubShared>,
     prefetch: usize,
+    /// The client-side lease of every delivery, counted from its receive.
+    lease: Duration,
     topic: String,
     group: String,
 }
@@ -1413,6 +1421,16 @@ impl Subscription for SqsSubscription {
                     if state.buffer.len() < self.prefetch / 2 {
                         state.refill = true;
                         self.shared.wake_receiver.notify_one();
+                    }
+                    if pending.settle.remaining() < self.lease * 3 / 4 {
+                        // It waited in the buffer for a good part of its lease: give it a
+                        // whole lease from now, as callers expect.
+                        let (settle, lease) = (pending.settle.clone(), self.lease);
+                        tokio::spawn(async move {
+                            if let Err(e) = settle.extend(lease).await {
+                                debug!(backend = BACKEND, message_id = %settle.message_id, error = %e, "refreshing the lease of a buffered message failed");
+                            }
+                        });
                     }
                     return Ok(into_delivery(pending));
                 }
@@ -1557,6 +1575,39 @@ impl SettleInner {
         }
     }
 
+    /// Keeps the message for `lease` from now. The old deadline holds until SQS has confirmed the
+    /// new visibility, so the client-side deadline never outlives SQS's.
+    async fn extend(&self, lease: Duration) -> Result<(), BusError> {
+        {
+            let mut state = lock(&self.state);
+            if state.settled || Instant::now() >= state.deadline {
+                return Err(self.lease_lost());
+            }
+            state.extending += 1;
+        }
+        let sent = Instant::now();
+        let result = self.change_visibility(visibility_for(lease)).await;
+        {
+            let mut state = lock(&self.state);
+            state.extending = state.extending.saturating_sub(1);
+            match &result {
+                Ok(()) if !state.settled => state.deadline = sent + client_lease(lease),
+                Ok(()) => {}
+                Err(BusError::LeaseLost { .. }) => state.settled = true,
+                Err(_) => {}
+            }
+        }
+        self.changed.notify_one();
+        result
+    }
+
+    /// How much of the lease is left.
+    fn remaining(&self) -> Duration {
+        lock(&self.state)
+            .deadline
+            .saturating_duration_since(Instant::now())
+    }
+
     /// Makes the message visible again at once, unless it is settled or its lease ran out.
     async fn hand_back(self: Arc<Self>) {
         if self.claim().is_err() {
@@ -1611,27 +1662,7 @@ impl Settle for SqsSettle {
     }
 
     async fn extend(&self, lease: Duration) -> Result<(), BusError> {
-        {
-            let mut state = lock(&self.inner.state);
-            if state.settled || Instant::now() >= state.deadline {
-                return Err(self.inner.lease_lost());
-            }
-            state.extending += 1;
-        }
-        let sent = Instant::now();
-        let result = self.inner.change_visibility(visibility_for(lease)).await;
-        {
-            let mut state = lock(&self.inner.state);
-            state.extending = state.extending.saturating_sub(1);
-            match &result {
-                Ok(()) if !state.settled => state.deadline = sent + client_lease(lease),
-                Ok(()) => {}
-                Err(BusError::LeaseLost { .. }) => state.settled = true,
-                Err(_) => {}
-            }
-        }
-        self.inner.changed.notify_one();
-        result
+        self.inner.extend(lease).await
     }
 
     fn abandon(&self) {
