@@ -27,6 +27,7 @@ pub use bytes::Bytes;
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod conformance;
+mod encoding;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "memory")]

@@ -76,6 +76,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::encoding::{fnv1a, hex, unhex};
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -135,19 +136,9 @@ fn js_name(name: &str) -> String {
         })
         .collect();
     if !plain {
-        out.push_str(&format!("_h{:016x}", fnv1a(name.as_bytes())));
+        out.push_str(&format!("_h{:016x}", fnv1a(&[name.as_bytes()])));
     }
     out
-}
-
-/// FNV-1a: stable across Rust versions and processes (unlike `DefaultHasher`).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
 }
 
 fn check_topic(topic: &str) -> Result<(), BusError> {
@@ -171,24 +162,6 @@ fn check_group(group: &str) -> Result<(), BusError> {
     } else {
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<String> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    bytes.and_then(|b| String::from_utf8(b).ok())
 }
 
 fn carries_verbatim(key: &str, value: &str) -> bool {

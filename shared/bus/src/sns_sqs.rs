@@ -148,6 +148,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::encoding::{fnv1a, hex, unhex};
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -212,16 +213,6 @@ fn invalid_url(url: &str, reason: impl Into<String>) -> BusError {
 // ---------------------------------------------------------------------------------------------
 // Names
 
-/// FNV-1a: stable across Rust versions and processes (unlike `DefaultHasher`).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
-
 /// Letters, digits, `-` and `.` only: these names map one-to-one.
 fn plain(name: &str) -> bool {
     !name.is_empty()
@@ -245,7 +236,7 @@ fn sanitize(name: &str) -> String {
 
 /// `readable`, cut to fit `max` together with the hash suffix of `key`.
 fn with_hash(mut readable: String, key: &[u8], max: usize) -> String {
-    let suffix = format!("_h{:016x}", fnv1a(key));
+    let suffix = format!("_h{:016x}", fnv1a(&[key]));
     // `readable` is ASCII (sanitized), so any byte index is a character boundary.
     readable.truncate(max.saturating_sub(suffix.len()));
     readable.push_str(&suffix);
@@ -352,24 +343,6 @@ fn body_text(topic: &str, body: &Bytes) -> Result<String, BusError> {
         )));
     }
     Ok(text.to_string())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<String> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    bytes.and_then(|b| String::from_utf8(b).ok())
 }
 
 /// An attribute name SNS and SQS accept as it is (and that is not ours).
@@ -1755,7 +1728,10 @@ mod tests {
         assert_ne!(queue_name("t", "g_1"), queue_name("t", "g.1"));
         // Deterministic: the same everywhere, every time.
         assert_eq!(topic_name("x y/z"), topic_name("x y/z"));
-        assert_eq!(topic_name("a_b"), format!("a_b_h{:016x}", fnv1a(b"a_b")));
+        assert_eq!(
+            topic_name("a_b"),
+            format!("a_b_h{:016x}", fnv1a(&[b"a_b".as_slice()]))
+        );
         for name in [
             topic_name("ünï.码 ✓/*>"),
             queue_name("ünï.码", "g 1"),
