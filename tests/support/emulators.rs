@@ -1,69 +1,26 @@
 //! Test support: the local cloud emulators (moto for S3/SNS/SQS, the Pub/Sub emulator,
 //! fake-gcs-server) and the bucket set-up a real deployment leaves to Terraform.
 //!
-//! Each emulator's address comes from an environment variable (`MILLRACE_TEST_MOTO`,
-//! `MILLRACE_TEST_PUBSUB`, `MILLRACE_TEST_GCS`), which `make test` sets after starting them. Without
-//! it, the first test that needs one starts it with `scripts/emulator.sh NAME start`, and the
-//! script stops it again when this test process exits. No test skips: no emulator is a failure.
+//! How each emulator is found or started is `local_services.rs`.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Mutex;
+#[path = "local_services.rs"]
+pub mod local_services;
+
+use local_services::{address, GCS, MOTO, PUBSUB};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn env_var(name: &str) -> &'static str {
-    match name {
-        "moto" => "MILLRACE_TEST_MOTO",
-        "pubsub" => "MILLRACE_TEST_PUBSUB",
-        "gcs" => "MILLRACE_TEST_GCS",
-        other => panic!("no emulator called {other}"),
-    }
-}
-
 /// The address of emulator `name` (`moto`, `pubsub`, `gcs`), started if needed: an endpoint URL
 /// for moto and gcs, `HOST:PORT` for pubsub.
 pub fn emulator(name: &str) -> String {
-    static STARTED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
-    let var = env_var(name);
-    if let Ok(addr) = std::env::var(var) {
-        if !addr.trim().is_empty() {
-            return addr.trim().to_string();
-        }
+    match name {
+        "moto" => address(&MOTO),
+        "pubsub" => address(&PUBSUB),
+        "gcs" => address(&GCS),
+        other => panic!("no emulator called {other}"),
     }
-    let mut started = STARTED.lock().unwrap_or_else(|p| p.into_inner());
-    let started = started.get_or_insert_with(HashMap::new);
-    if let Some(addr) = started.get(name) {
-        return addr.clone();
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("scripts/emulator.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg(name)
-        .arg("start")
-        .current_dir(&root)
-        .env("EMULATOR_STOP_WITH_PID", std::process::id().to_string())
-        .output()
-        .unwrap_or_else(|e| panic!("running {} {name} start: {e}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} {name} start failed ({}); set {var} to use a running emulator.\n{}",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let addr = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    assert!(
-        !addr.is_empty(),
-        "{} {name} start printed no address",
-        script.display()
-    );
-    started.insert(name.to_string(), addr.clone());
-    addr
 }
 
 /// A name unique to this test process and call, usable as a bucket name or topic prefix.

@@ -11,69 +11,20 @@
 //!
 //! There is no broker-restart test: tansu's memory storage forgets everything on restart.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+#[path = "../../../tests/support/local_services.rs"]
+mod local_services;
 
+use local_services::{address, run_prefix, KAFKA};
 use millrace_bus::conformance;
 use millrace_bus::kafka::KafkaBus;
 use millrace_bus::Bus;
 use tokio::sync::Mutex;
 
-/// The broker address (`HOST:PORT`), started once per test process if not given.
-fn broker() -> &'static str {
-    static ADDR: OnceLock<String> = OnceLock::new();
-    ADDR.get_or_init(|| {
-        if let Ok(addr) = std::env::var("MILLRACE_TEST_KAFKA") {
-            if !addr.trim().is_empty() {
-                return addr.trim().to_string();
-            }
-        }
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let script = root.join("scripts/kafka-broker.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .current_dir(&root)
-            .env("KAFKA_STOP_WITH_PID", std::process::id().to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("running {} start: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} start failed ({}); set MILLRACE_TEST_KAFKA=HOST:PORT to use a running broker.\n{}",
-            script.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let addr = String::from_utf8_lossy(&output.stdout).trim().to_string();
-        assert!(
-            !addr.is_empty(),
-            "{} start printed no address",
-            script.display()
-        );
-        addr
-    })
-}
-
-/// A topic prefix unique to this test run (and test).
-fn prefix(test: &str) -> String {
-    static RUN: OnceLock<String> = OnceLock::new();
-    let run = RUN.get_or_init(|| {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        format!("millrace-test-{}-{nanos:x}", std::process::id())
-    });
-    format!("{run}.{test}")
-}
-
 /// Connects to the broker and holds the turn for one test.
 async fn bus() -> (KafkaBus, tokio::sync::MutexGuard<'static, ()>) {
     static TURN: Mutex<()> = Mutex::const_new(());
     let turn = TURN.lock().await;
-    let addr = broker();
+    let addr = address(&KAFKA);
     let url = format!("kafka://{addr}");
     match KafkaBus::connect(&url).await {
         Ok(bus) => (bus, turn),
@@ -86,7 +37,7 @@ macro_rules! conformance_test {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             let (bus, _turn) = bus().await;
-            conformance::$name(&bus, &prefix(stringify!($name))).await;
+            conformance::$name(&bus, &run_prefix(stringify!($name))).await;
             if let Err(e) = bus.flush().await {
                 panic!("flush at the end: {e}");
             }

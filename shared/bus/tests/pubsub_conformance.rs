@@ -13,11 +13,13 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
+#[path = "../../../tests/support/local_services.rs"]
+mod local_services;
+
+use local_services::{address, run_prefix, PUBSUB};
 use millrace_bus::conformance;
 use millrace_bus::pubsub::{self, DecodedTopic, PubSubBus};
 use millrace_bus::{Bus, BusError, Delivery, Message, SubscribeOptions, Subscription};
@@ -27,57 +29,8 @@ use tokio::time::timeout;
 const PROJECT: &str = "millrace-test";
 const SOON: Duration = Duration::from_secs(10);
 
-/// The emulator's `HOST:PORT`, started once per test process if not given.
-fn emulator() -> &'static str {
-    static ADDR: OnceLock<String> = OnceLock::new();
-    ADDR.get_or_init(|| {
-        if let Ok(addr) = std::env::var("MILLRACE_TEST_PUBSUB") {
-            if !addr.trim().is_empty() {
-                return addr.trim().to_string();
-            }
-        }
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let script = root.join("scripts/emulator.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .args(["pubsub", "start"])
-            .current_dir(&root)
-            .env("EMULATOR_STOP_WITH_PID", std::process::id().to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("running {} pubsub start: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} pubsub start failed ({}); set MILLRACE_TEST_PUBSUB=HOST:PORT to use a running \
-             emulator.\n{}",
-            script.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let addr = String::from_utf8_lossy(&output.stdout).trim().to_string();
-        assert!(
-            !addr.is_empty(),
-            "{} pubsub start printed no address",
-            script.display()
-        );
-        addr
-    })
-}
-
 fn url() -> String {
-    format!("pubsub://{PROJECT}?emulator={}", emulator())
-}
-
-/// A topic prefix unique to this test run and test.
-fn prefix(test: &str) -> String {
-    static RUN: OnceLock<String> = OnceLock::new();
-    let run = RUN.get_or_init(|| {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        format!("millrace-test-{}-{nanos:x}", std::process::id())
-    });
-    format!("{run}.{test}")
+    format!("pubsub://{PROJECT}?emulator={}", address(&PUBSUB))
 }
 
 async fn connect() -> PubSubBus {
@@ -98,7 +51,7 @@ where
     static TURN: Mutex<()> = Mutex::const_new(());
     let _turn = TURN.lock().await;
     let bus = Arc::new(connect().await);
-    let prefix = prefix(test);
+    let prefix = run_prefix(test);
     let outcome = tokio::spawn(check(bus.clone(), prefix.clone())).await;
     if let Err(e) = bus.flush().await {
         eprintln!("flush at the end of {test}: {e}");

@@ -13,14 +13,16 @@
 //! on an emulator busy with another test's thousands of messages.
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+#[path = "../../../tests/support/local_services.rs"]
+mod local_services;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::Credentials;
 use aws_sdk_sqs::types::QueueAttributeName;
+use local_services::{address, MOTO};
 use millrace_bus::sns_sqs::{queue_name, topic_name, SnsSqsBus};
 use millrace_bus::{conformance, Bus, BusError, Message, SubscribeOptions};
 use tokio::sync::Mutex;
@@ -33,7 +35,7 @@ const SOON: Duration = Duration::from_secs(10);
 fn endpoint() -> &'static str {
     static ENDPOINT: OnceLock<String> = OnceLock::new();
     ENDPOINT.get_or_init(|| {
-        let endpoint = find_endpoint();
+        let endpoint = address(&MOTO);
         reset_moto(&endpoint);
         endpoint
     })
@@ -60,38 +62,6 @@ fn reset_moto(endpoint: &str) {
         response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
         "resetting moto at {host}: {response:?}"
     );
-}
-
-fn find_endpoint() -> String {
-    if let Ok(endpoint) = std::env::var("MILLRACE_TEST_MOTO") {
-        if !endpoint.trim().is_empty() {
-            return endpoint.trim().trim_end_matches('/').to_string();
-        }
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let script = root.join("scripts/emulator.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .args(["moto", "start"])
-        .current_dir(&root)
-        .env("EMULATOR_STOP_WITH_PID", std::process::id().to_string())
-        .output()
-        .unwrap_or_else(|e| panic!("running {} moto start: {e}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} moto start failed ({}); set MILLRACE_TEST_MOTO=http://HOST:PORT to use a running \
-         moto.\n{}",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let endpoint = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    assert!(
-        endpoint.starts_with("http"),
-        "{} moto start printed no endpoint: {endpoint:?}",
-        script.display()
-    );
-    endpoint
 }
 
 fn url() -> String {
