@@ -1,4 +1,4 @@
-"""moto_server with SQS made linear, for the SNS/SQS tests (started by scripts/emulator.sh).
+"""moto_server with SQS calls kept cheap on long queues, for the SNS/SQS tests (scripts/emulator.sh).
 
 moto 5.2 recomputes every queue attribute, the approximate message counts among them, on each
 SendMessage and on each message ReceiveMessage hands out (to look up ContentBasedDeduplication
