@@ -46,7 +46,11 @@
 //!   partition that moved away say `LeaseLost`, because their new owner re-reads them.
 //! * **Close** stops handing out, drops the buffer (uncommitted, so re-read by the group), and
 //!   leaves the group once every delivery already handed out is settled or its lease has expired;
-//!   then it commits what is contiguous and unsubscribes. `flush` flushes the producer.
+//!   then it commits what is contiguous and unsubscribes. `close` returns at once while
+//!   deliveries are out; called (again) when none is, it waits up to 30 s until the consumer has
+//!   committed and left. (A member joining while another is still leaving can wait a long time for
+//!   its assignment on tansu, so the worker loop closes again after its drain.) `flush` flushes
+//!   the producer.
 //! * **Reconnecting** is librdkafka's job; errors from the consumer stream are logged and the
 //!   subscription keeps reading.
 //!
@@ -1166,12 +1170,10 @@ impl Subscription for KafkaSubscription {
 
     async fn close(&mut self) -> Result<(), BusError> {
         self.shared.begin_close();
-        let idle = {
-            let state = lock(&self.shared.state);
-            state.in_flight.is_empty() && state.republishing == 0
-        };
+        let idle = lock(&self.shared.state).in_flight.is_empty();
         // With deliveries still out, the consumer stays in the group until they are settled
-        // (or their leases expire); otherwise wait until it has committed and left.
+        // (or their leases expire); otherwise wait until it has committed and left (after the
+        // republishes of hand-backs under way, which need no caller).
         if idle {
             if let Some(task) = self.task.take() {
                 match tokio::time::timeout(Duration::from_secs(30), task).await {

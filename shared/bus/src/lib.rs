@@ -199,6 +199,11 @@ pub trait Subscription: Send {
     async fn next(&mut self) -> Result<Delivery, BusError>;
 
     /// Stops receiving and hands back anything prefetched but not yet returned by `next`.
+    /// Deliveries already returned stay settleable. Closing again is allowed: once every
+    /// delivery returned is settled or dropped, `close` also waits (within bounds) until the
+    /// backend has let go of the group — Kafka commits and leaves its consumer group — so that a
+    /// process exiting next loses no commit and a successor joins a group that is not still
+    /// waiting for this member.
     async fn close(&mut self) -> Result<(), BusError>;
 }
 

@@ -295,6 +295,12 @@ pub async fn run_worker(
             report.count_join(topic, joined);
         }
     }
+    // Every delivery is settled or dropped now: closing again waits until the subscription has
+    // let go of its group (Kafka: committed and left), so that exiting next loses nothing and a
+    // replacement worker does not join a group still waiting for this one.
+    if let Err(error) = subscription.close().await {
+        tracing::warn!(topic, %error, "closing the subscription after the drain failed");
+    }
     bus.flush().await?;
     tracing::info!(
         topic,
