@@ -114,6 +114,12 @@ where
 {
     static TURN: Mutex<()> = Mutex::const_new(());
     let _turn = TURN.lock().await;
+    if let Ok(filter) = std::env::var("MILLRACE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let bus = Arc::new(connect().await);
     let prefix = prefix(test);
     let outcome = tokio::spawn(check(bus.clone(), prefix.clone())).await;
