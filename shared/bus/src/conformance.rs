@@ -37,6 +37,26 @@ const QUIET: Duration = Duration::from_millis(300);
 /// The delay used for `nack(delay)`.
 const NACK_DELAY: Duration = Duration::from_millis(600);
 
+/// Invokes `$case!(name)` once for every bus-level behaviour above, named as its function here.
+/// Backend test files expand it with a `$case` macro of their own that writes one test, so every
+/// backend runs the whole list and a new behaviour reaches all of them from this one place:
+/// `millrace_bus::for_each_conformance_case!(conformance_test);`
+#[macro_export]
+macro_rules! for_each_conformance_case {
+    ($case:ident) => {
+        $case!(publish_and_receive_roundtrip);
+        $case!(competing_consumers_share_messages);
+        $case!(nack_redelivers);
+        $case!(nack_with_delay_redelivers_after_the_delay);
+        $case!(expired_lease_redelivers);
+        $case!(extended_lease_is_kept);
+        $case!(attempt_count_rises_across_redeliveries);
+        $case!(abandoned_delivery_goes_to_another_consumer);
+        $case!(close_and_reopen_loses_nothing);
+        $case!(flush_after_publish_loses_nothing);
+    };
+}
+
 /// Runs every behaviour against `bus`, each on its own topics under `prefix`.
 pub async fn run_all(bus: Arc<dyn Bus>, prefix: &str) {
     let bus = &*bus;

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -129,6 +129,25 @@ impl SubscribeOptions {
 }
 
 /// Errors from a bus backend.
+/// Locks a backend's state. The state stays consistent between statements, so a panic while
+/// one caller held the lock must not wedge every later caller: the poison is ignored.
+#[cfg_attr(
+    not(any(
+        feature = "amqp",
+        feature = "kafka",
+        feature = "memory",
+        feature = "nats",
+        feature = "pubsub",
+        feature = "sns-sqs"
+    )),
+    allow(dead_code)
+)]
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The bus URL could not be understood.

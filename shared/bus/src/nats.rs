@@ -59,7 +59,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -77,6 +77,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::encoding::{fnv1a, hex, unhex};
+use crate::lock;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -101,12 +102,6 @@ fn backend(message: impl Display) -> BusError {
         backend: BACKEND,
         message: message.to_string(),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The JetStream stream that holds `topic`: the topic with `.` (and anything else a stream name

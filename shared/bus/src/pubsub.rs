@@ -128,7 +128,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -151,6 +151,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::encoding::fnv1a;
+use crate::lock;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -211,12 +212,6 @@ fn backend(message: impl Display) -> BusError {
         backend: BACKEND,
         message: message.to_string(),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Admin calls retry what the service says is transient (UNAVAILABLE, or a failure before the

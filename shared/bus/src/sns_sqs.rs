@@ -135,7 +135,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -149,6 +149,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::encoding::{fnv1a, hex, unhex};
+use crate::lock;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -195,12 +196,6 @@ fn backend(message: impl Display) -> BusError {
 /// An SDK error with its whole chain of causes (the SDK's own `Display` only says "service error").
 fn sdk<E: std::error::Error>(error: E) -> String {
     DisplayErrorContext(error).to_string()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn invalid_url(url: &str, reason: impl Into<String>) -> BusError {

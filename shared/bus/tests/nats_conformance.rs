@@ -70,85 +70,19 @@ where
     with_bus(test, check).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_and_receive_roundtrip() {
-    shared("roundtrip", |bus, prefix| async move {
-        conformance::publish_and_receive_roundtrip(&*bus, &prefix).await
-    })
-    .await;
+macro_rules! conformance_test {
+    ($name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            shared(stringify!($name), |bus, prefix| async move {
+                conformance::$name(&*bus, &prefix).await
+            })
+            .await;
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn competing_consumers_share_messages() {
-    shared("competing", |bus, prefix| async move {
-        conformance::competing_consumers_share_messages(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nack_redelivers() {
-    shared("nack", |bus, prefix| async move {
-        conformance::nack_redelivers(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nack_with_delay_redelivers_after_the_delay() {
-    shared("nack-delay", |bus, prefix| async move {
-        conformance::nack_with_delay_redelivers_after_the_delay(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_lease_redelivers() {
-    shared("lease-expiry", |bus, prefix| async move {
-        conformance::expired_lease_redelivers(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn extended_lease_is_kept() {
-    shared("lease-extend", |bus, prefix| async move {
-        conformance::extended_lease_is_kept(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attempt_count_rises_across_redeliveries() {
-    shared("attempts", |bus, prefix| async move {
-        conformance::attempt_count_rises_across_redeliveries(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abandoned_delivery_goes_to_another_consumer() {
-    shared("abandon", |bus, prefix| async move {
-        conformance::abandoned_delivery_goes_to_another_consumer(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_and_reopen_loses_nothing() {
-    shared("reopen", |bus, prefix| async move {
-        conformance::close_and_reopen_loses_nothing(&*bus, &prefix).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flush_after_publish_loses_nothing() {
-    shared("flush", |bus, prefix| async move {
-        conformance::flush_after_publish_loses_nothing(&*bus, &prefix).await
-    })
-    .await;
-}
+millrace_bus::for_each_conformance_case!(conformance_test);
 
 // ---------------------------------------------------------------------------------------------
 // Backend specifics

@@ -79,16 +79,7 @@ macro_rules! conformance_test {
     };
 }
 
-conformance_test!(publish_and_receive_roundtrip);
-conformance_test!(competing_consumers_share_messages);
-conformance_test!(nack_redelivers);
-conformance_test!(nack_with_delay_redelivers_after_the_delay);
-conformance_test!(expired_lease_redelivers);
-conformance_test!(extended_lease_is_kept);
-conformance_test!(attempt_count_rises_across_redeliveries);
-conformance_test!(abandoned_delivery_goes_to_another_consumer);
-conformance_test!(close_and_reopen_loses_nothing);
-conformance_test!(flush_after_publish_loses_nothing);
+millrace_bus::for_each_conformance_case!(conformance_test);
 
 // ---------------------------------------------------------------------------------------------
 // Pub/Sub specifics
