@@ -388,3 +388,26 @@ async fn s3_a_key_object_store_cannot_parse_fails_only_its_prefix_and_its_aggreg
     }
     assert_eq!(n, 2);
 }
+
+/// The same gap on GCS: a key with an empty segment (uploaded through the emulator's JSON API)
+/// fails the listing of its prefix, by name; the other prefixes list as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_a_key_object_store_cannot_parse_fails_only_its_prefix() {
+    let (store, endpoint, bucket) = gcs_store("badkey").await;
+    for name in ["run/bad/a.txt", "run/bad/x//y.txt", "run/good/b.txt"] {
+        emulators::upload_gcs_object(&endpoint, &bucket, name, "x").await;
+    }
+    let err = store.list("bad/").await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("bad/:") && err.contains("cannot parse"),
+        "{err}"
+    );
+    let keys: Vec<String> = store
+        .list("good/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, vec!["good/b.txt"]);
+}

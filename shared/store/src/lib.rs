@@ -24,9 +24,12 @@
 //! bad key fails the page and pagination stops. Local-file stores are therefore listed here with
 //! `std::fs` (the same rules as `LocalFileSystem`: files only, symbolic links followed, its
 //! in-progress upload files `NAME#DIGITS` hidden). For S3 and GCS a key that `object_store` cannot
-//! parse still fails the listing of its prefix, with an error that says so and names the prefix:
-//! skipping it would need a ListObjects client of our own, and a listing that silently ended at the
-//! bad key would be worse than an error (the cleaner acts on what a listing does not contain).
+//! parse still fails the listing of its prefix, with an error that says so and names the prefix
+//! (`tests/cloud_stores.rs` pins this down on moto and fake-gcs-server). Skipping it would need a
+//! ListObjects client of our own: resuming after the bad key with `list_with_offset` would still
+//! lose the valid keys of the same page before it, and a listing that silently ended at the bad
+//! key would be worse than an error (the cleaner acts on what a listing does not contain). The
+//! workflow-manager contains such an error to the aggregation whose partition holds the key.
 
 use std::path::PathBuf;
 use std::sync::Arc;
