@@ -246,7 +246,7 @@ impl Mill {
                     )));
                 }
             };
-        let message_id = self
+        let published = self
             .bus
             .publish(
                 &topics::results(&self.topic_prefix),
@@ -260,8 +260,20 @@ impl Mill {
                     .to_json(),
                 ),
             )
-            .await
-            .map_err(|e| TaskError::Transient(e.to_string()))?;
+            .await;
+        let message_id = match published {
+            Ok(id) => id,
+            Err(e) => {
+                // Give the claim up at once, so the retry (ours or another mill's) need not wait
+                // for the claim timeout.
+                if let Err(release) =
+                    markers::release(&self.collector, &announced, &me, generation).await
+                {
+                    tracing::warn!(marker = %announced, error = %release, "could not release the announce claim; it times out instead");
+                }
+                return Err(TaskError::Transient(e.to_string()));
+            }
+        };
         markers::mark_published(&self.collector, &announced, &me, generation, &message_id)
             .await
             .map_err(TaskError::from)?;

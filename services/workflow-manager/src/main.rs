@@ -67,11 +67,14 @@ async fn main() -> anyhow::Result<()> {
     );
     service.readiness.set_ready(true);
     if args.once {
-        let report = wm.run_once(chrono::Utc::now().timestamp()).await?;
+        // An aggregation that failed does not stop the others; the exit status still says so.
+        let result = wm.run_once(chrono::Utc::now().timestamp()).await;
+        service.bus.flush().await?;
+        let report = result?;
         tracing::info!(?report, "pass finished");
     } else {
         wm.run(args.interval, service.shutdown).await;
+        service.bus.flush().await?;
     }
-    service.bus.flush().await?;
     Ok(())
 }

@@ -4,7 +4,6 @@
 pub mod cli;
 pub mod conformance;
 pub mod health;
-pub mod log_budget;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

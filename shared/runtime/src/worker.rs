@@ -27,9 +27,9 @@
 //!   again when the original comes back (its ack was lost with a connection). A copy that cannot be
 //!   published is retried with backoff; once the message's attempts are used up it is settled
 //!   anyway, logged and counted in `millrace_messages_unmovable_total`, never redelivered in a loop.
-//! * **Log volume is bounded.** Failures log their detail a few times a minute per kind and topic
-//!   ([`LogBudget`]); the rest is counted. No log line carries more than a bounded slice of a
-//!   message.
+//! * **Log volume is bounded.** A failure of one kind logs its detail once a minute per topic
+//!   ([`LogLimiter`]), with the number of occurrences it stands for; the rest is counted. No log
+//!   line carries more than a bounded slice of a message.
 //! * **Metrics are current.** A task's outcome is counted the moment it is settled, not when the
 //!   loop next looks, so a scrape of an idle worker agrees with its log.
 //!
@@ -47,6 +47,7 @@ use millrace_bus::{
     dead_topic, rejected_topic, Attributes, Bus, BusError, Bytes, Delivery, LeaseKeeper, Limits,
     SubscribeOptions, ATTR_ATTEMPT, ATTR_ORIGIN_TOPIC, ATTR_REASON,
 };
+use millrace_store::LogLimiter;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -54,7 +55,6 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::log_budget::LogBudget;
 use crate::Shutdown;
 
 /// The default `max_body`: task bodies are small JSON documents; 256 KiB is SNS's whole message.
@@ -252,7 +252,20 @@ struct Context {
     /// The longest body handed to the handler: `config.max_body` within `limits`.
     max_body: usize,
     moved: MovedAside,
-    logs: LogBudget,
+    logs: LogLimiter,
+}
+
+impl Context {
+    /// `Some(n)` if a line of this kind may be logged now (`n`: the occurrences it stands for,
+    /// this one included); `None` while the kind is quiet on this topic, counted in
+    /// `millrace_log_lines_suppressed_total{kind}`.
+    fn may_log(&self, kind: &'static str) -> Option<u64> {
+        let logged = self.logs.hit(&format!("{kind} {}", self.config.topic), 1);
+        if logged.is_none() {
+            metrics::counter!("millrace_log_lines_suppressed_total", "kind" => kind).increment(1);
+        }
+        logged
+    }
 }
 
 /// Consumes `config.topic` until `shutdown`, handling each message with `handler`.
@@ -280,7 +293,7 @@ pub async fn run_worker(
         limits,
         max_body,
         moved: MovedAside::default(),
-        logs: LogBudget::new(5, Duration::from_secs(60)),
+        logs: LogLimiter::new(Duration::from_secs(60)),
     });
     let config = &ctx.config;
     let topic = config.topic.as_str();
@@ -321,8 +334,8 @@ pub async fn run_worker(
                 // A broker hiccup must not end the worker; give back the slot while waiting.
                 drop(permit);
                 let error = bounded_text(&error.to_string(), MAX_REASON_BYTES).into_owned();
-                if let Some(suppressed) = ctx.logs.allow("receive", topic) {
-                    tracing::warn!(topic, %error, suppressed, "receiving failed; retrying in 1s");
+                if let Some(occurrences) = ctx.may_log("receive") {
+                    tracing::warn!(topic, %error, occurrences, "receiving failed; retrying in 1s");
                 }
                 tokio::select! {
                     _ = shutdown.wait() => break,
@@ -492,16 +505,16 @@ async fn settle(
             if let Err(error) = delivery.ack().await {
                 // The work is done; the message may run again (at-least-once), which handlers
                 // are written to tolerate.
-                if let Some(suppressed) = ctx.logs.allow("ack", topic) {
-                    tracing::warn!(%error, suppressed, "ack failed after the task succeeded");
+                if let Some(occurrences) = ctx.may_log("ack") {
+                    tracing::warn!(%error, occurrences, "ack failed after the task succeeded");
                 }
             }
             Outcome::Succeeded
         }
         Err(TaskError::Transient(reason)) if task.attempt >= config.max_attempts => {
             let reason = bounded_text(&reason, MAX_REASON_BYTES);
-            if let Some(suppressed) = ctx.logs.allow("dead", topic) {
-                tracing::warn!(%reason, max_attempts = config.max_attempts, suppressed, "giving up: dead-lettering");
+            if let Some(occurrences) = ctx.may_log("dead") {
+                tracing::warn!(%reason, max_attempts = config.max_attempts, occurrences, "giving up: dead-lettering");
             }
             move_aside(
                 ctx,
@@ -515,16 +528,16 @@ async fn settle(
         }
         Err(TaskError::Transient(reason)) => {
             let delay = retry_delay(task.attempt, config.backoff_base, config.backoff_max);
-            if let Some(suppressed) = ctx.logs.allow("transient", topic) {
+            if let Some(occurrences) = ctx.may_log("transient") {
                 let reason = bounded_text(&reason, MAX_REASON_BYTES);
-                tracing::info!(%reason, ?delay, suppressed, "transient failure; retrying later");
+                tracing::info!(%reason, ?delay, occurrences, "transient failure; retrying later");
             }
             nack(ctx, delivery, delay).await
         }
         Err(TaskError::Permanent(reason)) => {
             let reason = bounded_text(&reason, MAX_REASON_BYTES);
-            if let Some(suppressed) = ctx.logs.allow("rejected", topic) {
-                tracing::warn!(%reason, suppressed, "permanent failure: rejecting");
+            if let Some(occurrences) = ctx.may_log("rejected") {
+                tracing::warn!(%reason, occurrences, "permanent failure: rejecting");
             }
             move_aside(
                 ctx,
@@ -598,11 +611,11 @@ async fn move_aside(
             Outcome::Unmovable
         }
         Err(error) => {
-            if let Some(suppressed) = ctx.logs.allow("move-aside", &task.topic) {
+            if let Some(occurrences) = ctx.may_log("move-aside") {
                 tracing::error!(
                     error = %bounded_text(&error.to_string(), MAX_REASON_BYTES),
                     to,
-                    suppressed,
+                    occurrences,
                     "could not move the message aside; retrying it later"
                 );
             }
@@ -619,8 +632,8 @@ async fn move_aside(
 async fn ack_moved(ctx: &Context, delivery: Delivery, to: &str) {
     if let Err(error) = delivery.ack().await {
         // The copy exists; the original may come back, and is then acked without a second copy.
-        if let Some(suppressed) = ctx.logs.allow("ack", &ctx.config.topic) {
-            tracing::warn!(%error, to, suppressed, "ack failed after moving the message aside");
+        if let Some(occurrences) = ctx.may_log("ack") {
+            tracing::warn!(%error, to, occurrences, "ack failed after moving the message aside");
         }
     }
 }
@@ -628,8 +641,8 @@ async fn ack_moved(ctx: &Context, delivery: Delivery, to: &str) {
 async fn nack(ctx: &Context, delivery: Delivery, delay: Duration) -> Outcome {
     if let Err(error) = delivery.nack(delay).await {
         // Lost the lease: the bus redelivers it anyway.
-        if let Some(suppressed) = ctx.logs.allow("nack", &ctx.config.topic) {
-            tracing::warn!(%error, suppressed, "nack failed");
+        if let Some(occurrences) = ctx.may_log("nack") {
+            tracing::warn!(%error, occurrences, "nack failed");
         }
     }
     Outcome::Retried

@@ -8,7 +8,30 @@
 //! * [`markers`]: the workflow-manager's idempotency markers, built from create-only writes alone
 //!   so they behave the same on every backend.
 //! * listing by prefix, reads, deletes, and keys checked before they reach the backend.
+//!
+//! # Listings and bad names
+//!
+//! A store can hold objects that Millrace did not write: a file whose name is not valid UTF-8, or
+//! a cloud key with an empty or `..` segment. One such name must not hide every other object of
+//! its prefix, so [`Store::list`] skips it, counts it (`millrace_store_skipped_keys_total`, label
+//! `reason`) and warns once per prefix per minute with the count; real failures (permissions, the
+//! network, a missing bucket) still fail the listing with an error naming the prefix.
+//!
+//! `object_store` 0.14 cannot skip such an entry itself: its local listing ends the stream at the
+//! first entry it cannot turn into a `Path` (`Error::InvalidPath`, a `NonUnicode` or `BadSegment`
+//! path error; the chunked `try_unfold` stream stops after yielding an error), and its S3 and GCS
+//! listings convert a whole page at once (`TryFrom<ListResponse>` collects into a `Result`), so one
+//! bad key fails the page and pagination stops. Local-file stores are therefore listed here with
+//! `std::fs` (the same rules as `LocalFileSystem`: files only, symbolic links followed, its
+//! in-progress upload files `NAME#DIGITS` hidden). For S3 and GCS a key that `object_store` cannot
+//! parse still fails the listing of its prefix, with an error that says so and names the prefix
+//! (`tests/cloud_stores.rs` pins this down on moto and fake-gcs-server). Skipping it would need a
+//! ListObjects client of our own: resuming after the bad key with `list_with_offset` would still
+//! lose the valid keys of the same page before it, and a listing that silently ended at the bad
+//! key would be worse than an error (the cleaner acts on what a listing does not contain). The
+//! workflow-manager contains such an error to the aggregation whose partition holds the key.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +44,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 #[cfg(any(feature = "s3", feature = "gcs"))]
 pub mod cloud;
+mod limiter;
 pub mod markers;
+
+pub use limiter::LogLimiter;
 
 /// Errors from object storage, each naming the key involved.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +100,10 @@ pub struct ObjectInfo {
 pub struct Store {
     url: String,
     inner: Arc<dyn ObjectStore>,
+    /// The base directory of a `file://` store, listed with `std::fs` (see the module docs).
+    local_root: Option<PathBuf>,
+    /// Warnings about skipped names, per prefix.
+    skip_log: Arc<LogLimiter>,
 }
 
 /// `url` with any password replaced, for error messages and logs.
@@ -148,6 +178,8 @@ impl Store {
                 Ok(Store {
                     url: url.to_string(),
                     inner: Arc::new(fs),
+                    local_root: Some(dir),
+                    skip_log: Arc::default(),
                 })
             }
             "memory" => Ok(Store::memory()),
@@ -172,6 +204,8 @@ impl Store {
         Store {
             url: url.into(),
             inner,
+            local_root: None,
+            skip_log: Arc::default(),
         }
     }
 
@@ -180,6 +214,8 @@ impl Store {
         Store {
             url: "memory://".to_string(),
             inner: Arc::new(InMemory::new()),
+            local_root: None,
+            skip_log: Arc::default(),
         }
     }
 
@@ -280,13 +316,36 @@ impl Store {
             .map_err(|e| self.write_error(key, e))
     }
 
-    /// Every object under `prefix` (a key prefix ending in `/`), sorted by key.
+    /// Every object under `prefix` (a key prefix ending in `/`), sorted by key. Objects whose
+    /// names are not valid keys are skipped, counted and warned about (see the module docs); any
+    /// other failure is an error naming `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let trimmed = prefix.trim_end_matches('/');
         let path = check_key(trimmed)?;
-        let mut out: Vec<ObjectInfo> = self
-            .inner
-            .list(Some(&path))
+        let (mut out, skipped) = match &self.local_root {
+            Some(root) => {
+                let (root, trimmed) = (root.clone(), trimmed.to_string());
+                tokio::task::spawn_blocking(move || list_local(&root, &trimmed))
+                    .await
+                    .map_err(|e| StoreError::Backend {
+                        key: prefix.to_string(),
+                        message: format!("cannot list: {e}"),
+                    })?
+                    .map_err(|e| StoreError::Backend {
+                        key: prefix.to_string(),
+                        message: format!("cannot list: {e}"),
+                    })?
+            }
+            None => (self.list_backend(prefix, &path).await?, Vec::new()),
+        };
+        self.report_skipped(prefix, &skipped);
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_backend(&self, prefix: &str, path: &Path) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.inner
+            .list(Some(path))
             .map_ok(|m| ObjectInfo {
                 key: m.location.to_string(),
                 last_modified: m.last_modified,
@@ -294,11 +353,44 @@ impl Store {
             })
             .try_collect()
             .await
-            .map_err(|e| StoreError::backend(prefix, e))?;
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+            .map_err(|e| match e {
+                object_store::Error::InvalidPath { source } => StoreError::Backend {
+                    key: prefix.to_string(),
+                    message: format!(
+                        "cannot list: the store holds a key that object_store cannot parse, which \
+                         fails the listing of the whole prefix on this backend ({source})"
+                    ),
+                },
+                other => StoreError::Backend {
+                    key: prefix.to_string(),
+                    message: format!("cannot list: {other}"),
+                },
+            })
     }
 
+    /// Counts skipped names and warns about them, at most once per prefix per minute.
+    fn report_skipped(&self, prefix: &str, skipped: &[Skipped]) {
+        let Some(first) = skipped.first() else {
+            return;
+        };
+        for reason in [SkipReason::NotUtf8, SkipReason::NotAKey] {
+            let n = skipped.iter().filter(|s| s.reason == reason).count() as u64;
+            if n > 0 {
+                metrics::counter!("millrace_store_skipped_keys_total", "reason" => reason.label())
+                    .increment(n);
+            }
+        }
+        if let Some(count) = self.skip_log.hit(prefix, skipped.len() as u64) {
+            tracing::warn!(
+                store = %redacted(&self.url),
+                prefix,
+                skipped = count,
+                example = %first.name,
+                reason = first.reason.label(),
+                "skipping objects whose names are not valid keys (logged once a minute per prefix)"
+            );
+        }
+    }
     /// Deletes an object; deleting one that is already gone is fine.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = check_key(key)?;
@@ -307,6 +399,140 @@ impl Store {
             Err(e) => Err(StoreError::backend(key, e)),
         }
     }
+}
+
+/// Why a listed name was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SkipReason {
+    /// A file or directory name that is not valid UTF-8.
+    NotUtf8,
+    /// A UTF-8 name that is not a valid key (control characters, say).
+    NotAKey,
+}
+
+impl SkipReason {
+    fn label(self) -> &'static str {
+        match self {
+            SkipReason::NotUtf8 => "not_utf8",
+            SkipReason::NotAKey => "not_a_key",
+        }
+    }
+}
+
+/// A name [`Store::list`] skipped.
+#[derive(Debug)]
+struct Skipped {
+    reason: SkipReason,
+    /// The name, lossily decoded and cut to a bounded length, for the log.
+    name: String,
+}
+
+/// At most this many bytes of a skipped name go into a log line.
+const MAX_LOGGED_NAME: usize = 200;
+
+fn loggable(name: &std::ffi::OsStr) -> String {
+    let lossy = name.to_string_lossy();
+    if lossy.len() <= MAX_LOGGED_NAME {
+        return lossy.into_owned();
+    }
+    let mut end = MAX_LOGGED_NAME;
+    while !lossy.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &lossy[..end])
+}
+
+/// `LocalFileSystem`'s in-progress upload files are named `NAME#DIGITS`; its listings hide them.
+fn is_upload_in_progress(name: &str) -> bool {
+    name.split_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Lists the files under `root/prefix` (a checked key without a trailing `/`) with `std::fs`,
+/// skipping names that are not keys. A missing directory is an empty listing; an entry removed
+/// while it is listed is left out.
+fn list_local(
+    root: &std::path::Path,
+    prefix: &str,
+) -> std::io::Result<(Vec<ObjectInfo>, Vec<Skipped>)> {
+    use std::io::ErrorKind;
+    let gone = |e: &std::io::Error| e.kind() == ErrorKind::NotFound;
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    let mut visited: std::collections::HashSet<(u64, u64)> = std::collections::HashSet::new();
+    let mut pending = vec![(root.join(prefix), prefix.to_string())];
+    while let Some((dir, dir_key)) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if gone(&e) || e.kind() == ErrorKind::NotADirectory => continue,
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", dir.display()),
+                ))
+            }
+        };
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            use std::os::unix::fs::MetadataExt;
+            // Symbolic links are followed, as `LocalFileSystem` does; a loop is listed once.
+            if !visited.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+        }
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if gone(&e) => continue,
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", dir.display()),
+                    ))
+                }
+            };
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
+                skipped.push(Skipped {
+                    reason: SkipReason::NotUtf8,
+                    name: format!("{dir_key}/{}", loggable(&file_name)),
+                });
+                continue;
+            };
+            let key = format!("{dir_key}/{name}");
+            let meta = match std::fs::metadata(entry.path()) {
+                Ok(meta) => meta,
+                // A broken symbolic link, or removed since `read_dir`.
+                Err(e) if gone(&e) => continue,
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", entry.path().display()),
+                    ))
+                }
+            };
+            if meta.is_dir() {
+                pending.push((entry.path(), key));
+                continue;
+            }
+            if !meta.is_file() || is_upload_in_progress(name) {
+                continue;
+            }
+            if check_key(&key).is_err() {
+                skipped.push(Skipped {
+                    reason: SkipReason::NotAKey,
+                    name: loggable(std::ffi::OsStr::new(&key)),
+                });
+                continue;
+            }
+            out.push(ObjectInfo {
+                key,
+                last_modified: meta.modified()?.into(),
+                size: meta.len(),
+            });
+        }
+    }
+    Ok((out, skipped))
 }
 
 #[cfg(test)]
@@ -358,6 +584,102 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}/store", dir.path().display());
         exercise(Store::open(&url).unwrap()).await;
+    }
+
+    fn keys(listed: Vec<ObjectInfo>) -> Vec<String> {
+        listed.into_iter().map(|o| o.key).collect()
+    }
+
+    #[tokio::test]
+    async fn a_file_store_lists_around_names_that_are_not_keys() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&format!("file://{}", root.display())).unwrap();
+        let prefix = "ingestion/agg/2026/11/23/12/";
+        store
+            .create(&format!("{prefix}a.batch"), "a")
+            .await
+            .unwrap();
+        store
+            .create(&format!("{prefix}z.batch"), "z")
+            .await
+            .unwrap();
+        let part = root.join(prefix);
+        // Not UTF-8: `object_store`'s own listing fails the whole prefix on this one.
+        std::fs::write(
+            part.join(std::ffi::OsStr::from_bytes(b"m-\xff\xfe.batch")),
+            "x",
+        )
+        .unwrap();
+        let bad_dir = part.join(std::ffi::OsStr::from_bytes(b"dir-\xc3"));
+        std::fs::create_dir(&bad_dir).unwrap();
+        std::fs::write(bad_dir.join("inner.batch"), "x").unwrap();
+        // UTF-8 but not a key (a control character).
+        std::fs::write(part.join("ctl-\u{1}.batch"), "x").unwrap();
+        // An upload in progress, which `LocalFileSystem` hides too.
+        std::fs::write(part.join("b.batch#12"), "x").unwrap();
+        // A nested object, and one whose name has a `#` that is not an upload.
+        store
+            .create(&format!("{prefix}sub/c.batch"), "c")
+            .await
+            .unwrap();
+        store.create(&format!("{prefix}d#x"), "d").await.unwrap();
+        let listed = store.list(prefix).await.unwrap();
+        assert_eq!(listed[0].size, 1);
+        assert_eq!(
+            keys(listed),
+            vec![
+                format!("{prefix}a.batch"),
+                format!("{prefix}d#x"),
+                format!("{prefix}sub/c.batch"),
+                format!("{prefix}z.batch"),
+            ]
+        );
+        // Listing again (the warning is rate-limited by now) gives the same answer.
+        assert_eq!(store.list(prefix).await.unwrap().len(), 4);
+        // The listed objects read as listed.
+        assert_eq!(
+            store
+                .get_required(&format!("{prefix}sub/c.batch"))
+                .await
+                .unwrap(),
+            "c"
+        );
+        // A prefix that is missing or a file lists nothing.
+        assert!(store.list("ingestion/other/").await.unwrap().is_empty());
+        assert!(store
+            .list(&format!("{prefix}a.batch/"))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_store_listing_that_really_fails_names_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&format!("file://{}", root.display())).unwrap();
+        store.create("p/q/a", "a").await.unwrap();
+        // A symbolic link to itself cannot be resolved (ELOOP): not a bad name but a broken
+        // file system, which must not pass for an empty listing.
+        std::os::unix::fs::symlink("loop", root.join("p/q/loop")).unwrap();
+        let err = store.list("p/").await.unwrap_err().to_string();
+        assert!(err.starts_with("p/:") && err.contains("loop"), "{err}");
+        // A broken link, on the other hand, is skipped as `LocalFileSystem` skips it.
+        std::fs::remove_file(root.join("p/q/loop")).unwrap();
+        std::os::unix::fs::symlink("nowhere", root.join("p/q/dangling")).unwrap();
+        assert_eq!(keys(store.list("p/").await.unwrap()), vec!["p/q/a"]);
+    }
+
+    #[tokio::test]
+    async fn a_file_store_follows_links_and_lists_a_loop_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&format!("file://{}", root.display())).unwrap();
+        store.create("p/q/a", "a").await.unwrap();
+        std::os::unix::fs::symlink(root.join("p"), root.join("p/q/up")).unwrap();
+        assert_eq!(keys(store.list("p/").await.unwrap()), vec!["p/q/a"]);
     }
 
     #[test]

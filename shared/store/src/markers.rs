@@ -3,15 +3,30 @@
 //! A marker for task `K` is a small family of create-only objects:
 //!
 //! * `K.claim` — generation 0 of the claim: `{"state":"claimed","by","at","generation":0}`;
-//! * `K.claim.N` — generation N, written when a claim older than the claim timeout is taken over;
+//! * `K.claim.N` — generation N: either `"state":"claimed"`, written when a claim older than the
+//!   claim timeout is taken over or when a released claim is taken, or `"state":"released"`,
+//!   written by the holder of generation N-1 when its publish failed;
 //! * `K.published` — `{"state":"published","by","at","message_id","generation"}`.
 //!
-//! Protocol: claim (create `K.claim`, or take over a stale claim by creating the next
+//! Protocol: claim (create `K.claim`, or take over a stale or released claim by creating the next
 //! generation), publish the task, then create `K.published`. Because every step is a create-only
 //! write, two racing workflow-managers cannot both win a step, and the protocol behaves the same
 //! on local files (hard-link no-clobber), S3 (`If-None-Match: *`) and GCS
 //! (`ifGenerationMatch=0`) without relying on ETag semantics that differ between them. A crash
 //! between publish and mark is absorbed by idempotent workers after the claim times out.
+//!
+//! `by` names the holder's instance (`hostname-pid`, unique per process), and the holder
+//! recognises its own claim: [`claim`] by the instance that holds the newest generation wins it
+//! again at once, so a publish that failed (a broker outage longer than the publish retry) is
+//! retried on the holder's next pass rather than after the claim timeout. And since another
+//! instance (the next run of a `--once` CronJob is a new process) would not recognise it, the
+//! holder also gives the claim up when its publish fails: [`release`] creates the next generation
+//! with `"state":"released"`, still a create-only write (no deletes, so no race with a taker), and
+//! any instance's next [`claim`] then takes the generation after it at once. If the holder dies
+//! before it can release, the claim timeout still applies.
+//!
+//! Decoding is strict: unknown fields are refused, and a claim generation whose state is neither
+//! `claimed` nor `released` is an error naming its key.
 //!
 //! Replays (`millrace replay`, for recovery after an outage or a bad deploy) publish a task whose
 //! marker says it was already published, once more, and leave a record of who did it, when and
@@ -49,10 +64,17 @@ pub struct MarkerRecord {
     pub reason: Option<String>,
 }
 
+/// A claim generation held by its writer.
+pub const CLAIMED: &str = "claimed";
+/// A claim generation written by the holder of the generation before it, giving the claim up.
+pub const RELEASED: &str = "released";
+
 /// The result of trying to claim a marker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// We own the claim (generation given); publish, then [`mark_published`].
+    /// We own the claim (generation given); publish, then [`mark_published`] (or, if the publish
+    /// fails, [`release`]). `took_over` says the previous holder's claim had timed out. `Won` is
+    /// also the answer when the newest generation is already ours (a retry after a failure).
     Won { generation: u32, took_over: bool },
     /// The task was already published.
     AlreadyPublished,
@@ -131,15 +153,16 @@ pub async fn claim(
         return Ok(Claim::AlreadyPublished);
     }
     let mut generation = 0u32;
+    let mut took_over = false;
     loop {
         let k = claim_key(key, generation);
         if store
-            .create_if_absent(&k, record("claimed", me, generation, None))
+            .create_if_absent(&k, record(CLAIMED, me, generation, None))
             .await?
         {
             return Ok(Claim::Won {
                 generation,
-                took_over: generation > 0,
+                took_over,
             });
         }
         // Someone holds generation `generation`; is there a newer one?
@@ -152,6 +175,29 @@ pub async fn claim(
             continue;
         };
         let holder = decode(&k, &bytes)?;
+        match holder.state.as_str() {
+            // Given up by its holder: take the next generation at once.
+            RELEASED => {
+                generation += 1;
+                took_over = false;
+                continue;
+            }
+            CLAIMED if holder.by == me => {
+                return Ok(Claim::Won {
+                    generation,
+                    took_over: false,
+                })
+            }
+            CLAIMED => {}
+            other => {
+                return Err(StoreError::Backend {
+                    key: k,
+                    message: format!(
+                        "claim marker has state {other:?}; expected {CLAIMED:?} or {RELEASED:?}"
+                    ),
+                })
+            }
+        }
         let age_secs = Utc::now().timestamp() - holder.at;
         if age_secs < claim_timeout.as_secs() as i64 {
             return Ok(Claim::HeldByOther {
@@ -165,7 +211,29 @@ pub async fn claim(
         // Stale: try to take over by creating the next generation. If another taker wins that
         // race, the loop sees its fresh claim and backs off.
         generation += 1;
+        took_over = true;
     }
+}
+
+/// Gives up claim `generation` of marker `key`, held by `me`, after its publish failed: creates
+/// generation `generation + 1` as released, so that the next [`claim`] by any instance takes the
+/// task at once instead of waiting for the claim timeout. `Ok(false)` if that generation already
+/// exists (our claim had timed out and someone took it over; nothing to give up).
+pub async fn release(
+    store: &Store,
+    key: &str,
+    me: &str,
+    generation: u32,
+) -> Result<bool, StoreError> {
+    let next = generation
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Backend {
+            key: claim_key(key, generation),
+            message: "claim generation overflow".to_string(),
+        })?;
+    store
+        .create_if_absent(&claim_key(key, next), record(RELEASED, me, next, None))
+        .await
 }
 
 /// Step 3: record that the task was published. `Ok(false)` if someone else already recorded it
@@ -417,6 +485,117 @@ mod tests {
             claim_replay_number(&s, "m/x", 1, "bob", "r").await.unwrap(),
             ReplayClaim::RacedWith { by, .. } if by == "alice"
         ));
+    }
+
+    #[tokio::test]
+    async fn the_holder_recognises_its_own_claim() {
+        let s = Store::memory();
+        let t = Duration::from_secs(600);
+        assert_eq!(
+            claim(&s, "m/x", "wm-1", t).await.unwrap(),
+            Claim::Won {
+                generation: 0,
+                took_over: false
+            }
+        );
+        // The same instance again (its publish failed): won again, at once, same generation.
+        assert_eq!(
+            claim(&s, "m/x", "wm-1", t).await.unwrap(),
+            Claim::Won {
+                generation: 0,
+                took_over: false
+            }
+        );
+        // Anyone else still sees it held.
+        assert!(matches!(
+            claim(&s, "m/x", "wm-2", t).await.unwrap(),
+            Claim::HeldByOther { by, .. } if by == "wm-1"
+        ));
+        // The same after a takeover: the holder of the newest generation is recognised.
+        assert_eq!(
+            claim(&s, "m/x", "wm-2", Duration::ZERO).await.unwrap(),
+            Claim::Won {
+                generation: 1,
+                took_over: true
+            }
+        );
+        assert_eq!(
+            claim(&s, "m/x", "wm-2", t).await.unwrap(),
+            Claim::Won {
+                generation: 1,
+                took_over: false
+            }
+        );
+        assert!(matches!(
+            claim(&s, "m/x", "wm-1", t).await.unwrap(),
+            Claim::HeldByOther { by, .. } if by == "wm-2"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_released_claim_is_taken_at_once_by_anyone_and_only_once() {
+        let s = Store::memory();
+        let t = Duration::from_secs(600);
+        claim(&s, "m/x", "wm-1", t).await.unwrap();
+        assert!(release(&s, "m/x", "wm-1", 0).await.unwrap());
+        let released: MarkerRecord =
+            serde_json::from_slice(&s.get_required("m/x.claim.1").await.unwrap()).unwrap();
+        assert_eq!(
+            (
+                released.state.as_str(),
+                released.by.as_str(),
+                released.generation
+            ),
+            (RELEASED, "wm-1", 1)
+        );
+        // Another instance takes it within the claim timeout; it did not time out, so no
+        // takeover is reported.
+        assert_eq!(
+            claim(&s, "m/x", "wm-2", t).await.unwrap(),
+            Claim::Won {
+                generation: 2,
+                took_over: false
+            }
+        );
+        // A third instance racing for it finds it taken.
+        assert!(matches!(
+            claim(&s, "m/x", "wm-3", t).await.unwrap(),
+            Claim::HeldByOther { by, .. } if by == "wm-2"
+        ));
+        // Releasing a generation someone already moved past writes nothing.
+        assert!(!release(&s, "m/x", "wm-1", 0).await.unwrap());
+        assert!(mark_published(&s, "m/x", "wm-2", 2, "msg-1").await.unwrap());
+        assert_eq!(
+            claim(&s, "m/x", "wm-1", t).await.unwrap(),
+            Claim::AlreadyPublished
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_in_an_unknown_state_is_refused_by_key() {
+        let s = Store::memory();
+        s.create(
+            "m/x.claim",
+            r#"{"state":"pondering","by":"x","at":0,"generation":0}"#,
+        )
+        .await
+        .unwrap();
+        let err = claim(&s, "m/x", "wm", Duration::from_secs(600))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m/x.claim") && err.contains("pondering"),
+            "{err}"
+        );
+        // Unknown fields are refused too.
+        s.create(
+            "m/y.claim",
+            r#"{"state":"claimed","by":"x","at":0,"generation":0,"extra":1}"#,
+        )
+        .await
+        .unwrap();
+        assert!(claim(&s, "m/y", "wm", Duration::ZERO).await.is_err());
     }
 
     #[test]
