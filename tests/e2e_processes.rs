@@ -364,7 +364,8 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
         .block_on(millrace_bus::connect(bus_url))
         .unwrap_or_else(|e| panic!("{label}: {bus_url}: {e}"));
     let broker = plain.broker(bus_url, &runtime);
-    let sent = hostile::corpus_for(&prefix, &broker, hostile::worker_limit(&bus.limits()));
+    let limit = hostile::worker_limit(&bus.limits());
+    let sent = hostile::corpus_for(&prefix, &broker, limit);
     let publisher = {
         let (sent, bus_url) = (sent.clone(), bus_url.to_string());
         std::thread::spawn(move || {
@@ -404,6 +405,7 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
     let summary = runtime.block_on(hostile::check_rejected(
         bus.clone(),
         &sent,
+        limit,
         Duration::from_secs(60),
         Duration::from_secs(2),
     ));

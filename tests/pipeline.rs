@@ -960,6 +960,7 @@ async fn hostile_bodies_land_once_on_rejected_while_every_window_completes_exact
     let summary = hostile::check_rejected(
         h.bus.clone(),
         &sent,
+        limit,
         Duration::from_secs(30),
         Duration::from_millis(500),
     )

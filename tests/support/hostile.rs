@@ -326,13 +326,15 @@ struct Copy {
 
 /// Reads every `.rejected` companion of `sent`'s topics with the `inspect` group until each item
 /// has arrived and nothing more comes for `quiet` (or `deadline` passes), then checks: each item
-/// exactly once, its reason at most [`MAX_REASON_BYTES`], its origin topic right, every attribute
+/// exactly once and at its first attempt, its reason at most [`MAX_REASON_BYTES`] (and naming
+/// the body's size when it is over `worker_limit`), its origin topic right, every attribute
 /// value bounded, its body the original (or, if cut to fit the broker, a prefix of it with
 /// [`ATTR_BODY_BYTES`] giving the original length), and nothing else there. Returns one line per
 /// topic for the test's output; panics with every problem found.
 pub async fn check_rejected(
     bus: Arc<dyn Bus>,
     sent: &[Sent],
+    worker_limit: usize,
     deadline: Duration,
     quiet: Duration,
 ) -> Vec<String> {
@@ -393,14 +395,26 @@ pub async fn check_rejected(
                         s.topic
                     ));
                 }
-                if !a
-                    .get(ATTR_ATTEMPT)
-                    .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 1))
-                {
+                // Refused at the first delivery: a higher attempt means the message came back
+                // (an ack lost with a connection the copy broke, say).
+                if a.get(ATTR_ATTEMPT).map(String::as_str) != Some("1") {
                     problems.push(format!(
                         "{topic}: item {}: {ATTR_ATTEMPT} is {:?}",
                         item.id,
                         a.get(ATTR_ATTEMPT)
+                    ));
+                }
+                // A body over the worker's limit is refused unread, for its size.
+                let size = item.body.len().to_string();
+                if item.body.len() > worker_limit
+                    && !a.get(ATTR_REASON).is_some_and(|r| r.contains(&size))
+                {
+                    problems.push(format!(
+                        "{topic}: item {}: {} bytes, over the body limit of {worker_limit}, but \
+                         the reason does not say its size: {:?}",
+                        item.id,
+                        item.body.len(),
+                        a.get(ATTR_REASON)
                     ));
                 }
                 for (k, v) in a {
