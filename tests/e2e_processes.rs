@@ -1,7 +1,14 @@
 //! End to end as separate processes: every service of both facilitators and the mill runs as
 //! its own OS process (its own binary), sharing only a real broker and local-file stores;
 //! `millrace ingest` feeds them and `millrace status --expect` checks every result against the
-//! plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka); `make test` runs all three.
+//! plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka, sns-sqs, pubsub); `make test`
+//! runs all five.
+//!
+//! While the real tasks flow, the test also publishes a hostile corpus (tests/support/hostile.rs)
+//! with the broker's own client crate (tests/support/plain_clients.rs) onto both facilitators'
+//! intake and aggregate topics and the collect topic. Once the results are checked it reads each
+//! `{topic}.rejected` with the `inspect` group: every item must be there exactly once, bounded,
+//! and nothing else; and the services' logs must stay small.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`; the Makefile does it).
 
