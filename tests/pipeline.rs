@@ -978,3 +978,143 @@ async fn hostile_bodies_land_once_on_rejected_while_every_window_completes_exact
         text.len()
     );
 }
+
+/// An in-memory object store that yields to the scheduler before every request, as a real store's
+/// network round trip does, so that two joins running at once really interleave.
+#[derive(Debug, Default)]
+struct Yielding(object_store::memory::InMemory);
+
+impl std::fmt::Display for Yielding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Yielding({})", self.0)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Yielding {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        tokio::task::yield_now().await;
+        self.0.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.0.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        tokio::task::yield_now().await;
+        self.0.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.0.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.0.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.0.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.0.copy_opts(from, to, options).await
+    }
+}
+
+/// The mill handling both parts' messages of a window at the same moment: the window succeeds
+/// once — one `result-ready`, and `millrace_windows_succeeded_total` rises by one.
+#[test]
+fn both_parts_joined_at_once_count_the_window_once() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    // A current-thread runtime inside the local recorder's scope: every increment the joins make
+    // happens on this thread, so it lands in this test's recorder and no other test's.
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut h = harness(300, 0.0, 50).await;
+            h.collector =
+                Store::from_object_store("memory://yielding", Arc::new(Yielding::default()));
+            h.run_intake().await;
+            for f in 0..2u8 {
+                let agg = h.aggregator(f);
+                for t in h.aggregate_tasks(f).await {
+                    agg.aggregate(&t).await.unwrap();
+                }
+            }
+            // Take the sum-part-ready messages off the bus; the mill is driven directly.
+            h.drain(&topics::collect(PREFIX)).await;
+            let mill = h.mill();
+            let mut succeeded = 0;
+            for e in &h.expectations.windows {
+                let part = |facilitator| SumPartReady {
+                    version: TASK_VERSION,
+                    aggregation: e.aggregation.clone(),
+                    window: e.window.clone(),
+                    facilitator,
+                };
+                let (m0, m1) = (part(0), part(1));
+                let (a, b) = tokio::join!(mill.join(&m0), mill.join(&m1));
+                let mut outcomes = vec![a, b];
+                // The one that found the other announcing is retried, as the worker would.
+                for outcome in outcomes.iter_mut() {
+                    if matches!(outcome, Err(TaskError::Transient(_))) {
+                        *outcome = mill.join(&m0).await;
+                    }
+                }
+                let wins = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Ok(MillOutcome::Succeeded(_))))
+                    .count();
+                assert_eq!(wins, 1, "{}/{}: {outcomes:?}", e.aggregation, e.window);
+                assert!(
+                    outcomes.iter().all(|o| matches!(
+                        o,
+                        Ok(MillOutcome::Succeeded(_) | MillOutcome::AlreadyDone)
+                    )),
+                    "{outcomes:?}"
+                );
+                succeeded += 1;
+            }
+            assert!(succeeded > 0, "no window to join");
+            let announced = h.drain(&topics::results(PREFIX)).await.len();
+            assert_eq!(announced, succeeded, "one result-ready per window");
+            let text = metrics.render();
+            let counted: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("millrace_windows_succeeded_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert_eq!(counted as usize, succeeded, "{text}");
+        });
+    });
+}

@@ -16,8 +16,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use millrace_protocol::config::Config;
 use millrace_protocol::layout::{
-    aggregate_marker_key, computation_key, parse_ingestion_key, result_key, sum_part_key,
-    Partition, Window,
+    aggregate_marker_key, computation_key, parse_ingestion_key, result_key, result_marker_key,
+    sum_part_key, Partition, Window,
 };
 use millrace_protocol::results::Computation;
 use millrace_runtime::Shutdown;
@@ -244,6 +244,7 @@ impl Cleaner {
         now: DateTime<Utc>,
         report: &mut CleanReport,
     ) -> Result<(), StoreError> {
+        let result_markers = self.store.list(&format!("markers/{agg}/results/")).await?;
         for obj in self.store.list(&format!("computations/{agg}/")).await? {
             if !self.expired(&obj, now) {
                 continue;
@@ -273,6 +274,14 @@ impl Cleaner {
             ] {
                 if self.store.exists(&key).await? {
                     self.delete(&key, reason, now, None, report).await?;
+                }
+            }
+            // The result's marker goes with it (markers last, as everywhere).
+            let marker = result_marker_key(agg, window);
+            for m in &result_markers {
+                if markers::is_marker_object(&marker, &m.key) {
+                    self.delete(&m.key, reason, now, Some(m.last_modified), report)
+                        .await?;
                 }
             }
             self.delete(

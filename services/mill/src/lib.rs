@@ -6,22 +6,39 @@
 //! digests and batch lists agree (both facilitators must have aggregated exactly the same
 //! reports), enforces the aggregation's minimum report count, unshards, writes
 //! `results/{agg}/{window}.result.json`, publishes `result-ready` and marks the computation
-//! SUCCEEDED. A window that has a result is done: later messages for it are acknowledged as is.
+//! SUCCEEDED.
+//!
+//! Both parts' messages of a window can be handled at the same moment (by one mill or by two), and
+//! both then find both parts. The result itself is deterministic and written create-only, so both
+//! writes agree; announcing it goes through an idempotency marker
+//! (`markers/{agg}/results/{window}`, the same claim → publish → mark protocol the
+//! workflow-manager uses), so `result-ready` is published, and the window counted in
+//! `millrace_windows_succeeded_total`, once. A window whose marker says it was announced is done:
+//! later messages for it are acknowledged as is.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use millrace_bus::{Bus, Message};
 use millrace_protocol::config::Config;
 use millrace_protocol::crypto::KeyRing;
 use millrace_protocol::formats::SumPart;
-use millrace_protocol::layout::{computation_key, result_key, sum_part_key, Window};
+use millrace_protocol::layout::{
+    computation_key, result_key, result_marker_key, sum_part_key, Window,
+};
 use millrace_protocol::results::{
     AggregationResult, Computation, ComputationState, COMPUTATION_VERSION, RESULT_VERSION,
 };
 use millrace_protocol::tasks::{topics, ResultReady, SumPartReady, TaskMessage, TASK_VERSION};
 use millrace_runtime::{Handler, Task, TaskError};
+use millrace_store::markers::{self, Claim};
 use millrace_store::Store;
+
+/// A claim to announce a result older than this is taken over (its holder is presumed dead).
+/// Announcing is one publish, which a backend retries for at most about 30 s.
+const ANNOUNCE_CLAIM_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Mill {
     config: Arc<Config>,
@@ -29,6 +46,11 @@ pub struct Mill {
     bus: Arc<dyn Bus>,
     topic_prefix: String,
     facilitator_keys: KeyRing,
+    /// Who this mill is in marker records (`mill-{host}-{pid}`).
+    instance: String,
+    /// Numbers each join, so that two joins in this process never mistake each other's claim
+    /// for their own.
+    joins: AtomicU64,
 }
 
 /// What happened to a window when a message for it was handled.
@@ -54,6 +76,12 @@ impl Mill {
             bus,
             topic_prefix: topic_prefix.to_string(),
             facilitator_keys,
+            instance: format!(
+                "mill-{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_string()),
+                std::process::id()
+            ),
+            joins: AtomicU64::new(0),
         })
     }
 
@@ -112,9 +140,8 @@ impl Mill {
         })?;
         let window = Window::parse(&msg.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let rkey = result_key(&agg.id, window);
-        if self
-            .collector
-            .exists(&rkey)
+        let announced = result_marker_key(&agg.id, window);
+        if markers::is_published(&self.collector, &announced)
             .await
             .map_err(TaskError::from)?
         {
@@ -194,11 +221,33 @@ impl Mill {
             report_digest: hex_digest(&p0.report_digest),
             batches: p0.batches.clone(),
         };
+        // Deterministic bytes: a second join of the same window writes nothing new.
         self.collector
             .create(&rkey, result.to_json())
             .await
             .map_err(TaskError::from)?;
-        self.bus
+        let me = format!(
+            "{}-{}",
+            self.instance,
+            self.joins.fetch_add(1, Ordering::Relaxed)
+        );
+        let generation =
+            match markers::claim(&self.collector, &announced, &me, ANNOUNCE_CLAIM_TIMEOUT)
+                .await
+                .map_err(TaskError::from)?
+            {
+                Claim::Won { generation, .. } => generation,
+                Claim::AlreadyPublished => return Ok(MillOutcome::AlreadyDone),
+                Claim::HeldByOther { by, .. } => {
+                    // Another join is announcing it right now; by the retry it will have.
+                    return Err(TaskError::Transient(format!(
+                        "{}/{}: the result is being announced by {by}",
+                        agg.id, msg.window
+                    )));
+                }
+            };
+        let message_id = self
+            .bus
             .publish(
                 &topics::results(&self.topic_prefix),
                 Message::new(
@@ -213,6 +262,9 @@ impl Mill {
             )
             .await
             .map_err(|e| TaskError::Transient(e.to_string()))?;
+        markers::mark_published(&self.collector, &announced, &me, generation, &message_id)
+            .await
+            .map_err(TaskError::from)?;
         self.record(&agg.id, window, ComputationState::Succeeded, None)
             .await?;
         metrics::counter!("millrace_windows_succeeded_total", "aggregation" => agg.id.clone())

@@ -107,6 +107,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::lock;
+use crate::Limits;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -687,6 +688,19 @@ impl Bus for AmqpBus {
         }
     }
 
+    fn limits(&self) -> Limits {
+        Limits {
+            // RabbitMQ 4's default `max_message_size` (3.x allowed 128 MiB).
+            max_message_bytes: 16 * 1024 * 1024,
+            max_attributes: 1000,
+            max_attribute_value_bytes: 64 * 1024,
+            // Headers travel in one content-header frame, which must fit the negotiated
+            // `frame_max` (128 KiB by default); beyond it the broker closes the whole connection.
+            // Half of it leaves room for the properties and this backend's own headers.
+            max_attributes_bytes: 64 * 1024,
+        }
+    }
+
     async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
         let names = Names::new(topic, group)?;
         self.shared.ensure_group(&names).await
@@ -694,6 +708,20 @@ impl Bus for AmqpBus {
 
     async fn publish(&self, topic: &str, message: Message) -> Result<String, BusError> {
         let names = Names::new(topic, None)?;
+        // An oversized header frame would make the broker close the whole connection, taking
+        // every other delivery's ack with it: refuse it here instead.
+        let header_bytes: usize = message
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        let cap = self.limits().max_attributes_bytes;
+        if header_bytes > cap {
+            return Err(backend(format!(
+                "publish to {topic:?}: {header_bytes} bytes of headers, over the {cap} bytes a \
+                 RabbitMQ content-header frame can safely carry"
+            )));
+        }
         let id = new_message_id();
         let properties = BasicProperties::default()
             .with_message_id(short(&id, "message id")?)

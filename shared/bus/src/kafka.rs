@@ -79,6 +79,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::lock;
+use crate::Limits;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -458,6 +459,17 @@ impl Bus for KafkaBus {
             native_attempt_count: false,
             durable: true,
             multi_process: true,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            // librdkafka's default `message.max.bytes` (1,000,000) less the record and batch
+            // framing and this backend's own headers.
+            max_message_bytes: 1_000_000 - 4096,
+            max_attributes: 1000,
+            max_attribute_value_bytes: 64 * 1024,
+            max_attributes_bytes: 64 * 1024,
         }
     }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 /// Bodies are `Bytes`; re-exported so handlers need no direct dependency on `bytes`.
 pub use bytes::Bytes;
+pub use limits::Limits;
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
@@ -30,6 +31,7 @@ pub mod conformance;
 mod encoding;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod limits;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "nats")]
@@ -184,6 +186,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// What this backend does natively.
     fn capabilities(&self) -> Capabilities;
+
+    /// What one message may carry on this backend's broker (see [`limits`]).
+    fn limits(&self) -> Limits;
 
     /// Creates `topic` (and, where the backend needs one, the subscription for `group`) if missing.
     /// Idempotent. Used by `--create-topics` and by tests.

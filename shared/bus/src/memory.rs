@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lock;
+use crate::Limits;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -236,6 +237,17 @@ impl Bus for MemoryBus {
             native_attempt_count: true,
             durable: false,
             multi_process: false,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        // No broker: caps a real broker would have, generous but finite, so that code written
+        // against the in-memory bus meets limits at all.
+        Limits {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_attributes: 1000,
+            max_attribute_value_bytes: 64 * 1024,
+            max_attributes_bytes: 1024 * 1024,
         }
     }
 

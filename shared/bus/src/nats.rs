@@ -78,6 +78,7 @@ use tracing::{debug, info, warn};
 
 use crate::encoding::{fnv1a, hex, unhex};
 use crate::lock;
+use crate::Limits;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -414,6 +415,23 @@ impl Bus for NatsBus {
             native_attempt_count: true,
             durable: true,
             multi_process: true,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        // The server's `max_payload` (1 MiB by default) covers headers and body together.
+        let max_payload = self.client.server_info().max_payload;
+        let max_payload = if max_payload == 0 {
+            1024 * 1024
+        } else {
+            max_payload
+        };
+        Limits {
+            // Room for this backend's own headers (attempt count, hex-encoded names).
+            max_message_bytes: max_payload.saturating_sub(1024),
+            max_attributes: 1000,
+            max_attribute_value_bytes: 64 * 1024,
+            max_attributes_bytes: (max_payload / 4).min(64 * 1024),
         }
     }
 

@@ -152,6 +152,7 @@ use tracing::{debug, warn};
 
 use crate::encoding::fnv1a;
 use crate::lock;
+use crate::Limits;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -815,6 +816,18 @@ impl Bus for PubSubBus {
             native_attempt_count: false,
             durable: true,
             multi_process: true,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            // Pub/Sub: 10 MB of data and attributes together per message.
+            max_message_bytes: 10_000_000 - 64 * 1024,
+            // 100 attributes per message, less the ones this backend keeps for itself.
+            max_attributes: 100 - 6,
+            // Attribute values are at most 1024 bytes (keys 256).
+            max_attribute_value_bytes: 1024,
+            max_attributes_bytes: 64 * 1024,
         }
     }
 

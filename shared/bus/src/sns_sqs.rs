@@ -150,6 +150,7 @@ use tracing::{debug, warn};
 
 use crate::encoding::{fnv1a, hex, unhex};
 use crate::lock;
+use crate::Limits;
 use crate::{
     Attributes, Bus, BusError, Capabilities, Delivery, Message, Settle, SubscribeOptions,
     Subscription,
@@ -1047,6 +1048,17 @@ impl Bus for SnsSqsBus {
             native_attempt_count: true,
             durable: true,
             multi_process: true,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            // SNS and SQS: 256 KiB of body and attributes (names, types and values) together;
+            // the rest is room for the attribute types and hex-encoded names.
+            max_message_bytes: 256 * 1024 - 2048,
+            max_attributes: MAX_ATTRIBUTES,
+            max_attribute_value_bytes: 64 * 1024,
+            max_attributes_bytes: 64 * 1024,
         }
     }
 

@@ -16,6 +16,7 @@
 //! sums/{agg}/{window}.sum.{i}
 //! results/{agg}/{window}.result.json
 //! computations/{agg}/{window}.json                                 the mill's record of the window
+//! markers/{agg}/results/{window}                                   the mill's result-ready marker
 //! ```
 //!
 //! Keys are partitioned by the hour the batch was collected, so the workflow-manager lists only
@@ -179,6 +180,10 @@ pub fn intake_marker_key(agg: &str, p: Partition, batch: &str) -> String {
 }
 pub fn aggregate_marker_key(agg: &str, w: Window) -> String {
     format!("markers/{agg}/aggregate/{}", w.name())
+}
+/// The collector's marker that a window's `result-ready` was published (once).
+pub fn result_marker_key(agg: &str, w: Window) -> String {
+    format!("markers/{agg}/results/{}", w.name())
 }
 pub fn sum_part_key(agg: &str, w: Window, facilitator: u8) -> String {
     format!("sums/{agg}/{}.sum.{facilitator}", w.name())

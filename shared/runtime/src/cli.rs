@@ -64,6 +64,10 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long in-flight tasks may finish before they are handed back.
     #[arg(long, env = "MILLRACE_DRAIN_GRACE", default_value = "25s", value_parser = duration)]
     pub drain_grace: Duration,
+    /// The longest task body handled (bytes, or with a unit: 64KiB, 1MiB); a longer one goes to
+    /// {topic}.rejected unread. The bus's own message cap lowers it further.
+    #[arg(long, env = "MILLRACE_MAX_TASK_BODY", default_value = "256KiB", value_parser = parse_bytes)]
+    pub max_task_body: usize,
 }
 
 impl WorkerArgs {
@@ -75,11 +79,54 @@ impl WorkerArgs {
         c.backoff_base = self.backoff_base;
         c.backoff_max = self.backoff_max;
         c.drain_grace = self.drain_grace;
+        c.max_body = self.max_task_body;
         c
     }
+}
+
+/// Parses a size: a number of bytes, or a number with `B`, `KiB`, `MiB` or `GiB`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of bytes (examples: 65536, 64KiB, 1MiB)"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// Parses a duration flag (for services' own flags).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("256KiB"), Ok(256 * 1024));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert!(parse_bytes("1MB").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("lots")
+            .unwrap_err()
+            .contains("expected a number"));
+    }
 }

@@ -212,6 +212,117 @@ pub async fn permanent_error_rejects_at_once(bus: Arc<dyn Bus>, prefix: &str) {
     let _ = rejected.ack().await;
 }
 
+/// Echoes the whole body into its reason, as a careless handler would (`invalid id "xxxx…"`), and
+/// records every body it was handed.
+#[derive(Default)]
+struct Echoes {
+    seen: Mutex<Vec<usize>>,
+}
+
+#[async_trait]
+impl Handler for Echoes {
+    async fn handle(&self, task: &Task) -> Result<(), TaskError> {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(task.body.len());
+        }
+        if task.body.starts_with(b"{") {
+            return Ok(());
+        }
+        Err(TaskError::Permanent(format!(
+            "invalid id {:?}",
+            String::from_utf8_lossy(&task.body)
+        )))
+    }
+}
+
+/// A body over the worker's limit is rejected without reaching the handler; a reason that echoes
+/// a large body is cut to `MAX_REASON_BYTES`; both copies reach `{topic}.rejected` once, and the
+/// worker goes on with the next message.
+pub async fn hostile_messages_are_rejected_with_bounded_copies(bus: Arc<dyn Bus>, prefix: &str) {
+    use millrace_bus::limits::MAX_REASON_BYTES;
+    let topic = format!("{prefix}.hb");
+    prepare(&*bus, &topic).await;
+    let mut config = config(&topic);
+    config.max_body = 8 * 1024;
+    let over = "o".repeat(config.max_body + 1);
+    // Under the body limit, but echoed whole its reason would be 8 KiB.
+    let echoed = "e".repeat(config.max_body - 10);
+    for body in [over.as_str(), echoed.as_str(), "{\"n\":1}"] {
+        bus.publish(&topic, Message::new(body.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+    }
+    let handler = Arc::new(Echoes::default());
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        bus.clone(),
+        config,
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let rejected = rejected_topic(&topic);
+    bus.create_topic(&rejected, Some("conformance-inspect"))
+        .await
+        .ok();
+    let mut sub = bus
+        .subscribe(
+            &rejected,
+            SubscribeOptions::new("conformance-inspect").lease(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("subscribe to {rejected}: {e}"));
+    let mut copies = Vec::new();
+    while copies.len() < 2 {
+        let d = tokio::time::timeout(SOON, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 2 copies arrived on {rejected}", copies.len()))
+            .unwrap_or_else(|e| panic!("receive from {rejected}: {e}"));
+        copies.push((d.body.clone(), d.attributes.clone()));
+        let _ = d.ack().await;
+    }
+    let h = handler.clone();
+    eventually(
+        "the good message after the bad ones was handled",
+        move || h.seen.lock().map(|s| s.contains(&7)).unwrap_or(false),
+    )
+    .await;
+    // Nothing else arrives: each bad message was copied once.
+    let extra = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
+    let _ = sub.close().await;
+    let report = stop(shutdown, worker).await;
+    assert!(
+        extra.is_err(),
+        "a third copy arrived on {rejected}: {:?}",
+        extra.ok().and_then(|r| r.ok())
+    );
+    for (body, attributes) in &copies {
+        let reason = attributes.get(ATTR_REASON).cloned().unwrap_or_default();
+        assert!(
+            reason.len() <= MAX_REASON_BYTES,
+            "a reason of {} bytes, over {MAX_REASON_BYTES}",
+            reason.len()
+        );
+        assert_eq!(
+            attributes.get(millrace_bus::ATTR_ORIGIN_TOPIC),
+            Some(&topic),
+            "copy names its origin"
+        );
+        if body.len() == over.len() {
+            assert!(reason.contains("not read"), "{reason}");
+        } else {
+            assert_eq!(body.len(), echoed.len(), "the echoed body travels whole");
+            assert!(reason.starts_with("invalid id \"eee"), "{reason}");
+            assert!(reason.ends_with(" bytes]"), "the cut is marked: {reason}");
+        }
+    }
+    let seen = handler.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        !seen.contains(&over.len()),
+        "the handler was given a body over the limit"
+    );
+    assert_eq!((report.rejected, report.succeeded), (2, 1));
+}
+
 /// Sleeps, counting how many run at once.
 struct Slow {
     delay: Duration,
@@ -324,6 +435,7 @@ pub async fn shutdown_finishes_in_flight_and_hands_back_the_rest(bus: Arc<dyn Bu
 pub async fn run_all(bus: Arc<dyn Bus>, prefix: &str) {
     dead_letters_after_max_attempts(bus.clone(), prefix).await;
     permanent_error_rejects_at_once(bus.clone(), prefix).await;
+    hostile_messages_are_rejected_with_bounded_copies(bus.clone(), prefix).await;
     concurrency_limit_is_never_exceeded(bus.clone(), prefix).await;
     shutdown_finishes_in_flight_and_hands_back_the_rest(bus, prefix).await;
 }

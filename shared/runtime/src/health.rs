@@ -46,7 +46,11 @@ struct AppState {
 
 async fn metrics(State(state): State<AppState>) -> (StatusCode, String) {
     match &state.metrics {
-        Some(h) => (StatusCode::OK, h.render()),
+        Some(h) => {
+            // Histograms are summarised lazily; bring them up to date so a scrape is current.
+            h.run_upkeep();
+            (StatusCode::OK, h.render())
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics recorder not installed\n".to_string(),

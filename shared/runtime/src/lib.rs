@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod conformance;
 pub mod health;
+pub mod log_budget;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -17,26 +17,48 @@
 //! * **A panicking handler is a failed attempt**, not a dead worker.
 //! * **Graceful shutdown.** Stop receiving, give in-flight tasks `drain_grace` to finish, then drop
 //!   the rest unsettled — the bus hands them to another worker at once — and flush publishers.
+//! * **Everything written about a message is bounded.** A body over `max_body` (and over what the
+//!   bus can carry, [`millrace_bus::Limits`]) is rejected without being read. Every copy moved to
+//!   `.rejected`/`.dead` is built by [`millrace_bus::limits::bound_copy`]: its reason and echoed
+//!   attributes are cut to [`millrace_bus::limits::MAX_REASON_BYTES`] with a marker, and it fits
+//!   the broker's caps, so echoing hostile input can never make the copy unsendable (RabbitMQ
+//!   closes the whole connection on an oversized header; NATS refuses oversized payloads).
+//! * **Moving aside is idempotent.** A copy already published for a (topic, body) is not published
+//!   again when the original comes back (its ack was lost with a connection). A copy that cannot be
+//!   published is retried with backoff; once the message's attempts are used up it is settled
+//!   anyway, logged and counted in `millrace_messages_unmovable_total`, never redelivered in a loop.
+//! * **Log volume is bounded.** Failures log their detail a few times a minute per kind and topic
+//!   ([`LogBudget`]); the rest is counted. No log line carries more than a bounded slice of a
+//!   message.
+//! * **Metrics are current.** A task's outcome is counted the moment it is settled, not when the
+//!   loop next looks, so a scrape of an idle worker agrees with its log.
 //!
 //! Each service supplies only a [`Handler`].
 
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
+use millrace_bus::limits::{bound_copy, bounded_text, MAX_REASON_BYTES};
 use millrace_bus::{
-    dead_topic, rejected_topic, Attributes, Bus, BusError, Bytes, Delivery, LeaseKeeper, Message,
+    dead_topic, rejected_topic, Attributes, Bus, BusError, Bytes, Delivery, LeaseKeeper, Limits,
     SubscribeOptions, ATTR_ATTEMPT, ATTR_ORIGIN_TOPIC, ATTR_REASON,
 };
 use rand::Rng;
+use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::log_budget::LogBudget;
 use crate::Shutdown;
+
+/// The default `max_body`: task bodies are small JSON documents; 256 KiB is SNS's whole message.
+pub const DEFAULT_MAX_BODY: usize = 256 * 1024;
 
 /// One message, as a handler sees it.
 #[derive(Clone, Debug)]
@@ -91,6 +113,9 @@ pub struct WorkerConfig {
     /// How long in-flight tasks may run on after shutdown before they are handed back. Default
     /// 25 s, inside Kubernetes' default 30 s termination grace period.
     pub drain_grace: Duration,
+    /// The longest task body handled, in bytes; a longer one is rejected unread. The bus's own
+    /// cap ([`Limits::max_body_bytes`]) lowers it further. Default [`DEFAULT_MAX_BODY`].
+    pub max_body: usize,
 }
 
 impl WorkerConfig {
@@ -104,6 +129,7 @@ impl WorkerConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
             drain_grace: Duration::from_secs(25),
+            max_body: DEFAULT_MAX_BODY,
         }
     }
 }
@@ -121,6 +147,9 @@ pub struct WorkerReport {
     pub rejected: u64,
     /// Still running when the drain grace ran out at shutdown; handed back unsettled.
     pub handed_back: u64,
+    /// Could not be moved to `.rejected`/`.dead` within its attempts; settled anyway (logged and
+    /// counted in `millrace_messages_unmovable_total`) rather than redelivered in a loop.
+    pub unmovable: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +159,7 @@ enum Outcome {
     Dead,
     Rejected,
     HandedBack,
+    Unmovable,
 }
 
 impl Outcome {
@@ -140,40 +170,49 @@ impl Outcome {
             Outcome::Dead => "dead",
             Outcome::Rejected => "rejected",
             Outcome::HandedBack => "handed_back",
+            Outcome::Unmovable => "unmovable",
         }
+    }
+
+    /// Counts the outcome in `millrace_tasks_total` (at the moment the task ends, so that a
+    /// scrape is current even while the loop waits for the next message).
+    fn record(self, topic: &str) -> Self {
+        metrics::counter!(
+            "millrace_tasks_total",
+            "topic" => topic.to_string(),
+            "outcome" => self.label()
+        )
+        .increment(1);
+        self
     }
 }
 
 impl WorkerReport {
-    fn count(&mut self, topic: &str, outcome: Outcome) {
+    fn count(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Succeeded => self.succeeded += 1,
             Outcome::Retried => self.retried += 1,
             Outcome::Dead => self.dead += 1,
             Outcome::Rejected => self.rejected += 1,
             Outcome::HandedBack => self.handed_back += 1,
+            Outcome::Unmovable => self.unmovable += 1,
         }
-        metrics::counter!(
-            "millrace_tasks_total",
-            "topic" => topic.to_string(),
-            "outcome" => outcome.label()
-        )
-        .increment(1);
     }
 
     fn count_join(&mut self, topic: &str, joined: Result<Outcome, JoinError>) {
         let outcome = match joined {
+            // Counted in the metrics by the task itself.
             Ok(outcome) => outcome,
             // Aborted after the drain grace: its delivery was dropped unsettled, i.e. handed back.
-            Err(e) if e.is_cancelled() => Outcome::HandedBack,
+            Err(e) if e.is_cancelled() => Outcome::HandedBack.record(topic),
             Err(e) => {
                 // Handler panics are caught inside the task; this is a panic in the bus's
                 // settle path. The delivery was dropped unsettled during unwinding.
                 tracing::error!(topic, error = %e, "task crashed outside its handler");
-                Outcome::HandedBack
+                Outcome::HandedBack.record(topic)
             }
         };
-        self.count(topic, outcome);
+        self.count(outcome);
     }
 }
 
@@ -203,6 +242,19 @@ pub fn retry_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
     half + Duration::from_nanos(rand::rng().random_range(0..=spread))
 }
 
+/// What every task of one worker loop shares.
+struct Context {
+    bus: Arc<dyn Bus>,
+    config: WorkerConfig,
+    handler: Arc<dyn Handler>,
+    /// What the bus carries in one message.
+    limits: Limits,
+    /// The longest body handed to the handler: `config.max_body` within `limits`.
+    max_body: usize,
+    moved: MovedAside,
+    logs: LogBudget,
+}
+
 /// Consumes `config.topic` until `shutdown`, handling each message with `handler`.
 ///
 /// Returns the counts of what happened once in-flight work has drained (or been handed back) and
@@ -219,13 +271,24 @@ pub async fn run_worker(
         .lease(config.lease)
         .prefetch(concurrency);
     let mut subscription = bus.subscribe(&config.topic, options).await?;
-    let config = Arc::new(config);
+    let limits = bus.limits();
+    let max_body = config.max_body.min(limits.max_body_bytes());
+    let ctx = Arc::new(Context {
+        bus: bus.clone(),
+        config,
+        handler,
+        limits,
+        max_body,
+        moved: MovedAside::default(),
+        logs: LogBudget::new(5, Duration::from_secs(60)),
+    });
+    let config = &ctx.config;
     let topic = config.topic.as_str();
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut report = WorkerReport::default();
     let mut closed_by_bus = false;
-    tracing::info!(topic, group = %config.group, concurrency, bus = bus.name(), "worker started");
+    tracing::info!(topic, group = %config.group, concurrency, max_body, bus = bus.name(), "worker started");
 
     loop {
         while let Some(joined) = tasks.try_join_next() {
@@ -247,14 +310,7 @@ pub async fn run_worker(
         };
         match received {
             Ok(delivery) => {
-                let work = process(
-                    bus.clone(),
-                    config.clone(),
-                    handler.clone(),
-                    delivery,
-                    permit,
-                );
-                tasks.spawn(work);
+                tasks.spawn(process(ctx.clone(), delivery, permit));
             }
             Err(BusError::Closed) => {
                 tracing::warn!(topic, "subscription closed by the bus; stopping");
@@ -264,7 +320,10 @@ pub async fn run_worker(
             Err(error) => {
                 // A broker hiccup must not end the worker; give back the slot while waiting.
                 drop(permit);
-                tracing::warn!(topic, %error, "receiving failed; retrying in 1s");
+                let error = bounded_text(&error.to_string(), MAX_REASON_BYTES).into_owned();
+                if let Some(suppressed) = ctx.logs.allow("receive", topic) {
+                    tracing::warn!(topic, %error, suppressed, "receiving failed; retrying in 1s");
+                }
                 tokio::select! {
                     _ = shutdown.wait() => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -309,6 +368,7 @@ pub async fn run_worker(
         dead = report.dead,
         rejected = report.rejected,
         handed_back = report.handed_back,
+        unmovable = report.unmovable,
         "worker stopped"
     );
     if closed_by_bus {
@@ -335,43 +395,49 @@ impl Drop for InFlightGauge {
 }
 
 /// Handles one delivery and settles it. Holds its slot (`_permit`) until it returns.
-async fn process(
-    bus: Arc<dyn Bus>,
-    config: Arc<WorkerConfig>,
-    handler: Arc<dyn Handler>,
-    delivery: Delivery,
-    _permit: OwnedSemaphorePermit,
-) -> Outcome {
+async fn process(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePermit) -> Outcome {
     let task = Task {
         message_id: delivery.message_id.clone(),
         body: delivery.body.clone(),
         attributes: delivery.attributes.clone(),
         attempt: delivery.attempt,
-        topic: config.topic.clone(),
+        topic: ctx.config.topic.clone(),
     };
     let span = tracing::info_span!(
         "task",
         topic = %task.topic,
-        message_id = %task.message_id,
+        message_id = %bounded_text(&task.message_id, 128),
         attempt = task.attempt
     );
     async move {
         let _gauge = InFlightGauge::new(&task.topic);
         let started = Instant::now();
-        let keeper = keep_lease(delivery.lease_keeper(), config.lease, &task.topic);
-        let result = tokio::select! {
-            result = AssertUnwindSafe(handler.handle(&task)).catch_unwind() => match result {
-                Ok(result) => result,
-                Err(panic) => Err(TaskError::Transient(format!(
-                    "handler panicked: {}",
-                    panic_message(panic.as_ref())
-                ))),
-            },
-            never = keeper => match never {},
+        let result = if task.body.len() > ctx.max_body {
+            // Not read beyond its length: nothing in it can be trusted to be worth parsing.
+            Err(TaskError::Permanent(format!(
+                "the body is {} bytes, over the limit of {} bytes for topic {}; not read",
+                task.body.len(),
+                ctx.max_body,
+                task.topic
+            )))
+        } else {
+            let keeper = keep_lease(delivery.lease_keeper(), ctx.config.lease, &task.topic);
+            tokio::select! {
+                result = AssertUnwindSafe(ctx.handler.handle(&task)).catch_unwind() => match result {
+                    Ok(result) => result,
+                    Err(panic) => Err(TaskError::Transient(format!(
+                        "handler panicked: {}",
+                        panic_message(panic.as_ref())
+                    ))),
+                },
+                never = keeper => match never {},
+            }
         };
         metrics::histogram!("millrace_task_duration_seconds", "topic" => task.topic.clone())
             .record(started.elapsed().as_secs_f64());
-        settle(bus.as_ref(), &config, &task, delivery, result).await
+        settle(&ctx, &task, delivery, result)
+            .await
+            .record(&task.topic)
     }
     .instrument(span)
     .await
@@ -394,7 +460,10 @@ async fn keep_lease(keeper: LeaseKeeper, lease: Duration, topic: &str) -> std::c
                 );
                 return std::future::pending().await;
             }
-            Err(error) => tracing::warn!(%error, "extending the lease failed; will try again"),
+            Err(error) => tracing::warn!(
+                error = %bounded_text(&error.to_string(), MAX_REASON_BYTES),
+                "extending the lease failed; will try again"
+            ),
         }
     }
 }
@@ -411,29 +480,34 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Acks, retries, dead-letters or rejects, per the handler's result.
 async fn settle(
-    bus: &dyn Bus,
-    config: &WorkerConfig,
+    ctx: &Context,
     task: &Task,
     delivery: Delivery,
     result: Result<(), TaskError>,
 ) -> Outcome {
+    let config = &ctx.config;
+    let topic = task.topic.as_str();
     match result {
         Ok(()) => {
             if let Err(error) = delivery.ack().await {
                 // The work is done; the message may run again (at-least-once), which handlers
                 // are written to tolerate.
-                tracing::warn!(%error, "ack failed after the task succeeded");
+                if let Some(suppressed) = ctx.logs.allow("ack", topic) {
+                    tracing::warn!(%error, suppressed, "ack failed after the task succeeded");
+                }
             }
             Outcome::Succeeded
         }
         Err(TaskError::Transient(reason)) if task.attempt >= config.max_attempts => {
-            tracing::warn!(%reason, max_attempts = config.max_attempts, "giving up: dead-lettering");
+            let reason = bounded_text(&reason, MAX_REASON_BYTES);
+            if let Some(suppressed) = ctx.logs.allow("dead", topic) {
+                tracing::warn!(%reason, max_attempts = config.max_attempts, suppressed, "giving up: dead-lettering");
+            }
             move_aside(
-                bus,
-                config,
+                ctx,
                 task,
                 delivery,
-                &dead_topic(&task.topic),
+                &dead_topic(topic),
                 &reason,
                 Outcome::Dead,
             )
@@ -441,17 +515,22 @@ async fn settle(
         }
         Err(TaskError::Transient(reason)) => {
             let delay = retry_delay(task.attempt, config.backoff_base, config.backoff_max);
-            tracing::info!(%reason, ?delay, "transient failure; retrying later");
-            nack(delivery, delay).await
+            if let Some(suppressed) = ctx.logs.allow("transient", topic) {
+                let reason = bounded_text(&reason, MAX_REASON_BYTES);
+                tracing::info!(%reason, ?delay, suppressed, "transient failure; retrying later");
+            }
+            nack(ctx, delivery, delay).await
         }
         Err(TaskError::Permanent(reason)) => {
-            tracing::warn!(%reason, "permanent failure: rejecting");
+            let reason = bounded_text(&reason, MAX_REASON_BYTES);
+            if let Some(suppressed) = ctx.logs.allow("rejected", topic) {
+                tracing::warn!(%reason, suppressed, "permanent failure: rejecting");
+            }
             move_aside(
-                bus,
-                config,
+                ctx,
                 task,
                 delivery,
-                &rejected_topic(&task.topic),
+                &rejected_topic(topic),
                 &reason,
                 Outcome::Rejected,
             )
@@ -460,50 +539,163 @@ async fn settle(
     }
 }
 
-/// Publishes a copy of the task to `to` with the reason, then acks the original. If the copy
-/// cannot be published the original is nacked instead, so the message is never lost.
+/// Publishes a bounded copy of the task to `to` with the reason, then acks the original. A copy
+/// already published for this (topic, body) is not published again. If the copy cannot be
+/// published the original is retried later, so the message is not lost; once its attempts are
+/// used up it is settled anyway, with an error line and `millrace_messages_unmovable_total`, so
+/// that it never circles for ever.
 async fn move_aside(
-    bus: &dyn Bus,
-    config: &WorkerConfig,
+    ctx: &Context,
     task: &Task,
     delivery: Delivery,
     to: &str,
     reason: &str,
     outcome: Outcome,
 ) -> Outcome {
-    let mut message = Message::new(task.body.clone());
-    message.attributes = task.attributes.clone();
-    message
-        .attributes
-        .insert(ATTR_REASON.to_string(), reason.to_string());
-    message
-        .attributes
-        .insert(ATTR_ATTEMPT.to_string(), task.attempt.to_string());
-    message
-        .attributes
-        .insert(ATTR_ORIGIN_TOPIC.to_string(), task.topic.clone());
-    match bus.publish(to, message).await {
+    let key = MovedAside::key(&task.topic, &task.body);
+    if ctx.moved.contains(&key) {
+        // The original came back (its ack was lost, e.g. with a connection): the copy exists.
+        ack_moved(ctx, delivery, to).await;
+        return outcome;
+    }
+    let attempt = task.attempt.to_string();
+    let (message, trimmed) = bound_copy(
+        &task.body,
+        &[
+            (ATTR_REASON, reason),
+            (ATTR_ATTEMPT, &attempt),
+            (ATTR_ORIGIN_TOPIC, &task.topic),
+        ],
+        &task.attributes,
+        &ctx.limits,
+    );
+    if trimmed.body_cut_from.is_some() || trimmed.dropped_attributes > 0 {
+        metrics::counter!("millrace_copies_trimmed_total", "topic" => task.topic.clone())
+            .increment(1);
+    }
+    match ctx.bus.publish(to, message).await {
         Ok(_) => {
-            if let Err(error) = delivery.ack().await {
-                // The copy exists; the original may come back and be moved aside again.
-                tracing::warn!(%error, to, "ack failed after moving the message aside");
-            }
+            ctx.moved.insert(key);
+            ack_moved(ctx, delivery, to).await;
             outcome
         }
+        Err(error) if task.attempt >= ctx.config.max_attempts => {
+            metrics::counter!(
+                "millrace_messages_unmovable_total",
+                "topic" => task.topic.clone(),
+                "to" => to.to_string()
+            )
+            .increment(1);
+            tracing::error!(
+                error = %bounded_text(&error.to_string(), MAX_REASON_BYTES),
+                to,
+                attempt = task.attempt,
+                %reason,
+                "could not move the message aside and its attempts are used up: settling it here; \
+                 this line and millrace_messages_unmovable_total are its only record"
+            );
+            ack_moved(ctx, delivery, to).await;
+            Outcome::Unmovable
+        }
         Err(error) => {
-            tracing::error!(%error, to, "could not move the message aside; retrying it later");
-            let delay = retry_delay(task.attempt, config.backoff_base, config.backoff_max);
-            nack(delivery, delay).await
+            if let Some(suppressed) = ctx.logs.allow("move-aside", &task.topic) {
+                tracing::error!(
+                    error = %bounded_text(&error.to_string(), MAX_REASON_BYTES),
+                    to,
+                    suppressed,
+                    "could not move the message aside; retrying it later"
+                );
+            }
+            let delay = retry_delay(
+                task.attempt,
+                ctx.config.backoff_base,
+                ctx.config.backoff_max,
+            );
+            nack(ctx, delivery, delay).await
         }
     }
 }
 
-async fn nack(delivery: Delivery, delay: Duration) -> Outcome {
+async fn ack_moved(ctx: &Context, delivery: Delivery, to: &str) {
+    if let Err(error) = delivery.ack().await {
+        // The copy exists; the original may come back, and is then acked without a second copy.
+        if let Some(suppressed) = ctx.logs.allow("ack", &ctx.config.topic) {
+            tracing::warn!(%error, to, suppressed, "ack failed after moving the message aside");
+        }
+    }
+}
+
+async fn nack(ctx: &Context, delivery: Delivery, delay: Duration) -> Outcome {
     if let Err(error) = delivery.nack(delay).await {
         // Lost the lease: the bus redelivers it anyway.
-        tracing::warn!(%error, "nack failed");
+        if let Some(suppressed) = ctx.logs.allow("nack", &ctx.config.topic) {
+            tracing::warn!(%error, suppressed, "nack failed");
+        }
     }
     Outcome::Retried
+}
+
+/// The (topic, body) pairs this worker has moved aside recently, so that an original that comes
+/// back after its ack was lost is settled without a second copy. Bounded in count and age.
+#[derive(Default)]
+struct MovedAside {
+    inner: Mutex<MovedAsideInner>,
+}
+
+#[derive(Default)]
+struct MovedAsideInner {
+    keys: HashSet<[u8; 32]>,
+    order: VecDeque<([u8; 32], Instant)>,
+}
+
+impl MovedAside {
+    const CAPACITY: usize = 10_000;
+    const MAX_AGE: Duration = Duration::from_secs(3600);
+
+    fn key(topic: &str, body: &[u8]) -> [u8; 32] {
+        let mut hash = Sha256::new();
+        hash.update((topic.len() as u64).to_be_bytes());
+        hash.update(topic.as_bytes());
+        hash.update(body);
+        hash.finalize().into()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MovedAsideInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        let mut inner = self.lock();
+        inner.expire();
+        inner.keys.contains(key)
+    }
+
+    fn insert(&self, key: [u8; 32]) {
+        let mut inner = self.lock();
+        inner.expire();
+        if inner.keys.insert(key) {
+            inner.order.push_back((key, Instant::now()));
+        }
+        while inner.order.len() > Self::CAPACITY {
+            if let Some((old, _)) = inner.order.pop_front() {
+                inner.keys.remove(&old);
+            }
+        }
+    }
+}
+
+impl MovedAsideInner {
+    fn expire(&mut self) {
+        while let Some((key, at)) = self.order.front().copied() {
+            if at.elapsed() < MovedAside::MAX_AGE {
+                break;
+            }
+            self.order.pop_front();
+            self.keys.remove(&key);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use millrace_bus::memory::MemoryBus;
 use millrace_bus::{
-    Bus, BusError, Capabilities, Delivery, Message, SubscribeOptions, Subscription, ATTR_ATTEMPT,
-    ATTR_ORIGIN_TOPIC, ATTR_REASON,
+    Bus, BusError, Capabilities, Delivery, Limits, Message, Settle, SubscribeOptions, Subscription,
+    ATTR_ATTEMPT, ATTR_ORIGIN_TOPIC, ATTR_REASON,
 };
 use millrace_runtime::{
     run_worker, Handler, Shutdown, Task, TaskError, WorkerConfig, WorkerReport,
@@ -397,6 +397,9 @@ impl Bus for Hiccup {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
     async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
         self.inner.create_topic(topic, group).await
     }
@@ -453,4 +456,280 @@ async fn a_broker_error_while_receiving_does_not_end_the_worker() {
     .await;
     let report = stop(shutdown, worker).await;
     assert_eq!(report.succeeded, 1);
+}
+
+/// A bus whose deliveries lose their first ack, as when the connection drops between the copy to
+/// `.rejected` and the ack: the message comes straight back.
+struct LossyAcks {
+    inner: MemoryBus,
+    acks_to_lose: Arc<AtomicU32>,
+}
+
+struct LossySubscription {
+    inner: Box<dyn Subscription>,
+    acks_to_lose: Arc<AtomicU32>,
+}
+
+struct LossySettle {
+    inner: Mutex<Option<Delivery>>,
+    acks_to_lose: Arc<AtomicU32>,
+}
+
+impl LossySettle {
+    fn take(&self) -> Option<Delivery> {
+        self.inner.lock().unwrap().take()
+    }
+}
+
+#[async_trait]
+impl Settle for LossySettle {
+    async fn ack(&self) -> Result<(), BusError> {
+        let lose = self
+            .acks_to_lose
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let Some(delivery) = self.take() else {
+            return Err(BusError::Closed);
+        };
+        if lose {
+            // Dropped unsettled: the memory bus hands it back at once.
+            drop(delivery);
+            return Err(BusError::Backend {
+                backend: "lossy",
+                message: "connection reset before the ack".into(),
+            });
+        }
+        delivery.ack().await
+    }
+    async fn nack(&self, delay: Duration) -> Result<(), BusError> {
+        match self.take() {
+            Some(d) => d.nack(delay).await,
+            None => Err(BusError::Closed),
+        }
+    }
+    async fn extend(&self, lease: Duration) -> Result<(), BusError> {
+        let delivery = self
+            .inner
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|d| d.lease_keeper());
+        match delivery {
+            Some(keeper) => keeper.extend(lease).await,
+            None => Err(BusError::Closed),
+        }
+    }
+    fn abandon(&self) {
+        drop(self.take());
+    }
+}
+
+#[async_trait]
+impl Bus for LossyAcks {
+    fn name(&self) -> &'static str {
+        "lossy"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
+        self.inner.create_topic(topic, group).await
+    }
+    async fn publish(&self, topic: &str, message: Message) -> Result<String, BusError> {
+        self.inner.publish(topic, message).await
+    }
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(LossySubscription {
+            inner: self.inner.subscribe(topic, options).await?,
+            acks_to_lose: self.acks_to_lose.clone(),
+        }))
+    }
+    async fn flush(&self) -> Result<(), BusError> {
+        self.inner.flush().await
+    }
+}
+
+#[async_trait]
+impl Subscription for LossySubscription {
+    async fn next(&mut self) -> Result<Delivery, BusError> {
+        let d = self.inner.next().await?;
+        let (id, body, attributes, attempt) = (
+            d.message_id.clone(),
+            d.body.clone(),
+            d.attributes.clone(),
+            d.attempt,
+        );
+        Ok(Delivery::new(
+            id,
+            body,
+            attributes,
+            attempt,
+            Arc::new(LossySettle {
+                inner: Mutex::new(Some(d)),
+                acks_to_lose: self.acks_to_lose.clone(),
+            }),
+        ))
+    }
+    async fn close(&mut self) -> Result<(), BusError> {
+        self.inner.close().await
+    }
+}
+
+/// Refuses everything as malformed.
+struct RefuseAll {
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for RefuseAll {
+    async fn handle(&self, _task: &Task) -> Result<(), TaskError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(TaskError::Permanent("malformed".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_message_whose_ack_was_lost_is_not_copied_again() {
+    let bus = MemoryBus::new();
+    bus.create_topic("jobs.rejected", Some("inspect"))
+        .await
+        .unwrap();
+    publish(&bus, "jobs", "garbage").await;
+    let handler = Arc::new(RefuseAll {
+        calls: AtomicUsize::new(0),
+    });
+    let shutdown = Shutdown::new();
+    let worker = tokio::spawn(run_worker(
+        Arc::new(LossyAcks {
+            inner: bus.clone(),
+            acks_to_lose: Arc::new(AtomicU32::new(1)),
+        }),
+        config("jobs"),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    eventually(
+        "the message came back after the lost ack and was settled",
+        || handler.calls.load(Ordering::SeqCst) == 2,
+    )
+    .await;
+    let report = stop(shutdown, worker).await;
+    assert_eq!(report.rejected, 2, "{report:?}");
+    let mut sub = bus
+        .subscribe("jobs.rejected", SubscribeOptions::new("inspect"))
+        .await
+        .unwrap();
+    let mut copies = 0;
+    while let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        copies += 1;
+        d.ack().await.unwrap();
+    }
+    assert_eq!(copies, 1, "one copy on jobs.rejected");
+    // And nothing is left on the original topic.
+    let mut original = bus
+        .subscribe("jobs", SubscribeOptions::new("workers"))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), original.next())
+            .await
+            .is_err(),
+        "the original was settled"
+    );
+}
+
+/// A bus whose copies to `.rejected` and `.dead` can never be published.
+struct NoSideTopics {
+    inner: MemoryBus,
+}
+
+#[async_trait]
+impl Bus for NoSideTopics {
+    fn name(&self) -> &'static str {
+        "no-side-topics"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
+        self.inner.create_topic(topic, group).await
+    }
+    async fn publish(&self, topic: &str, message: Message) -> Result<String, BusError> {
+        if topic.ends_with(".rejected") || topic.ends_with(".dead") {
+            return Err(BusError::Backend {
+                backend: "no-side-topics",
+                message: "message too large".into(),
+            });
+        }
+        self.inner.publish(topic, message).await
+    }
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        self.inner.subscribe(topic, options).await
+    }
+    async fn flush(&self) -> Result<(), BusError> {
+        self.inner.flush().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_moved_aside_is_settled_after_its_attempts() {
+    let bus = MemoryBus::new();
+    publish(&bus, "jobs", "garbage").await;
+    publish(&bus, "jobs", "{}").await;
+    let handler = Arc::new(RefuseAll {
+        calls: AtomicUsize::new(0),
+    });
+    let (shutdown, worker) = {
+        let shutdown = Shutdown::new();
+        let worker = tokio::spawn(run_worker(
+            Arc::new(NoSideTopics { inner: bus.clone() }),
+            config("jobs"),
+            handler.clone(),
+            shutdown.clone(),
+        ));
+        (shutdown, worker)
+    };
+    // config(): max_attempts 3, so each message is tried three times and then settled.
+    eventually("both messages used up their attempts", || {
+        handler.calls.load(Ordering::SeqCst) == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = stop(shutdown, worker).await;
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 6, "no endless loop");
+    assert_eq!((report.unmovable, report.retried), (2, 4), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_s_counters_are_current_when_scraped() {
+    let handle = millrace_runtime::health::metrics_handle().expect("recorder installed");
+    let bus = MemoryBus::new();
+    publish(&bus, "idle-metrics", "{}").await;
+    let recorder = Recorder::new(Duration::ZERO);
+    let (shutdown, worker) = start(&bus, config("idle-metrics"), recorder.clone());
+    eventually("the message is handled", || {
+        recorder.completed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The worker now waits for a message that never comes; the scrape must already show it.
+    let wanted = r#"millrace_tasks_total{topic="idle-metrics",outcome="succeeded"} 1"#;
+    eventually("the scrape shows the task", || {
+        handle.render().contains(wanted)
+    })
+    .await;
+    stop(shutdown, worker).await;
 }
