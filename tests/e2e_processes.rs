@@ -1,12 +1,23 @@
 //! End to end as separate processes: every service of both facilitators and the mill runs as
 //! its own OS process (its own binary), sharing only a real broker and local-file stores;
 //! `millrace ingest` feeds them and `millrace status --expect` checks every result against the
-//! plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka); `make test` runs all three.
+//! plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka, sns-sqs, pubsub); `make test`
+//! runs all five.
+//!
+//! While the real tasks flow, the test also publishes a hostile corpus (tests/support/hostile.rs)
+//! with the broker's own client crate (tests/support/plain_clients.rs) onto both facilitators'
+//! intake and aggregate topics and the collect topic. Once the results are checked it reads each
+//! `{topic}.rejected` with the `inspect` group: every item must be there exactly once, bounded,
+//! and nothing else; and the services' logs must stay small.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`; the Makefile does it).
 
 #[path = "support/emulators.rs"]
 mod emulators;
+#[path = "support/hostile.rs"]
+mod hostile;
+#[path = "support/plain_clients.rs"]
+mod plain_clients;
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +88,60 @@ impl Fleet {
             out.push_str(&format!("\n--- {name} ---\n{tail}\n"));
         }
         out
+    }
+
+    /// Waits until `name`'s log has a line containing every one of `needles`.
+    fn wait_for_log(&self, name: &str, needles: &[&str], within: Duration) {
+        let path = self.logs.join(format!("{name}.log"));
+        let deadline = Instant::now() + within;
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not log {needles:?} within {within:?}:\n{}",
+                self.log_tails()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every service's log stays small: no line over `max_line` bytes, all of them together at
+    /// most `max_total` bytes (a hostile body must never be echoed whole, nor a failure logged in
+    /// a loop).
+    fn check_log_volume(&self, max_line: usize, max_total: usize) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (mut total, mut longest) = (0, 0);
+        for (name, _) in &self.children {
+            let bytes = std::fs::read(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+            total += bytes.len();
+            longest = bytes
+                .split(|b| *b == b'\n')
+                .map(<[u8]>::len)
+                .fold(longest, usize::max);
+            if let Some((n, line)) = bytes
+                .split(|b| *b == b'\n')
+                .enumerate()
+                .max_by_key(|(_, l)| l.len())
+                .filter(|(_, l)| l.len() > max_line)
+            {
+                problems.push(format!(
+                    "{name}.log line {}: {} bytes (at most {max_line}): {}…",
+                    n + 1,
+                    line.len(),
+                    String::from_utf8_lossy(&line[..300])
+                ));
+            }
+        }
+        println!("the services logged {total} bytes; the longest line has {longest} bytes");
+        if total > max_total {
+            problems.push(format!(
+                "the services logged {total} bytes (at most {max_total})"
+            ));
+        }
+        problems
     }
 
     /// SIGTERM to every process; each must exit by itself, successfully, within the drain time.
@@ -159,7 +224,50 @@ impl Stores {
     }
 }
 
-fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)]) {
+/// How the test publishes the hostile corpus: the broker's own client crate.
+enum Plain {
+    Amqp,
+    Nats,
+    /// Bootstrap `HOST:PORT`.
+    Kafka(String),
+    /// moto's endpoint URL.
+    Sns(String),
+    /// The emulator's `HOST:PORT` and the project.
+    PubSub(String, String),
+}
+
+impl Plain {
+    /// What the broker takes from a plain client.
+    fn broker(&self, bus_url: &str, runtime: &tokio::runtime::Runtime) -> hostile::Broker {
+        match self {
+            Plain::Amqp => hostile::Broker::AMQP,
+            Plain::Nats => {
+                hostile::Broker::nats(runtime.block_on(plain_clients::nats_max_payload(bus_url)))
+            }
+            Plain::Kafka(_) => hostile::Broker::KAFKA,
+            Plain::Sns(_) => hostile::Broker::SNS,
+            Plain::PubSub(..) => hostile::Broker::PUBSUB,
+        }
+    }
+
+    async fn publish(&self, bus_url: &str, sent: &[hostile::Sent]) {
+        match self {
+            Plain::Amqp => plain_clients::publish_amqp(bus_url, sent).await,
+            Plain::Nats => plain_clients::publish_nats(bus_url, sent).await,
+            Plain::Kafka(bootstrap) => plain_clients::publish_kafka(bootstrap, sent).await,
+            Plain::Sns(endpoint) => plain_clients::publish_sns(endpoint, sent).await,
+            Plain::PubSub(host, project) => {
+                plain_clients::publish_pubsub(host, project, sent).await
+            }
+        }
+    }
+}
+
+/// The longest log line a service may write, and what all of them may log in one run.
+const MAX_LOG_LINE: usize = 8 * 1024;
+const MAX_LOG_TOTAL: usize = 1024 * 1024;
+
+fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: Plain) {
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -257,8 +365,29 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)]) {
             ),
         );
     }
-    // Consumers first, so their queues and groups exist; then the publishers.
-    std::thread::sleep(Duration::from_secs(2));
+    // Consumers first, so their queues and groups exist (each logs "started" once it has
+    // created its topics); then the publishers.
+    for (name, _) in &fleet.children {
+        fleet.wait_for_log(name, &["started", "service"], Duration::from_secs(60));
+    }
+    // The hostile corpus, published with the broker's own client while the real tasks flow.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bus = runtime
+        .block_on(millrace_bus::connect(bus_url))
+        .unwrap_or_else(|e| panic!("{label}: {bus_url}: {e}"));
+    let broker = plain.broker(bus_url, &runtime);
+    let limit = hostile::worker_limit(&bus.limits());
+    let sent = hostile::corpus_for(&prefix, &broker, limit);
+    let publisher = {
+        let (sent, bus_url) = (sent.clone(), bus_url.to_string());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(plain.publish(&bus_url, &sent));
+            started.elapsed()
+        })
+    };
     for (f, own) in [("0", &s0), ("1", &s1)] {
         fleet.spawn(
             &format!("workflow-manager-{f}"),
@@ -275,12 +404,30 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)]) {
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&status.stdout).to_string();
+    let published = publisher.join();
     let problems = fleet.stop();
     assert!(
         status.status.success(),
         "{label}: results differ from the plaintext or are missing:\n{report}\n{}",
         fleet.log_tails()
     );
+    let published = published
+        .unwrap_or_else(|_| panic!("{label}: publishing the hostile corpus failed (above)"));
+    // Each hostile item once on its topic's .rejected, bounded; nothing else there.
+    let summary = runtime.block_on(hostile::check_rejected(
+        bus.clone(),
+        &sent,
+        limit,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    ));
+    println!(
+        "{label}: hostile corpus published in {published:.1?}:\n{}{}",
+        hostile::describe(&sent),
+        summary.join("\n")
+    );
+    let log_problems = fleet.check_log_volume(MAX_LOG_LINE, MAX_LOG_TOTAL);
+    assert!(log_problems.is_empty(), "{label}: {log_problems:#?}");
     assert!(
         problems.is_empty(),
         "{label}: {problems:?}\n{}",
@@ -371,24 +518,42 @@ fn e2e_amqp() {
         "amqp",
         Stores::Files,
         &[],
+        Plain::Amqp,
     );
 }
 
 #[test]
 fn e2e_nats() {
-    e2e("nats://127.0.0.1:4222", "nats", Stores::Files, &[]);
+    e2e(
+        "nats://127.0.0.1:4222",
+        "nats",
+        Stores::Files,
+        &[],
+        Plain::Nats,
+    );
 }
 
 #[test]
 fn e2e_kafka() {
     let addr = emulators::local_services::address(&emulators::local_services::KAFKA);
-    e2e(&format!("kafka://{addr}"), "kafka", Stores::Files, &[]);
+    e2e(
+        &format!("kafka://{addr}"),
+        "kafka",
+        Stores::Files,
+        &[],
+        Plain::Kafka(addr.clone()),
+    );
 }
 
 /// AWS: SNS topics, SQS queues and S3 buckets, all on moto.
 #[test]
 fn e2e_sns_sqs() {
     let endpoint = emulators::emulator("moto");
+    // The test process reads `.rejected` through the bus, with moto's dummy credentials too.
+    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    }
     e2e(
         &format!("sns-sqs://us-east-1?endpoint={endpoint}"),
         "sns-sqs",
@@ -400,6 +565,7 @@ fn e2e_sns_sqs() {
             ("AWS_SECRET_ACCESS_KEY", "test"),
             ("AWS_REGION", "us-east-1"),
         ],
+        Plain::Sns(endpoint.clone()),
     );
 }
 
@@ -413,6 +579,7 @@ fn e2e_pubsub() {
         "pubsub",
         Stores::Files,
         &[],
+        Plain::PubSub(pubsub.clone(), "millrace-e2e".to_string()),
     );
 }
 

@@ -2,6 +2,9 @@
 //! local-file stores): each service step driven directly, so each test can interfere exactly
 //! where the behaviour it proves lives.
 
+#[path = "support/hostile.rs"]
+mod hostile;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -853,6 +856,127 @@ async fn replay_refuses_what_does_not_exist_by_name() {
     assert!(drain_bodies(&h, &topics::intake(PREFIX, 0))
         .await
         .is_empty());
+}
+
+/// Every log line the test process writes, for the bounded-log checks below.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs (once per test process) a subscriber that keeps every log line in memory.
+fn captured_log() -> CapturedLog {
+    static LOG: std::sync::OnceLock<CapturedLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other test in this binary installs a global subscriber");
+        log
+    })
+    .clone()
+}
+
+/// The hostile corpus (tests/support/hostile.rs: fields of 1 KiB to 5 MiB, NUL bytes, invalid
+/// UTF-8, 100,000-deep nesting, empty, bodies at and one byte over the worker's body limit, a
+/// 100 KiB header) published with the in-memory bus's own `publish` onto both facilitators'
+/// intake and aggregate topics and the collect topic while the whole fleet works through real
+/// ingestion: every window's result is exact, each item lands exactly once on its topic's
+/// `.rejected` with a bounded reason, and no log line carries more than a bounded slice of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_land_once_on_rejected_while_every_window_completes_exactly() {
+    let log = captured_log();
+    let h = harness(600, 0.05, 100).await;
+    let limit = hostile::worker_limit(&h.bus.limits());
+    let sent = hostile::corpus_for(PREFIX, &hostile::Broker::MEMORY, limit);
+    let fleet = millrace::fleet::Fleet::start(
+        h.config.clone(),
+        h.bus.clone(),
+        millrace::fleet::Stores {
+            facilitators: h.stores.clone(),
+            collector: h.collector.clone(),
+        },
+        &millrace::fleet::FleetSettings {
+            topic_prefix: PREFIX.to_string(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The workflow-managers' first pass runs now: the corpus arrives among the real tasks.
+    for s in &sent {
+        for item in &s.items {
+            h.bus
+                .publish(
+                    &s.topic,
+                    Message {
+                        body: item.body.clone(),
+                        attributes: item.attributes.clone(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut missing: Vec<String> = Vec::new();
+    for e in &h.expectations.windows {
+        let w = Window::parse(&e.window).unwrap();
+        let key = result_key(&e.aggregation, w);
+        let bytes = loop {
+            if let Some(bytes) = h.collector.get(&key).await.unwrap() {
+                break Some(bytes);
+            }
+            if tokio::time::Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        match bytes {
+            Some(bytes) => {
+                let r = millrace_protocol::results::AggregationResult::from_json(&bytes).unwrap();
+                assert_eq!(r.result, e.expected, "{key}: differs from the plaintext");
+            }
+            None => missing.push(key),
+        }
+    }
+    fleet.stop().await;
+    assert!(missing.is_empty(), "no result after 120 s: {missing:?}");
+    let summary = hostile::check_rejected(
+        h.bus.clone(),
+        &sent,
+        limit,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await;
+    println!("{}{}", hostile::describe(&sent), summary.join("\n"));
+    let text = log.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let longest = text.split(|b| *b == b'\n').map(<[u8]>::len).max();
+    assert!(
+        longest.unwrap_or(0) <= 8 * 1024,
+        "a log line of {longest:?} bytes (at most 8 KiB)"
+    );
+    assert!(
+        text.len() <= 2 * 1024 * 1024,
+        "{} bytes of log for one run (at most 2 MiB)",
+        text.len()
+    );
 }
 
 /// An in-memory object store that yields to the scheduler before every request, as a real store's
