@@ -431,7 +431,8 @@ impl Bus for NatsBus {
             max_message_bytes: max_payload.saturating_sub(1024),
             max_attributes: 1000,
             max_attribute_value_bytes: 64 * 1024,
-            max_attributes_bytes: (max_payload / 4).min(64 * 1024),
+            // JetStream refuses more than 64 KiB of headers, framing included (error 10097).
+            max_attributes_bytes: (max_payload / 4).min(60 * 1024),
         }
     }
 
