@@ -40,27 +40,18 @@ fn decode_hex<const N: usize>(name: &str, text: &str) -> Result<[u8; N], CryptoE
     })
 }
 
-/// Reads a secret named by `reference`: `file:PATH` (relative to `base_dir`) or `env:VAR`.
+/// Reads a secret named by `reference`: `file:PATH` (relative to `base_dir`) or `env:VAR`
+/// (the one convention of [`millrace_secrets`], shared with bus and store settings).
 pub fn read_secret(reference: &str, base_dir: &Path) -> Result<Zeroizing<String>, CryptoError> {
-    let err = |reason: String| CryptoError::Secret {
-        reference: reference.to_string(),
-        reason,
-    };
-    if let Some(path) = reference.strip_prefix("file:") {
-        let path = base_dir.join(path);
-        std::fs::read_to_string(&path)
-            .map(Zeroizing::new)
-            .map_err(|e| err(format!("cannot read {}: {e}", path.display())))
-    } else if let Some(var) = reference.strip_prefix("env:") {
-        std::env::var(var)
-            .map(Zeroizing::new)
-            .map_err(|_| err(format!("environment variable {var} is not set")))
-    } else {
-        Err(err(
-            "a secret reference is `file:PATH` or `env:VAR` (secrets never go in the config itself)"
-                .to_string(),
-        ))
-    }
+    millrace_secrets::resolve_in(reference, base_dir).map_err(|e| match e {
+        millrace_secrets::SecretError::Unreadable { reference, reason } => {
+            CryptoError::Secret { reference, reason }
+        }
+        other => CryptoError::Secret {
+            reference: reference.to_string(),
+            reason: other.to_string(),
+        },
+    })
 }
 
 /// The private half of a party's signing key, with the key id its signatures carry.

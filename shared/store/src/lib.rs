@@ -108,13 +108,7 @@ pub struct Store {
 
 /// `url` with any password replaced, for error messages and logs.
 fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("REDACTED"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
-    }
+    millrace_secrets::redact(url)
 }
 
 fn check_key(key: &str) -> Result<Path, StoreError> {
