@@ -509,7 +509,11 @@ impl RawLister for S3Lister {
                         // Outside the store's prefix: not asked for.
                         None => continue,
                     },
-                    Err(lossy) => Err(lossy),
+                    // Only for the log: relative if it can be.
+                    Err(lossy) => Err(lossy
+                        .strip_prefix(&self.store_prefix)
+                        .map(str::to_string)
+                        .unwrap_or(lossy)),
                 };
                 out.push(RawObject {
                     key,
@@ -732,6 +736,230 @@ mod tests {
             &parts
         )
         .is_none());
+    }
+
+    /// A one-shot HTTP server answering the `n`th request with `pages[n]`; returns its address
+    /// and the requests it got (request line and headers).
+    async fn serve(pages: Vec<String>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            for page in pages {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8];
+                    if socket.read(&mut byte).await.unwrap() == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                requests.push(String::from_utf8_lossy(&head).to_string());
+                // A page starting with a status code is answered with that status.
+                let (status, page) = match page.split_once(' ') {
+                    Some((code, rest)) if code.parse::<u16>().is_ok() => (code, rest.to_string()),
+                    _ => ("200", page),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                socket.write_all(response.as_bytes()).await.unwrap();
+            }
+            requests
+        });
+        (address, server)
+    }
+
+    fn http_client() -> HttpClient {
+        connect(&ClientOptions::new().with_allow_http(true), "bkt").unwrap()
+    }
+
+    fn keys(listed: &[RawObject]) -> Vec<Result<&str, &str>> {
+        listed
+            .iter()
+            .map(|o| o.key.as_ref().map(String::as_str).map_err(String::as_str))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_s3_fallback_reads_every_page_signed_and_relative_to_the_store_prefix() {
+        let object = |key: &str, size: u64| {
+            format!(
+                "<Contents><Key>{key}</Key><LastModified>2026-01-02T03:04:05.000Z</LastModified>\
+                 <ETag>&quot;e&quot;</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass>\
+                 </Contents>"
+            )
+        };
+        let page = |truncated: bool, token: &str, objects: String| {
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                 <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                 <Name>bkt</Name><Prefix>run%2Fp%2F</Prefix><MaxKeys>2</MaxKeys>\
+                 <EncodingType>url</EncodingType><IsTruncated>{truncated}</IsTruncated>{token}\
+                 {objects}</ListBucketResult>"
+            )
+        };
+        let (endpoint, server) = serve(vec![
+            page(
+                true,
+                "<NextContinuationToken>t+1/=</NextContinuationToken>",
+                object("run/p/a+b.batch", 3) + &object("run/p/x%2F%2Fy", 4),
+            ),
+            page(
+                false,
+                "",
+                object("run/p/%FF", 5) + &object("run/p/sub/z", 6),
+            ),
+        ])
+        .await;
+        let lister = S3Lister {
+            http: http_client(),
+            credentials: Arc::new(StaticCredentialProvider::new(
+                object_store::aws::AwsCredential {
+                    key_id: "AKIDEXAMPLE".to_string(),
+                    secret_key: "secret".to_string(),
+                    token: None,
+                },
+            )),
+            store_prefix: "run/".to_string(),
+            settings: S3Settings {
+                bucket_endpoint: format!("{endpoint}/bkt"),
+                region: "eu-west-1".to_string(),
+                sign: true,
+                request_payer: false,
+            },
+        };
+        let listed = lister.list_raw("p/").await.unwrap();
+        assert_eq!(
+            keys(&listed),
+            vec![
+                Ok("p/a b.batch"),
+                Ok("p/x//y"),
+                Err("p/\u{fffd}"),
+                Ok("p/sub/z")
+            ]
+        );
+        assert_eq!(listed[3].size, 6);
+        assert_eq!(
+            listed[3].last_modified.to_rfc3339(),
+            "2026-01-02T03:04:05+00:00"
+        );
+        let requests = server.await.unwrap();
+        assert!(
+            requests[0]
+                .starts_with("GET /bkt?list-type=2&encoding-type=url&prefix=run%2Fp%2F HTTP/1.1"),
+            "{requests:?}"
+        );
+        assert!(
+            requests[1].starts_with(
+                "GET /bkt?list-type=2&encoding-type=url&prefix=run%2Fp%2F\
+                 &continuation-token=t%2B1%2F%3D HTTP/1.1"
+            ),
+            "{requests:?}"
+        );
+        for request in &requests {
+            let request = request.to_ascii_lowercase();
+            assert!(
+                request.contains("authorization: aws4-hmac-sha256 credential=akidexample/")
+                    && request.contains("/eu-west-1/s3/aws4_request"),
+                "{request}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gcs_fallback_reads_every_page_relative_to_the_store_prefix() {
+        let (endpoint, server) = serve(vec![
+            r#"{"items":[{"name":"run/p/a","size":"3","updated":"2026-01-02T03:04:05.120Z"},
+                {"name":"run/p/x//y","size":"4","updated":"2026-01-02T03:04:05Z"}],
+                "nextPageToken":"t+1/="}"#
+                .to_string(),
+            r#"{"items":[{"name":"run/p/sub/z","size":6,"updated":"2026-01-02T03:04:05Z"}]}"#
+                .to_string(),
+        ])
+        .await;
+        let lister = GcsLister {
+            http: http_client(),
+            credentials: Some(Arc::new(StaticCredentialProvider::new(GcpCredential {
+                bearer: "token-1".to_string(),
+            }))),
+            objects_url: format!("{endpoint}/storage/v1/b/bkt/o"),
+            store_prefix: "run/".to_string(),
+        };
+        let listed = lister.list_raw("p/").await.unwrap();
+        assert_eq!(keys(&listed), vec![Ok("p/a"), Ok("p/x//y"), Ok("p/sub/z")]);
+        assert_eq!((listed[0].size, listed[2].size), (3, 6));
+        let requests = server.await.unwrap();
+        assert!(
+            requests[0].starts_with("GET /storage/v1/b/bkt/o?prefix=run%2Fp%2F&fields="),
+            "{requests:?}"
+        );
+        assert!(
+            requests[1].contains("&pageToken=t%2B1%2F%3D HTTP/1.1"),
+            "{requests:?}"
+        );
+        assert!(
+            requests.iter().all(|r| r
+                .to_ascii_lowercase()
+                .contains("authorization: bearer token-1")),
+            "{requests:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_fallback_says_which_page_and_what_the_server_answered() {
+        let lister = |endpoint: &str| GcsLister {
+            http: http_client(),
+            credentials: None,
+            objects_url: format!("{endpoint}/storage/v1/b/bkt/o"),
+            store_prefix: String::new(),
+        };
+        let (endpoint, server) = serve(vec![
+            r#"{"items":[],"nextPageToken":"t"}"#.to_string(),
+            format!("403 {{\"error\":\"denied\"}}{}", "x".repeat(1000)),
+        ])
+        .await;
+        let err = lister(&endpoint).list_raw("p/").await.unwrap_err();
+        assert!(
+            err.starts_with("objects.list page 2: HTTP 403") && err.contains("denied"),
+            "{err}"
+        );
+        assert!(err.len() < MAX_ERROR_BODY + 100, "{err}");
+        let requests = server.await.unwrap();
+        assert!(!requests[0].to_ascii_lowercase().contains("authorization"));
+        let (endpoint, server) = serve(vec!["<html>not json</html>".to_string()]).await;
+        let err = lister(&endpoint).list_raw("p/").await.unwrap_err();
+        assert!(err.contains("not a listing"), "{err}");
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn raw_listings_keep_keys_and_skip_the_rest_by_reason() {
+        let object = |key: Result<&str, &str>| RawObject {
+            key: key.map(str::to_string).map_err(str::to_string),
+            last_modified: Utc::now(),
+            size: 1,
+        };
+        let (kept, skipped) = crate::keep_keys(vec![
+            object(Ok("p/a")),
+            object(Ok("p/x//y")),
+            object(Ok("p/../y")),
+            object(Ok("p/dir/")),
+            object(Err("p/\u{fffd}")),
+            object(Ok("p/z")),
+        ]);
+        assert_eq!(
+            kept.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
+            vec!["p/a", "p/z"]
+        );
+        let reasons: Vec<&str> = skipped.iter().map(|s| s.reason.label()).collect();
+        assert_eq!(
+            reasons,
+            vec!["not_a_key", "not_a_key", "not_a_key", "not_utf8"]
+        );
     }
 
     #[test]
