@@ -3,7 +3,8 @@
 //! fake-gcs-server, as far as that emulator goes: it serves reads, listings and deletes the way
 //! `object_store` sends them, but not the XML API's object upload (`PUT /BUCKET/OBJECT`) that
 //! `object_store` writes with, nor `ifGenerationMatch` preconditions. See `millrace_store::cloud`
-//! for how the code behaves on real GCS there.
+//! for how the code behaves on real GCS there. On both, a key that `object_store` cannot parse is
+//! skipped and counted by the store's own listing, and the keys around it are listed.
 
 #[path = "support/emulators.rs"]
 mod emulators;
