@@ -21,15 +21,24 @@
 //! first entry it cannot turn into a `Path` (`Error::InvalidPath`, a `NonUnicode` or `BadSegment`
 //! path error; the chunked `try_unfold` stream stops after yielding an error), and its S3 and GCS
 //! listings convert a whole page at once (`TryFrom<ListResponse>` collects into a `Result`), so one
-//! bad key fails the page and pagination stops. Local-file stores are therefore listed here with
-//! `std::fs` (the same rules as `LocalFileSystem`: files only, symbolic links followed, its
-//! in-progress upload files `NAME#DIGITS` hidden). For S3 and GCS a key that `object_store` cannot
-//! parse still fails the listing of its prefix, with an error that says so and names the prefix
-//! (`tests/cloud_stores.rs` pins this down on moto and fake-gcs-server). Skipping it would need a
-//! ListObjects client of our own: resuming after the bad key with `list_with_offset` would still
-//! lose the valid keys of the same page before it, and a listing that silently ended at the bad
-//! key would be worse than an error (the cleaner acts on what a listing does not contain). The
-//! workflow-manager contains such an error to the aggregation whose partition holds the key.
+//! bad key fails the page and pagination stops. Resuming after the bad key with
+//! `list_with_offset` would lose the valid keys of the same page before it, and a listing that
+//! silently ended at the bad key would be worse than an error (the cleaner acts on what a listing
+//! does not contain). So:
+//!
+//! * Local-file stores are listed here with `std::fs` (the same rules as `LocalFileSystem`: files
+//!   only, symbolic links followed, its in-progress upload files `NAME#DIGITS` hidden).
+//! * S3 and GCS stores are listed through `object_store` as long as that works. When its listing
+//!   of a prefix fails with `Error::InvalidPath` (a key it cannot parse, such as one with an empty
+//!   segment, which both clouds allow), the prefix is listed again by a plain request of our own
+//!   that reads the raw keys, paginated to the end: ListObjectsV2 on S3, the JSON API on GCS (see
+//!   [`cloud`]). Every key that [`Store`]'s own key check or `Path::parse` refuses is skipped and
+//!   counted as above; the rest is returned as `object_store` would have. Only a prefix that holds
+//!   such a key pays for the second listing. `tests/cloud_stores.rs` proves it on moto and
+//!   fake-gcs-server.
+//!
+//! The workflow-manager contains any listing error that remains to the aggregation whose
+//! partition it hit.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,6 +113,28 @@ pub struct Store {
     local_root: Option<PathBuf>,
     /// Warnings about skipped names, per prefix.
     skip_log: Arc<LogLimiter>,
+    /// The cloud stores' own listing, for prefixes `object_store` cannot list (see the module
+    /// docs).
+    raw_lister: Option<Arc<dyn RawLister>>,
+}
+
+/// Lists a prefix of a cloud store without `object_store`, reading the raw keys, for the prefixes
+/// whose listing `object_store` fails on a key it cannot parse.
+#[async_trait::async_trait]
+pub(crate) trait RawLister: std::fmt::Debug + Send + Sync {
+    /// Every object under `prefix` (a checked key prefix ending in `/`, relative to the store),
+    /// with keys relative to the store, in no particular order. The error says what failed,
+    /// without the prefix (the caller adds it).
+    async fn list_raw(&self, prefix: &str) -> Result<Vec<RawObject>, String>;
+}
+
+/// One object of a [`RawLister`] listing.
+#[derive(Debug)]
+pub(crate) struct RawObject {
+    /// The key relative to the store, or, if its bytes are not UTF-8, a lossy rendering of it.
+    pub key: Result<String, String>,
+    pub last_modified: DateTime<Utc>,
+    pub size: u64,
 }
 
 /// `url` with any password replaced, for error messages and logs.
@@ -174,6 +205,7 @@ impl Store {
                     inner: Arc::new(fs),
                     local_root: Some(dir),
                     skip_log: Arc::default(),
+                    raw_lister: None,
                 })
             }
             "memory" => Ok(Store::memory()),
@@ -200,7 +232,15 @@ impl Store {
             inner,
             local_root: None,
             skip_log: Arc::default(),
+            raw_lister: None,
         }
+    }
+
+    /// Lists with `lister` the prefixes that `inner`'s own listing fails on.
+    #[cfg(any(feature = "s3", feature = "gcs"))]
+    pub(crate) fn with_raw_lister(mut self, lister: Arc<dyn RawLister>) -> Store {
+        self.raw_lister = Some(lister);
+        self
     }
 
     /// A new, empty in-process store.
@@ -210,6 +250,7 @@ impl Store {
             inner: Arc::new(InMemory::new()),
             local_root: None,
             skip_log: Arc::default(),
+            raw_lister: None,
         }
     }
 
@@ -330,15 +371,22 @@ impl Store {
                         message: format!("cannot list: {e}"),
                     })?
             }
-            None => (self.list_backend(prefix, &path).await?, Vec::new()),
+            None => self.list_backend(prefix, &path).await?,
         };
         self.report_skipped(prefix, &skipped);
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
-    async fn list_backend(&self, prefix: &str, path: &Path) -> Result<Vec<ObjectInfo>, StoreError> {
-        self.inner
+    /// Lists through `object_store`; if it fails on a key it cannot parse, lists again through
+    /// the store's [`RawLister`] and skips the keys that are not keys.
+    async fn list_backend(
+        &self,
+        prefix: &str,
+        path: &Path,
+    ) -> Result<(Vec<ObjectInfo>, Vec<Skipped>), StoreError> {
+        let listed: Result<Vec<ObjectInfo>, object_store::Error> = self
+            .inner
             .list(Some(path))
             .map_ok(|m| ObjectInfo {
                 key: m.location.to_string(),
@@ -346,20 +394,38 @@ impl Store {
                 size: m.size,
             })
             .try_collect()
-            .await
-            .map_err(|e| match e {
-                object_store::Error::InvalidPath { source } => StoreError::Backend {
-                    key: prefix.to_string(),
-                    message: format!(
-                        "cannot list: the store holds a key that object_store cannot parse, which \
-                         fails the listing of the whole prefix on this backend ({source})"
-                    ),
-                },
-                other => StoreError::Backend {
+            .await;
+        let source = match listed {
+            Ok(listed) => return Ok((listed, Vec::new())),
+            Err(object_store::Error::InvalidPath { source }) => source,
+            Err(other) => {
+                return Err(StoreError::Backend {
                     key: prefix.to_string(),
                     message: format!("cannot list: {other}"),
-                },
-            })
+                })
+            }
+        };
+        let Some(lister) = &self.raw_lister else {
+            return Err(StoreError::Backend {
+                key: prefix.to_string(),
+                message: format!(
+                    "cannot list: the store holds a key that object_store cannot parse, which \
+                     fails the listing of the whole prefix on this backend ({source})"
+                ),
+            });
+        };
+        let raw = lister
+            .list_raw(&format!("{}/", path.as_ref()))
+            .await
+            .map_err(|e| StoreError::Backend {
+                key: prefix.to_string(),
+                message: format!(
+                    "cannot list: object_store could not parse a key under it ({source}), and \
+                     listing store {} directly failed too: {e}",
+                    redacted(&self.url)
+                ),
+            })?;
+        Ok(keep_keys(raw))
     }
 
     /// Counts skipped names and warns about them, at most once per prefix per minute.
@@ -398,9 +464,9 @@ impl Store {
 /// Why a listed name was skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SkipReason {
-    /// A file or directory name that is not valid UTF-8.
+    /// A file or directory name (or a cloud key's bytes) that is not valid UTF-8.
     NotUtf8,
-    /// A UTF-8 name that is not a valid key (control characters, say).
+    /// A UTF-8 name that is not a valid key (control characters, an empty or `..` segment).
     NotAKey,
 }
 
@@ -440,6 +506,31 @@ fn loggable(name: &std::ffi::OsStr) -> String {
 fn is_upload_in_progress(name: &str) -> bool {
     name.split_once('#')
         .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Splits a [`RawLister`] listing into the objects whose keys pass [`check_key`] (which includes
+/// `Path::parse`) and the names skipped.
+fn keep_keys(raw: Vec<RawObject>) -> (Vec<ObjectInfo>, Vec<Skipped>) {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut skipped = Vec::new();
+    for object in raw {
+        match object.key {
+            Ok(key) if check_key(&key).is_ok() => out.push(ObjectInfo {
+                key,
+                last_modified: object.last_modified,
+                size: object.size,
+            }),
+            Ok(key) => skipped.push(Skipped {
+                reason: SkipReason::NotAKey,
+                name: loggable(std::ffi::OsStr::new(&key)),
+            }),
+            Err(lossy) => skipped.push(Skipped {
+                reason: SkipReason::NotUtf8,
+                name: loggable(std::ffi::OsStr::new(&lossy)),
+            }),
+        }
+    }
+    (out, skipped)
 }
 
 /// Lists the files under `root/prefix` (a checked key without a trailing `/`) with `std::fs`,
