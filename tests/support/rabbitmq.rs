@@ -1,6 +1,7 @@
-//! Test support: stopping and starting the machine's RabbitMQ, the way
-//! `shared/bus/tests/amqp_conformance.rs` restarts it (`rabbitmqctl stop_app/start_app`), with a
-//! guard that starts it again whatever happens to the test.
+//! Test support: stopping and starting the machine's RabbitMQ for the tests that restart it
+//! (`tests/broker_outage.rs`, and `shared/bus/tests/amqp_conformance.rs`, which includes this file),
+//! with `rabbitmqctl stop_app/start_app` and a guard that starts it again whatever happens to
+//! the test.
 //!
 //! `MILLRACE_TEST_AMQP_STOP` and `MILLRACE_TEST_AMQP_START` override the two commands (for a
 //! broker in a container, say); the defaults need `rabbitmqctl` on the `PATH`.

@@ -7,6 +7,8 @@
 
 #![cfg(feature = "amqp")]
 
+#[path = "../../../tests/support/rabbitmq.rs"]
+mod rabbitmq;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -192,33 +194,6 @@ async fn messages_published_before_the_group_exists_reach_it() {
     d.ack().await.expect("ack");
 }
 
-/// Puts the broker back up when dropped, whatever the restart test did to it.
-struct BrokerUp;
-
-fn sh(command: &str) -> bool {
-    std::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn ensure_broker_up() {
-    // `start_app` is a no-op on a running node; a stopped node needs the server started again.
-    if sh("timeout 60 rabbitmqctl start_app && timeout 60 rabbitmqctl await_startup") {
-        return;
-    }
-    sh("rabbitmq-server -detached; sleep 2; timeout 120 rabbitmqctl await_startup");
-}
-
-impl Drop for BrokerUp {
-    fn drop(&mut self) {
-        ensure_broker_up();
-    }
-}
-
 /// A consumer acks a stream of 500 messages while the broker restarts in the middle: every
 /// message still arrives (at least once), because publishes are retried until confirmed and the
 /// consumer reconnects by itself.
@@ -229,7 +204,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     let _gate = BROKER.write().await;
     let prefix = unique_prefix("restart");
     let _cleanup = Cleanup::new(&prefix, &[("restart", G)]);
-    let _broker_up = BrokerUp;
+    let _broker_up = rabbitmq::BrokerUp;
     let restart = std::env::var("MILLRACE_TEST_AMQP_RESTART")
         .unwrap_or_else(|_| "rabbitmqctl stop_app && rabbitmqctl start_app".to_string());
 
@@ -275,7 +250,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
             while published.load(Ordering::SeqCst) < RESTART_AFTER {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let ok = tokio::task::spawn_blocking(move || sh(&restart))
+            let ok = tokio::task::spawn_blocking(move || rabbitmq::sh(&restart))
                 .await
                 .unwrap_or(false);
             assert!(ok, "the broker restart command failed");
