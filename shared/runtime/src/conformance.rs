@@ -1,6 +1,7 @@
 //! The worker-level half of the conformance suite: what the worker loop must achieve on top of
 //! any bus backend — dead letters after `max_attempts` with the last error, permanent errors
-//! rejected at once, never more tasks in flight than the concurrency limit, and a graceful
+//! rejected at once, hostile messages (a body over the limit, a reason echoing a large body)
+//! copied once and within bounds, never more tasks in flight than the concurrency limit, and a graceful
 //! shutdown that finishes what it can and hands back the rest. The bus-level half (delivery,
 //! leases, nacks, attempts) is `millrace_bus::conformance`; every backend's tests run both.
 //!
