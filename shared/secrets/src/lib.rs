@@ -123,6 +123,9 @@ fn redact_parsed(mut url: url::Url) -> String {
             .map(|(k, v)| {
                 let v = if is_secret_name(&k) && !is_reference(&v) {
                     REDACTED.to_string()
+                } else if v.contains('@') {
+                    // A URL inside a parameter (an endpoint) with a user-info of its own.
+                    redact(&v)
                 } else {
                     v.into_owned()
                 };
@@ -153,7 +156,9 @@ fn redact_by_shape(text: &str) -> String {
                 out.push(':');
                 out.push_str(REDACTED);
             }
-            None if before[..start].ends_with("//") && !userinfo.is_empty() => out.push_str(REDACTED),
+            None if before[..start].ends_with("//") && !userinfo.is_empty() => {
+                out.push_str(REDACTED)
+            }
             None => out.push_str(userinfo),
         }
         out.push('@');
@@ -205,7 +210,10 @@ mod tests {
         ] {
             let r = redact(&url);
             assert_clean(&r);
-            assert!(r.contains("millrace:REDACTED@") || r.contains("user:REDACTED@"), "{r}");
+            assert!(
+                r.contains("millrace:REDACTED@") || r.contains("user:REDACTED@"),
+                "{r}"
+            );
         }
     }
 
@@ -222,8 +230,21 @@ mod tests {
         assert!(r.contains("partitions=3"), "{r}");
         assert!(r.contains("security.protocol=SASL_SSL"), "{r}");
         let r = redact("nats://n:4222?token=env:NATS_TOKEN&creds=/etc/nats/user.creds");
-        assert!(r.contains("token=env%3ANATS_TOKEN") || r.contains("token=env:NATS_TOKEN"), "{r}");
+        assert!(
+            r.contains("token=env%3ANATS_TOKEN") || r.contains("token=env:NATS_TOKEN"),
+            "{r}"
+        );
         assert!(r.contains("user.creds"), "{r}");
+        // A URL inside a parameter loses its own secrets, parsed or not.
+        for url in [
+            format!("sns-sqs://us-east-1?endpoint=http://u:{SECRET}@moto:5000"),
+            format!("sns-sqs://us-east-1?endpoint=http://u:{SECRET}@[moto"),
+            format!("pubsub://p?emulator=u:{SECRET}@host:8085"),
+        ] {
+            let r = redact(&url);
+            assert_clean(&r);
+            assert!(r.contains("REDACTED"), "{r}");
+        }
     }
 
     #[test]
@@ -245,9 +266,14 @@ mod tests {
     fn a_url_without_secrets_is_unchanged() {
         assert_eq!(
             redact("nats://127.0.0.1:4222"),
-            url::Url::parse("nats://127.0.0.1:4222").unwrap().to_string()
+            url::Url::parse("nats://127.0.0.1:4222")
+                .unwrap()
+                .to_string()
         );
-        assert_eq!(redact("file:///srv/millrace/alpha"), "file:///srv/millrace/alpha");
+        assert_eq!(
+            redact("file:///srv/millrace/alpha"),
+            "file:///srv/millrace/alpha"
+        );
     }
 
     #[test]
@@ -255,9 +281,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pw"), SECRET).unwrap();
         assert_eq!(resolve_in("file:pw", dir.path()).unwrap().as_str(), SECRET);
-        let err = resolve("env:MILLRACE_TEST_SURELY_UNSET_42").unwrap_err().to_string();
+        let err = resolve("env:MILLRACE_TEST_SURELY_UNSET_42")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("MILLRACE_TEST_SURELY_UNSET_42"), "{err}");
-        let err = resolve_setting("sasl.password", SECRET).unwrap_err().to_string();
+        let err = resolve_setting("sasl.password", SECRET)
+            .unwrap_err()
+            .to_string();
         assert_clean(&err);
         assert!(err.contains("sasl.password"), "{err}");
     }
@@ -277,7 +307,14 @@ mod tests {
         ] {
             assert!(is_secret_name(name), "{name}");
         }
-        for name in ["user", "sasl.username", "partitions", "security.protocol", "creds", "cacert"] {
+        for name in [
+            "user",
+            "sasl.username",
+            "partitions",
+            "security.protocol",
+            "creds",
+            "cacert",
+        ] {
             assert!(!is_secret_name(name), "{name}");
         }
     }
