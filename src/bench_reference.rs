@@ -86,7 +86,7 @@ pub async fn reference_amqp(
 
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .with_context(|| format!("connecting to {}", millrace_secrets::redact(url)))?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -207,7 +207,7 @@ pub async fn reference_nats(
 
     let client = async_nats::connect(url)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .with_context(|| format!("connecting to {}", millrace_secrets::redact(url)))?;
     let js = jetstream::new(client);
     let name = format!("reference-{topic}");
     let stream = js

@@ -314,9 +314,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config: Arc::new(Config::load(&config_path)?),
                 facilitator,
                 store: Store::open(&store)?,
-                bus: millrace_bus::connect(&bus_url)
-                    .await
-                    .context("opening the bus")?,
+                bus: millrace_bus::connect(&bus_url).await.with_context(|| {
+                    format!("opening the bus {}", millrace_secrets::redact(&bus_url))
+                })?,
                 topic_prefix: common.topic_prefix,
                 by: common.by.unwrap_or_else(millrace::replay::default_operator),
                 reason,
@@ -338,7 +338,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let handle: Arc<dyn millrace_bus::Bus> = if bus.starts_with("memory:") {
                 Arc::new(millrace_bus::memory::MemoryBus::new())
             } else {
-                millrace_bus::connect(&bus).await?
+                millrace_bus::connect(&bus).await.with_context(|| {
+                    format!("opening the bus {}", millrace_secrets::redact(&bus))
+                })?
             };
             let topic = format!(
                 "bench-{}-{}",

@@ -564,8 +564,56 @@ fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
         .map(|m| m.keys().filter_map(str_of).collect())
         .unwrap_or_default();
 
+    let declared_secrets: BTreeSet<String> = doc["secrets"]
+        .as_mapping()
+        .map(|m| m.keys().filter_map(str_of).collect())
+        .unwrap_or_default();
+
     let mut runs: BTreeMap<String, Vec<Invocation>> = BTreeMap::new();
     for (name, svc) in &services {
+        // Secrets: none inline (in the environment or on a command line); they come from an
+        // env_file or a compose secret, and a `file:/run/secrets/NAME` reference has NAME mounted.
+        for (var, value) in environment(svc) {
+            let mut found = literal_secrets(&value);
+            if millrace_secrets::is_secret_name(&var)
+                && !millrace_secrets::is_reference(&value)
+                && !value.is_empty()
+            {
+                found.push(format!("{var} itself"));
+            }
+            if !found.is_empty() {
+                problems.push(format!(
+                    "{name}: {var} holds a secret inline ({}): use an env_file or a compose secret",
+                    found.join(", ")
+                ));
+            }
+            for reference in url_references(&value) {
+                let Some(path) = reference.strip_prefix("file:") else {
+                    continue;
+                };
+                let mounted = path
+                    .strip_prefix("/run/secrets/")
+                    .filter(|s| declared_secrets.contains(*s))
+                    .is_some_and(|s| strings(&svc["secrets"]).iter().any(|m| m == s));
+                if !mounted {
+                    problems.push(format!(
+                        "{name}: {var} refers to {reference}, which is not a compose secret it mounts"
+                    ));
+                }
+            }
+        }
+        let mut words = strings(&svc["entrypoint"]);
+        for part in strings(&svc["command"]) {
+            words.extend(part.split_whitespace().map(str::to_string));
+        }
+        let on_command_line = command_line_secrets(&words);
+        if !on_command_line.is_empty() {
+            problems.push(format!(
+                "{name}: a secret on the command line ({})",
+                on_command_line.join(", ")
+            ));
+        }
+
         // Ports: loopback only.
         if let Value::Sequence(ports) = &svc["ports"] {
             for p in ports {
@@ -986,6 +1034,34 @@ fn expect_problem(problems: &[String], needle: &str) {
 fn a_broken_compose_file_is_caught() {
     expect_problem(
         &problems_after(|d| {
+            d["services"]["rabbitmq-mill"]["environment"]["MILLRACE_BUS"] =
+                Value::String("amqp://millrace:hunter2@rabbitmq:5672/%2f".to_string());
+        }),
+        "MILLRACE_BUS holds a secret inline (the password in the user-info",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["aws-mill"]["environment"]["AWS_SECRET_ACCESS_KEY"] =
+                Value::String("hunter2".to_string());
+        }),
+        "AWS_SECRET_ACCESS_KEY holds a secret inline",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["rabbitmq-intake-worker-0"]["command"] =
+                serde_norway::from_str("[--bus, 'amqp://millrace@rabbitmq/%2f?password=hunter2']")
+                    .unwrap_or(Value::Null);
+        }),
+        "a secret on the command line (password= in a URL)",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["rabbitmq-mill"]["secrets"] = Value::Sequence(Vec::new());
+        }),
+        "refers to file:/run/secrets/amqp-password, which is not a compose secret it mounts",
+    );
+    expect_problem(
+        &problems_after(|d| {
             d["services"]["rabbitmq-mill"]["ports"] =
                 Value::Sequence(vec![Value::String("9464:9464".to_string())]);
         }),
@@ -1174,6 +1250,77 @@ fn egress_ports(policy: &Value) -> Vec<Option<u64>> {
 
 const BROKER_PORTS: [u64; 5] = [5672, 5671, 4222, 9092, 9093];
 
+/// The Secret the bus's credentials come from (mounted at /etc/millrace/bus in bus users).
+const BUS_CREDENTIALS: &str = "millrace-bus-credentials";
+
+/// What in `text` is a secret written out: the password of a URL's user-info, each query
+/// parameter with a secret's name (`millrace_secrets::is_secret_name`) whose value is not a
+/// `file:` / `env:` reference, and `NAME=value` with a secret's name. Empty if nothing is.
+fn literal_secrets(text: &str) -> Vec<String> {
+    use millrace_secrets::{is_reference, is_secret_name};
+    let mut found = Vec::new();
+    for word in text.split_whitespace() {
+        let word = word.trim_matches(|c| c == '\'' || c == '"');
+        if let Ok(url) = url::Url::parse(word) {
+            if url.password().is_some_and(|p| !p.is_empty()) {
+                found.push(format!(
+                    "the password in the user-info of {}",
+                    url.host_str().unwrap_or("a URL")
+                ));
+            }
+            for (k, v) in url.query_pairs() {
+                if is_secret_name(&k) && !v.is_empty() && !is_reference(&v) {
+                    found.push(format!("{k}= in a URL"));
+                }
+            }
+        } else if let Some((name, value)) = word.split_once('=') {
+            let name = name.trim_start_matches('-');
+            // `$VAR` / `$(cat FILE)` in a script is read when it runs, not written here.
+            let value = value.trim_matches(|c| c == '\'' || c == '"');
+            if is_secret_name(name)
+                && !value.is_empty()
+                && !is_reference(value)
+                && !value.starts_with('$')
+            {
+                found.push(format!("{name}="));
+            }
+        }
+    }
+    found
+}
+
+/// The secrets written out in a command line: [`literal_secrets`] of each argument, and the
+/// value after a flag with a secret's name (`--password hunter2`).
+fn command_line_secrets(args: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        found.extend(literal_secrets(arg));
+        if let Some(flag) = arg.strip_prefix("--").filter(|f| !f.contains('=')) {
+            if let Some(value) = args.get(i + 1) {
+                if millrace_secrets::is_secret_name(flag)
+                    && !value.starts_with("--")
+                    && !millrace_secrets::is_reference(value)
+                {
+                    found.push(format!("--{flag}"));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The references (`file:…`, `env:…`) a bus URL's query parameters make.
+fn url_references(url: &str) -> Vec<String> {
+    url::Url::parse(url)
+        .map(|u| {
+            u.query_pairs()
+                .filter(|(_, v)| millrace_secrets::is_reference(v))
+                .map(|(_, v)| v.into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Files a container sees: mount path → where it comes from.
 fn mounted_files(docs: &[Value], pod: &Value, container: &Value) -> BTreeMap<String, String> {
     let keys_of = |k: &str, name: &str| -> Vec<String> {
@@ -1330,6 +1477,27 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             ));
         }
     }
+    // No ConfigMap holds a secret: credentials come from Secrets, by reference.
+    for cm in kind(docs, "ConfigMap") {
+        for (key, value) in cm["data"].as_mapping().into_iter().flatten() {
+            let (key, value) = (
+                str_of(key).unwrap_or_default(),
+                str_of(value).unwrap_or_default(),
+            );
+            let mut found = literal_secrets(&value);
+            if millrace_secrets::is_secret_name(&key) && !millrace_secrets::is_reference(&value) {
+                found.push(format!("its key {key}"));
+            }
+            if !found.is_empty() {
+                problems.push(format!(
+                    "ConfigMap {} key {key} holds a secret ({}): put it in a Secret and refer to it",
+                    name_of(cm),
+                    found.join(", ")
+                ));
+            }
+        }
+    }
+
     let policies = kind(docs, "NetworkPolicy");
     let default_deny = policies.iter().any(|p| {
         p["spec"]["podSelector"]
@@ -1417,10 +1585,34 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
                 problems.push(format!("{who}: image {image:?} is not a Millrace service"));
                 continue;
             }
-            // Its environment, resolved.
+            // Its environment, resolved; and which variables come from a Secret that has them.
             let mut env = BTreeMap::new();
+            let mut from_secrets = BTreeSet::new();
             for e in container["env"].as_sequence().into_iter().flatten() {
                 let name = str_of(&e["name"]).unwrap_or_default();
+                if e["valueFrom"]["secretKeyRef"].is_mapping() {
+                    let r = &e["valueFrom"]["secretKeyRef"];
+                    let (secret, key) = (
+                        str_of(&r["name"]).unwrap_or_default(),
+                        str_of(&r["key"]).unwrap_or_default(),
+                    );
+                    let has = find(docs, "Secret", &secret).is_some_and(|s| {
+                        ["data", "stringData"]
+                            .iter()
+                            .any(|f| !s[*f][key.as_str()].is_null())
+                    });
+                    if has {
+                        from_secrets.insert(name.clone());
+                    } else {
+                        problems.push(format!(
+                            "{who}: {name} refers to Secret {secret} key {key}, which the rendering lacks"
+                        ));
+                    }
+                } else if millrace_secrets::is_secret_name(&name) {
+                    problems.push(format!(
+                        "{who}: {name} must come from a Secret (valueFrom.secretKeyRef), not a value or a ConfigMap"
+                    ));
+                }
                 let value = if let Some(v) = str_of(&e["value"]) {
                     Some(v)
                 } else if e["valueFrom"]["configMapKeyRef"].is_mapping() {
@@ -1444,6 +1636,22 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             }
             let mut args = strings(&container["command"]);
             args.extend(strings(&container["args"]));
+            let on_command_line = command_line_secrets(&args);
+            if !on_command_line.is_empty() {
+                problems.push(format!(
+                    "{who}: a secret on the command line ({}): pass a file: or env: reference",
+                    on_command_line.join(", ")
+                ));
+            }
+            for (name, value) in &env {
+                let found = literal_secrets(value);
+                if !found.is_empty() && !from_secrets.contains(name) {
+                    problems.push(format!(
+                        "{who}: {name} holds a secret ({}) outside a Secret",
+                        found.join(", ")
+                    ));
+                }
+            }
             let inv = Invocation {
                 who: who.clone(),
                 binary: binary.clone(),
@@ -1566,8 +1774,40 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
                     ));
                 }
             }
+            // Every reference the bus URL makes is wired to a Secret: a file a Secret mounts,
+            // or a variable set from one.
+            if let Some(bus) = inv.setting(&cli, "--bus") {
+                for reference in url_references(&bus) {
+                    if let Some(path) = reference.strip_prefix("file:") {
+                        match files.get(path) {
+                            Some(from) if from.starts_with("Secret") => {}
+                            Some(from) => problems.push(format!(
+                                "{who}: the bus URL's {reference} comes from {from}, not a Secret"
+                            )),
+                            None => problems.push(format!(
+                                "{who}: the bus URL's {reference} is not mounted from a Secret ({files:?})"
+                            )),
+                        }
+                    } else if let Some(var) = reference.strip_prefix("env:") {
+                        if !from_secrets.contains(var) {
+                            problems.push(format!(
+                                "{who}: the bus URL's {reference} is not set from a Secret"
+                            ));
+                        }
+                    }
+                }
+            }
+            let bus_credentials =
+                |from: &String| from.starts_with(&format!("Secret {BUS_CREDENTIALS}"));
+            if uses_bus_binary(&binary) {
+                // Bus users may mount the bus's credentials; the cleaner uses no bus.
+            } else if files.values().any(bus_credentials) {
+                problems.push(format!("{who}: uses no bus, but mounts its credentials"));
+            }
             if !matches!(binary.as_str(), "intake-worker" | "aggregate-worker")
-                && files.values().any(|from| from.starts_with("Secret"))
+                && files
+                    .values()
+                    .any(|from| from.starts_with("Secret") && !bus_credentials(from))
             {
                 problems.push(format!("{who}: reads no secret, but mounts one"));
             }
@@ -1628,6 +1868,14 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
     with_overlay(cloud, problems)
 }
 
+/// Does `binary` use the bus (and so may see its credentials)?
+fn uses_bus_binary(binary: &str) -> bool {
+    matches!(
+        binary,
+        "intake-worker" | "aggregate-worker" | "mill" | "workflow-manager"
+    )
+}
+
 fn with_overlay(cloud: &Cloud, problems: Vec<String>) -> Vec<String> {
     problems
         .into_iter()
@@ -1649,6 +1897,97 @@ fn the_aws_overlay_renders_a_complete_facilitator_on_sns_sqs_and_s3() {
 fn the_gcp_overlay_renders_a_complete_facilitator_on_pubsub_and_gcs() {
     let problems = check_rendering(&overlay("gcp"), &GCP, &ONE_FACILITATOR_AND_THE_MILL);
     assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+}
+
+const AMAZON_MQ: Cloud = Cloud {
+    name: "aws-amazon-mq",
+    bus_scheme: "amqps://",
+    store_scheme: "s3://",
+    identity_annotation: "eks.amazonaws.com/role-arn",
+    identity_ports: &[],
+};
+
+/// RabbitMQ as a managed service: amqps://, the password in a Secret mounted into every bus user,
+/// the URL in the ConfigMap holding only a reference to it.
+#[test]
+fn the_amazon_mq_overlay_takes_the_bus_password_from_a_secret() {
+    let docs = overlay("aws-amazon-mq");
+    let problems = check_rendering(&docs, &AMAZON_MQ, &ONE_FACILITATOR_AND_THE_MILL);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+    let secret = find(&docs, "Secret", BUS_CREDENTIALS)
+        .unwrap_or_else(|| panic!("no Secret {BUS_CREDENTIALS}"));
+    assert!(!secret["data"]["password"].is_null(), "{secret:?}");
+}
+
+fn amazon_mq_problems_after(edit: impl FnOnce(&mut Vec<Value>)) -> Vec<String> {
+    let mut docs = overlay("aws-amazon-mq");
+    edit(&mut docs);
+    check_rendering(&docs, &AMAZON_MQ, &ONE_FACILITATOR_AND_THE_MILL)
+}
+
+#[test]
+fn a_secret_outside_a_secret_or_an_unwired_reference_is_caught() {
+    let bus = "amqps://millrace:hunter2@b-1.mq.us-east-1.amazonaws.com:5671/%2f";
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            settings_mut(d)["data"]["bus"] = Value::String(bus.to_string());
+        }),
+        "holds a secret (the password in the user-info",
+    );
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            settings_mut(d)["data"]["bus"] =
+                Value::String(format!("{bus}?token=hunter2").replace(":hunter2@", "@"));
+        }),
+        "holds a secret (token= in a URL)",
+    );
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            doc_mut(d, "Deployment", "intake-worker")["spec"]["template"]["spec"]["containers"]
+                [0]["args"] =
+                serde_norway::from_str(&format!("[--bus, '{bus}']")).unwrap_or(Value::Null);
+        }),
+        "a secret on the command line",
+    );
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            doc_mut(d, "Deployment", "mill")["spec"]["template"]["spec"]["containers"][0]["args"] =
+                serde_norway::from_str("[--password, hunter2]").unwrap_or(Value::Null);
+        }),
+        "a secret on the command line (--password)",
+    );
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            let env = &mut doc_mut(d, "Deployment", "mill")["spec"]["template"]["spec"]
+                ["containers"][0]["env"];
+            if let Value::Sequence(list) = env {
+                list.push(
+                    serde_norway::from_str("{name: MILLRACE_BUS_PASSWORD, value: hunter2}")
+                        .unwrap_or(Value::Null),
+                );
+            }
+        }),
+        "MILLRACE_BUS_PASSWORD must come from a Secret",
+    );
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            d.retain(|doc| name_of(doc) != BUS_CREDENTIALS);
+        }),
+        "the bus URL's file:/etc/millrace/bus/password is not mounted from a Secret",
+    );
+    expect_problem(
+        &amazon_mq_problems_after(|d| {
+            settings_mut(d)["data"]["bus"] = Value::String(
+                "amqps://millrace@b-1.mq.us-east-1.amazonaws.com/%2f?password=env:AMQP_PASSWORD"
+                    .to_string(),
+            );
+        }),
+        "the bus URL's env:AMQP_PASSWORD is not set from a Secret",
+    );
+    assert_eq!(
+        literal_secrets("amqps://u@h/?password=file:/x&cacert=/ca.pem"),
+        Vec::<String>::new()
+    );
 }
 
 /// Facilitator 1 = an overlay with the facilitator-1 component: no mill, no collector cleaner,
@@ -1857,6 +2196,100 @@ fn terraform_fmt_problems(dir: &Path) -> Vec<String> {
             String::from_utf8_lossy(&out.stderr)
         )]
     }
+}
+
+/// Outputs of a Terraform file (`output "NAME" { … }`) that would print a secret in plain text:
+/// a name or value expression with a secret's name in it (`password`, `token`, `secret`,
+/// `private_key`, …) without `sensitive = true`.
+fn terraform_output_problems(file: &str, text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("output \"") {
+        let after = &rest[start + "output \"".len()..];
+        let name = after.split('"').next().unwrap_or_default().to_string();
+        // The block: up to the brace that closes it.
+        let body_start = after.find('{').unwrap_or(after.len());
+        let mut depth = 0usize;
+        let mut end = after.len();
+        for (i, c) in after[body_start..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        end = body_start + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let body = &after[body_start..end];
+        let secretive = millrace_secrets::is_secret_name(&name)
+            || body
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| !w.is_empty() && *w != "description")
+                .any(|w| {
+                    // Not every `key` (store_key_prefix is a path): the words that mean a secret.
+                    let w = w.to_ascii_lowercase();
+                    [
+                        "password",
+                        "passwd",
+                        "secret",
+                        "token",
+                        "private_key",
+                        "access_key",
+                        "credentials",
+                    ]
+                    .iter()
+                    .any(|s| w.contains(s))
+                });
+        let sensitive = body
+            .lines()
+            .any(|l| l.split_whitespace().collect::<String>() == "sensitive=true");
+        if secretive && !sensitive {
+            problems.push(format!(
+                "{file}: output {name:?} shows a secret: mark it sensitive = true (or do not output it)"
+            ));
+        }
+        rest = &after[end.min(after.len())..];
+    }
+    problems
+}
+
+fn tf_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() && !path.ends_with(".terraform") {
+            tf_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "tf") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn terraform_outputs_no_secret_in_plain_text() {
+    let mut files = Vec::new();
+    tf_files(&root().join("deploy/terraform"), &mut files);
+    assert!(files.len() > 4, "found only {files:?}");
+    let problems: Vec<String> = files
+        .iter()
+        .flat_map(|f| terraform_output_problems(&f.display().to_string(), &read(f)))
+        .collect();
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn a_secret_terraform_output_is_caught() {
+    let text = "output \"bus_url\" {\n  value = \"sns-sqs://x\"\n}\n\
+                output \"broker_password\" {\n  value = random_password.broker.result\n}\n\
+                output \"admin\" {\n  value = { user = \"a\", pw = aws_mq_broker.b.user[0].password }\n}\n\
+                output \"hidden\" {\n  value     = random_password.broker.result\n  sensitive = true\n}\n";
+    let problems = terraform_output_problems("test.tf", text);
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    expect_problem(&problems, "output \"broker_password\" shows a secret");
+    expect_problem(&problems, "output \"admin\" shows a secret");
 }
 
 #[test]

@@ -144,6 +144,27 @@ impl Fleet {
         problems
     }
 
+    /// Every log line of every service that contains `secret` (which must never be logged).
+    fn lines_containing(&self, secret: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for (name, _) in &self.children {
+            let text =
+                std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+            let lines = text.lines().count();
+            assert!(lines > 0, "{name} logged nothing at all");
+            for (n, line) in text.lines().enumerate() {
+                if line.contains(secret) {
+                    found.push(format!(
+                        "{name}.log line {} shows the password: {}",
+                        n + 1,
+                        line.replace(secret, "<THE PASSWORD>")
+                    ));
+                }
+            }
+        }
+        found
+    }
+
     /// SIGTERM to every process; each must exit by itself, successfully, within the drain time.
     fn stop(&mut self) -> Vec<String> {
         for (_, child) in &self.children {
@@ -268,6 +289,30 @@ const MAX_LOG_LINE: usize = 8 * 1024;
 const MAX_LOG_TOTAL: usize = 1024 * 1024;
 
 fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: Plain) {
+    e2e_with(
+        BusUrls {
+            services: bus_url,
+            test: bus_url,
+            secret: None,
+        },
+        label,
+        stores,
+        env,
+        plain,
+    );
+}
+
+/// The bus URL the services get, the one the test's own clients use, and a secret no service may
+/// ever log. The two URLs differ when the services read their password from a reference the
+/// test process does not have (`password=env:…`, set only in the services' environment).
+struct BusUrls<'a> {
+    services: &'a str,
+    test: &'a str,
+    secret: Option<&'a str>,
+}
+
+fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], plain: Plain) {
+    let bus_url = urls.test;
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -322,7 +367,7 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
     let common = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "--bus",
-            bus_url,
+            urls.services,
             "--topic-prefix",
             &prefix,
             "--create-topics",
@@ -374,7 +419,7 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let bus = runtime
         .block_on(millrace_bus::connect(bus_url))
-        .unwrap_or_else(|e| panic!("{label}: {bus_url}: {e}"));
+        .unwrap_or_else(|e| panic!("{label}: {}: {e}", millrace_secrets::redact(bus_url)));
     let broker = plain.broker(bus_url, &runtime);
     let limit = hostile::worker_limit(&bus.limits());
     let sent = hostile::corpus_for(&prefix, &broker, limit);
@@ -426,7 +471,10 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
         hostile::describe(&sent),
         summary.join("\n")
     );
-    let log_problems = fleet.check_log_volume(MAX_LOG_LINE, MAX_LOG_TOTAL);
+    let mut log_problems = fleet.check_log_volume(MAX_LOG_LINE, MAX_LOG_TOTAL);
+    if let Some(secret) = urls.secret {
+        log_problems.extend(fleet.lines_containing(secret));
+    }
     assert!(log_problems.is_empty(), "{label}: {log_problems:#?}");
     assert!(
         problems.is_empty(),
@@ -511,13 +559,68 @@ impl Drop for CleanupGuard {
     }
 }
 
+/// A RabbitMQ user with a random password, made with `rabbitmqctl` for one test and deleted
+/// when dropped, however the test ends.
+struct RabbitUser {
+    name: String,
+    password: String,
+}
+
+impl RabbitUser {
+    fn create() -> RabbitUser {
+        use rand::distr::{Alphanumeric, SampleString};
+        let mut rng = rand::rng();
+        let user = RabbitUser {
+            name: format!("millrace-e2e-{}", Alphanumeric.sample_string(&mut rng, 8)),
+            password: Alphanumeric.sample_string(&mut rng, 32),
+        };
+        for args in [
+            vec!["add_user", &user.name, &user.password],
+            vec!["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"],
+        ] {
+            let out = Command::new("rabbitmqctl")
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| panic!("this test needs rabbitmqctl on the PATH: {e}"));
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr).replace(&user.password, "<THE PASSWORD>")
+            );
+        }
+        user
+    }
+}
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// RabbitMQ as a deployment would use it: a user of its own whose password the services read
+/// from their environment (`password=env:…` in the URL, the variable set only for them). The
+/// fleet must work, and no line any service logs may contain the password.
 #[test]
 fn e2e_amqp() {
-    e2e(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    let user = RabbitUser::create();
+    const VAR: &str = "MILLRACE_E2E_AMQP_PASSWORD";
+    let services = format!("amqp://{}@127.0.0.1:5672/%2f?password=env:{VAR}", user.name);
+    let test = format!("amqp://{}:{}@127.0.0.1:5672/%2f", user.name, user.password);
+    e2e_with(
+        BusUrls {
+            services: &services,
+            test: &test,
+            secret: Some(&user.password),
+        },
         "amqp",
         Stores::Files,
-        &[],
+        &[(VAR, &user.password)],
         Plain::Amqp,
     );
 }
@@ -649,4 +752,138 @@ fn a_missing_topic_is_a_start_up_error_naming_it() {
             "{bus}: the error should name {topic} and say how to create it:\n{stderr}"
         );
     }
+}
+
+/// Starts an intake-worker on each bus URL of `cases` (URL, what its output must name), at log
+/// level trace, with `MILLRACE_BUS_PASSWORD` = `secret`; returns how each failed to fail at
+/// start-up, or showed `secret`.
+fn bad_bus_url_problems(secret: &str, cases: &[(String, &str)]) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(
+        Command::new(bin("millrace"))
+            .args(["keygen", "--dir"])
+            .arg(d),
+        "millrace keygen",
+    );
+    let config = d.join("millrace.toml").display().to_string();
+    let store = format!("file://{}", d.join("store").display());
+    let mut problems = Vec::new();
+    for (bus, names) in cases {
+        let shown = millrace_secrets::redact(bus);
+        let log = d.join("stderr.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(bin("intake-worker"))
+            .env("MILLRACE_BUS_PASSWORD", secret)
+            .env("RUST_LOG", "trace")
+            .args([
+                "--bus",
+                bus,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--config",
+                &config,
+                "--facilitator",
+                "0",
+                "--store",
+                &store,
+                "--peer-store",
+                &store,
+            ])
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting intake-worker: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        match status {
+            None => problems.push(format!("{shown}: still running after 60 s")),
+            Some(s) if s.success() => problems.push(format!("{shown}: exited 0")),
+            Some(_) => {}
+        }
+        for line in output.lines().filter(|l| l.contains(secret)) {
+            problems.push(format!("{shown}: the output shows the password: {line}"));
+        }
+        if !output.contains(names) {
+            problems.push(format!("{shown}: the error should name {names}:\n{output}"));
+        }
+        println!("{shown}:\n{}", output.lines().last().unwrap_or_default());
+    }
+    problems
+}
+
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// An intake-worker given a password in an unreachable or mistyped bus URL (every scheme) fails
+/// at start-up with an error that names the host, or the mistake, but never the password, even
+/// at log level trace.
+#[test]
+fn a_bad_bus_url_is_a_start_up_error_that_never_shows_the_password() {
+    const SECRET: &str = "Sup3r-S3cret-pw";
+    let port = closed_port();
+    let cases = [
+        (
+            format!("amqp://millrace:{SECRET}@127.0.0.1:{port}/%2f"),
+            "127.0.0.1",
+        ),
+        (
+            format!("amqps://millrace:{SECRET}@127.0.0.1:{port}/%2f"),
+            "127.0.0.1",
+        ),
+        (
+            format!("amqp://millrace@127.0.0.1:{port}/%2f?password=env:MILLRACE_BUS_PASSWORD"),
+            "127.0.0.1",
+        ),
+        (
+            format!("kafka://millrace:{SECRET}@127.0.0.1:{port}"),
+            "127.0.0.1",
+        ),
+        (
+            format!("amqp://millrace:{SECRET}@rabbit.example:notaport/%2f"),
+            "rabbit.example",
+        ),
+        (
+            format!("nats//millrace:{SECRET}@nats.example:4222"),
+            "nats.example",
+        ),
+        (format!("sns-sqs://u:{SECRET}@us-east-1/x"), "us-east-1"),
+        (format!("pubsub://u:{SECRET}@project/x"), "project"),
+    ];
+    let problems = bad_bus_url_problems(SECRET, &cases);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+}
+
+/// The same for NATS credentials in the URL: the error is clean, but async_nats logs the server
+/// URL, password included, at DEBUG, because nats.rs hands the client the whole URL. Passes once
+/// nats.rs gives credentials through `ConnectOptions` (issue 11, the NATS part).
+#[test]
+#[ignore = "async_nats logs the URL with its password at DEBUG until nats.rs passes credentials through ConnectOptions"]
+fn a_bad_nats_url_is_a_start_up_error_that_never_shows_the_password() {
+    const SECRET: &str = "Nats-S3cret-pw";
+    let port = closed_port();
+    let cases = [
+        (
+            format!("nats://millrace:{SECRET}@127.0.0.1:{port}"),
+            "127.0.0.1",
+        ),
+        (format!("nats://{SECRET}@127.0.0.1:{port}"), "127.0.0.1"),
+    ];
+    let problems = bad_bus_url_problems(SECRET, &cases);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
 }

@@ -239,7 +239,7 @@ impl WorkflowManager {
                     partition
                         .map(|p| format!(" in partition {p}"))
                         .unwrap_or_default(),
-                    self.store.url()
+                    self.store.redacted_url()
                 ))
             })
     }

@@ -4,6 +4,35 @@
 //! confirms. It has no per-message lease, no native delay and (on classic queues) no attempt count;
 //! this module builds those on top, and this comment says how and why.
 //!
+//! # Connecting: the URL, TLS and credentials
+//!
+//! ```text
+//! amqp://USER@HOST[:PORT]/VHOST?password=env:AMQP_PASSWORD
+//! amqps://USER@HOST[:5671]/VHOST?password=file:/run/secrets/amqp-password
+//!        &cacert=/etc/millrace/bus/ca.pem&cert=/etc/millrace/bus/client.pem
+//!        &key=file:/etc/millrace/bus/client-key.pem
+//! ```
+//!
+//! * `password`: a reference, `env:VAR` or `file:PATH` (trailing newlines are dropped), never
+//!   the password itself, so the URL can sit in a ConfigMap or on a command line. For local
+//!   development the password may still be written in the user-info (`amqp://guest:guest@…`);
+//!   it is redacted wherever the URL is shown, but do not deploy it that way.
+//! * `amqps://` is AMQP over TLS (rustls, with the aws-lc-rs provider), port 5671 by default.
+//!   The server certificate is checked against the platform's trust store (the system CA
+//!   bundle; `SSL_CERT_FILE` / `SSL_CERT_DIR` are honoured), which is all CloudAMQP or Amazon MQ
+//!   need. `cacert=PATH` adds a PEM bundle of CAs to trust as well (a private CA).
+//! * `cert=PATH` (a PEM certificate chain) with `key=file:PATH` or `key=env:VAR` (a PEM private
+//!   key, PKCS#8, PKCS#1 or SEC1) presents a client certificate; add `auth_mechanism=external` to
+//!   log in as the certificate's subject instead of with a password.
+//! * lapin's own parameters pass through: `heartbeat`, `connection_timeout` (ms), `frame_max`,
+//!   `channel_max`, `auth_mechanism` (`plain`, `amqplain`, `external`). Any other parameter is
+//!   an error, so that a misspelt `pasword=` does not silently connect without one.
+//!
+//! Files are read and checked once, at `connect`: a missing or unparsable CA, certificate or key
+//! is an `InvalidUrl` error naming the parameter and the file, never its contents. The resolved
+//! password and key live only in memory, and every error and log line shows the URL through
+//! [`millrace_secrets::redact`].
+//!
 //! # Topology
 //!
 //! * A topic `T` is a durable **fanout exchange** named `T` (names are used as they are; dots are
@@ -98,13 +127,18 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     Acker, BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use zeroize::Zeroizing;
 
 use crate::lock;
 use crate::Limits;
@@ -278,7 +312,7 @@ struct Link {
 }
 
 struct Shared {
-    url: String,
+    target: Target,
     link: tokio::sync::Mutex<Option<Link>>,
     declared_generation: Mutex<Option<Arc<Mutex<HashSet<String>>>>>,
     consumer_seq: AtomicU64,
@@ -325,7 +359,7 @@ impl Shared {
         }
         *guard = None;
         let properties = ConnectionProperties::default().with_connection_name("millrace".into());
-        let connection = Connection::connect(&self.url, properties).await?;
+        let connection = self.target.connect(properties).await?;
         let publisher = Self::open_confirm_channel(&connection).await?;
         let declared = Arc::new(Mutex::new(HashSet::new()));
         *lock(&self.declared_generation) = Some(declared.clone());
@@ -598,6 +632,192 @@ fn new_message_id() -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The URL
+
+/// The query parameters this backend reads itself (lapin never sees them).
+const OWN_PARAMETERS: [&str; 4] = ["password", "cacert", "cert", "key"];
+/// The query parameters lapin reads.
+const LAPIN_PARAMETERS: [&str; 5] = [
+    "heartbeat",
+    "connection_timeout",
+    "frame_max",
+    "channel_max",
+    "auth_mechanism",
+];
+
+/// Where and how to connect, as `connect` understood the URL: credentials resolved, TLS files
+/// read and checked.
+struct Target {
+    uri: AMQPUri,
+    tls: OwnedTLSConfig,
+    /// The URL as errors and logs show it (redacted).
+    shown: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, BusError> {
+        let invalid = |reason: String| BusError::invalid_url(url, reason);
+        let mut parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let tls = match parsed.scheme() {
+            "amqp" => false,
+            "amqps" => true,
+            other => {
+                return Err(invalid(format!(
+                    "scheme {other:?}: expected amqp:// or amqps://"
+                )))
+            }
+        };
+        let host = match parsed.host_str() {
+            Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
+            _ => {
+                return Err(invalid(
+                    "no host: expected amqp[s]://USER@HOST[:PORT]/VHOST".into(),
+                ))
+            }
+        }
+        .to_string();
+        let mut own: Vec<(String, String)> = Vec::new();
+        let mut passed: Vec<(String, String)> = Vec::new();
+        for (name, value) in parsed.query_pairs() {
+            let (name, value) = (name.into_owned(), value.into_owned());
+            if OWN_PARAMETERS.contains(&name.as_str()) {
+                if own.iter().any(|(n, _)| *n == name) {
+                    return Err(invalid(format!("parameter {name:?} is given twice")));
+                }
+                own.push((name, value));
+            } else if LAPIN_PARAMETERS.contains(&name.as_str()) {
+                passed.push((name, value));
+            } else {
+                return Err(invalid(format!(
+                    "unknown parameter {name:?}; expected one of {}",
+                    OWN_PARAMETERS
+                        .iter()
+                        .chain(LAPIN_PARAMETERS.iter())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        let param = |name: &str| own.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        // lapin reads the rest; the password it would find in the user-info is replaced below.
+        if passed.is_empty() {
+            parsed.set_query(None);
+        } else {
+            parsed.query_pairs_mut().clear().extend_pairs(passed);
+        }
+        let mut uri: AMQPUri = parsed.as_str().parse().map_err(|reason: String| {
+            // lapin's messages may quote the URL whole.
+            invalid(millrace_secrets::redact(&reason))
+        })?;
+        // lapin takes only a domain as the host and falls back to "localhost" for an address.
+        uri.authority.host = host;
+        uri.scheme = if tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        };
+        if let Some(reference) = param("password") {
+            if parsed.password().is_some() {
+                return Err(invalid(
+                    "a password is given both in the user-info and as password=: give only the \
+                     reference"
+                        .into(),
+                ));
+            }
+            let password = millrace_secrets::resolve_setting("password", reference)
+                .map_err(|e| invalid(e.to_string()))?;
+            uri.authority.userinfo.password = password.trim_end_matches(['\n', '\r']).to_string();
+        }
+        let tls_config =
+            Self::tls_config(tls, param("cacert"), param("cert"), param("key")).map_err(invalid)?;
+        Ok(Target {
+            uri,
+            tls: tls_config,
+            shown: millrace_secrets::redact(url),
+        })
+    }
+
+    /// The TLS settings of `cacert`, `cert` and `key`, each file read and checked now.
+    fn tls_config(
+        tls: bool,
+        cacert: Option<&str>,
+        cert: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<OwnedTLSConfig, String> {
+        if !tls && (cacert.is_some() || cert.is_some() || key.is_some()) {
+            return Err(
+                "cacert, cert and key are TLS settings: use amqps:// (TLS, port 5671) with them"
+                    .to_string(),
+            );
+        }
+        let cert_chain = match cacert {
+            Some(path) => {
+                let pem = read_pem_file("cacert", path)?;
+                check_certificates("cacert", path, pem.as_bytes())?;
+                Some(pem.to_string())
+            }
+            None => None,
+        };
+        let identity =
+            match (cert, key) {
+                (None, None) => None,
+                (Some(_), None) | (None, Some(_)) => return Err(
+                    "a client certificate needs both cert=PATH and key=file:PATH (or key=env:VAR)"
+                        .to_string(),
+                ),
+                (Some(cert_path), Some(key_reference)) => {
+                    let pem = read_pem_file("cert", cert_path)?;
+                    check_certificates("cert", cert_path, pem.as_bytes())?;
+                    let key = millrace_secrets::resolve_setting("key", key_reference)
+                        .map_err(|e| e.to_string())?;
+                    PrivateKeyDer::from_pem_slice(key.as_bytes())
+                        .map_err(|e| format!("key {key_reference}: not a PEM private key ({e})"))?;
+                    Some(OwnedIdentity::PKCS8 {
+                        pem: pem.as_bytes().to_vec(),
+                        key: key.as_bytes().to_vec(),
+                    })
+                }
+            };
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
+    }
+
+    /// Opens a connection.
+    async fn connect(&self, properties: ConnectionProperties) -> Result<Connection, lapin::Error> {
+        Connection::connect_uri_with_config(
+            self.uri.clone(),
+            properties,
+            self.tls.clone(),
+            lapin::runtime::default_runtime()?,
+        )
+        .await
+    }
+}
+
+/// Reads the PEM file a TLS parameter names (`PATH` or `file:PATH`); the error names the file.
+fn read_pem_file(what: &str, path: &str) -> Result<Zeroizing<String>, String> {
+    let path = path.strip_prefix("file:").unwrap_or(path);
+    std::fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| format!("{what} {path}: cannot read: {e}"))
+}
+
+/// Checks that `pem` holds at least one certificate and nothing unparsable.
+fn check_certificates(what: &str, path: &str, pem: &[u8]) -> Result<(), String> {
+    let path = path.strip_prefix("file:").unwrap_or(path);
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {path}: not a PEM certificate file ({e})"))?;
+    if certificates.is_empty() {
+        return Err(format!("{what} {path}: holds no PEM certificate"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // The bus
 
 /// The RabbitMQ bus. Cloning is cheap; clones share one connection.
@@ -613,24 +833,23 @@ impl std::fmt::Debug for AmqpBus {
 }
 
 impl AmqpBus {
-    /// Connects to `url` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`). Fails if the broker
-    /// cannot be reached now; later outages are ridden out by reconnecting.
+    /// Connects to `url` (see the module docs: `amqp://` or `amqps://`, the password from a
+    /// reference, optional CA, client certificate and key). Fails if the broker cannot be reached
+    /// now; later outages are ridden out by reconnecting.
     pub async fn connect(url: &str) -> Result<AmqpBus, BusError> {
-        url.parse::<lapin::uri::AMQPUri>()
-            .map_err(|reason| BusError::InvalidUrl {
-                url: url.to_string(),
-                reason,
-            })?;
+        let target = Target::parse(url)?;
         let shared = Arc::new(Shared {
-            url: url.to_string(),
+            target,
             link: tokio::sync::Mutex::new(None),
             declared_generation: Mutex::new(None),
             consumer_seq: AtomicU64::new(0),
         });
-        shared
-            .link()
-            .await
-            .map_err(|f| backend(format!("connect: {}", f.message)))?;
+        shared.link().await.map_err(|f| {
+            backend(format!(
+                "connecting to {}: {}",
+                shared.target.shown, f.message
+            ))
+        })?;
         Ok(AmqpBus { shared })
     }
 
@@ -645,7 +864,10 @@ impl AmqpBus {
                 queues.push(queue);
             }
         }
-        let connection = Connection::connect(&self.shared.url, ConnectionProperties::default())
+        let connection = self
+            .shared
+            .target
+            .connect(ConnectionProperties::default())
             .await
             .map_err(|e| backend(format!("connect to delete {topic:?}: {e}")))?;
         // A failed delete closes its channel, so each delete gets a fresh one.
@@ -1352,6 +1574,127 @@ mod tests {
         assert_eq!(bucket_ms(Duration::from_millis(99)), 99);
         assert_eq!(bucket_ms(Duration::from_millis(45_678)), 46_000);
         assert_eq!(bucket_ms(Duration::ZERO), 1);
+    }
+
+    const SECRET: &str = "s3cr3t-Pa55-amqp";
+
+    /// A self-signed certificate and its key (PEM files in `dir`), made with the openssl CLI.
+    fn certificate(dir: &std::path::Path) -> (String, String) {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let status = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=millrace-test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("these tests need the openssl command");
+        assert!(status.success(), "openssl req failed");
+        (cert.display().to_string(), key.display().to_string())
+    }
+
+    fn parse_err(url: &str) -> String {
+        match Target::parse(url) {
+            Ok(_) => panic!("{} was accepted", millrace_secrets::redact(url)),
+            Err(e) => {
+                let (shown, debug) = (e.to_string(), format!("{e:?}"));
+                assert!(
+                    !shown.contains(SECRET) && !debug.contains(SECRET),
+                    "leaked: {shown} / {debug}"
+                );
+                shown
+            }
+        }
+    }
+
+    #[test]
+    fn the_password_comes_from_a_reference_and_never_shows() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+        let url = format!(
+            "amqps://millrace@rabbit.example:5671/prod?password=file:{}&heartbeat=10",
+            file.display()
+        );
+        let target = Target::parse(&url).unwrap();
+        assert_eq!(
+            target.uri.authority.userinfo.password, SECRET,
+            "newline trimmed"
+        );
+        assert_eq!(target.uri.authority.userinfo.username, "millrace");
+        assert_eq!(target.uri.authority.host, "rabbit.example");
+        assert_eq!(target.uri.authority.port, 5671);
+        assert_eq!(target.uri.vhost, "prod");
+        assert_eq!(target.uri.query.heartbeat, Some(10));
+        assert!(matches!(target.uri.scheme, AMQPScheme::AMQPS));
+        assert!(!target.shown.contains(SECRET));
+        // In the user-info (local development) it works too, and is redacted when shown.
+        let target = Target::parse(&format!("amqp://guest:{SECRET}@127.0.0.1:5672/%2f")).unwrap();
+        assert_eq!(target.uri.authority.userinfo.password, SECRET);
+        assert_eq!(
+            target.uri.authority.host, "127.0.0.1",
+            "an address stays an address"
+        );
+        assert!(!target.shown.contains(SECRET), "{}", target.shown);
+        // The password itself as a parameter is refused, and not repeated.
+        let err = parse_err(&format!("amqp://u@h/%2f?password={SECRET}"));
+        assert!(err.contains("must be a reference"), "{err}");
+        let err = parse_err(&format!("amqp://u:{SECRET}@h/%2f?password=env:X"));
+        assert!(err.contains("both"), "{err}");
+        let err = parse_err("amqp://u@h/%2f?password=env:MILLRACE_TEST_SURELY_UNSET_AMQP");
+        assert!(err.contains("MILLRACE_TEST_SURELY_UNSET_AMQP"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_urls_are_errors_that_name_the_mistake_but_not_the_secret() {
+        let err = parse_err(&format!("amqp://u:{SECRET}@h/%2f?pasword=env:X"));
+        assert!(err.contains("unknown parameter \"pasword\""), "{err}");
+        let err = parse_err(&format!("amqp://u:{SECRET}@h:notaport/%2f"));
+        assert!(err.contains("bus URL"), "{err}");
+        let err = parse_err(&format!("amqp://u:{SECRET}@h/%2f?heartbeat=often"));
+        assert!(err.contains("bus URL"), "{err}");
+        let err = parse_err(&format!("amqp://u:{SECRET}@h/%2f?cacert=/etc/ca.pem"));
+        assert!(err.contains("amqps://"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_read_and_checked_at_connect_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path());
+        let base = format!("amqps://u:{SECRET}@rabbit.example/%2f");
+        let target =
+            Target::parse(&format!("{base}?cacert={cert}&cert={cert}&key=file:{key}")).unwrap();
+        assert!(target.tls.cert_chain.is_some());
+        assert!(matches!(
+            target.tls.identity,
+            Some(OwnedIdentity::PKCS8 { .. })
+        ));
+        // The key from the environment works as well.
+        std::env::set_var(
+            "MILLRACE_TEST_AMQP_CLIENT_KEY",
+            std::fs::read_to_string(&key).unwrap(),
+        );
+        Target::parse(&format!(
+            "{base}?cert={cert}&key=env:MILLRACE_TEST_AMQP_CLIENT_KEY"
+        ))
+        .unwrap();
+
+        let missing = dir.path().join("nope.pem").display().to_string();
+        let err = parse_err(&format!("{base}?cacert={missing}"));
+        assert!(err.contains("cacert") && err.contains(&missing), "{err}");
+        let err = parse_err(&format!("{base}?cacert={key}"));
+        assert!(
+            err.contains("holds no PEM certificate") && err.contains(&key),
+            "{err}"
+        );
+        let err = parse_err(&format!("{base}?cert={cert}"));
+        assert!(err.contains("both cert"), "{err}");
+        let err = parse_err(&format!("{base}?cert={cert}&key={key}"));
+        assert!(err.contains("must be a reference"), "{err}");
+        let err = parse_err(&format!("{base}?cert={cert}&key=file:{cert}"));
+        assert!(err.contains("not a PEM private key"), "{err}");
     }
 
     #[test]

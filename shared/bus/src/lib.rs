@@ -130,7 +130,6 @@ impl SubscribeOptions {
     }
 }
 
-/// Errors from a bus backend.
 /// Locks a backend's state. The state stays consistent between statements, so a panic while
 /// one caller held the lock must not wedge every later caller: the poison is ignored.
 #[cfg_attr(
@@ -150,10 +149,16 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Errors from a bus backend.
+///
+/// Nothing here ever shows a secret: the URL of [`BusError::InvalidUrl`] is redacted when the
+/// error is made ([`BusError::invalid_url`]) and, like every backend message, again whenever the
+/// error is displayed or debug-printed (with [`millrace_secrets::redact`], the one redaction bus
+/// and store URLs share), so a backend that formats a URL into a message leaks nothing either.
+#[derive(thiserror::Error)]
 pub enum BusError {
-    /// The bus URL could not be understood.
-    #[error("bus URL {url:?}: {reason}")]
+    /// The bus URL could not be understood. `url` is redacted.
+    #[error("bus URL {:?}: {}", millrace_secrets::redact(.url), millrace_secrets::redact(.reason))]
     InvalidUrl { url: String, reason: String },
     /// A topic does not exist and the caller did not ask to create it.
     #[error("topic {topic:?} does not exist (run with --create-topics to create it)")]
@@ -171,11 +176,54 @@ pub enum BusError {
         operation: &'static str,
     },
     /// Anything the broker or its client said.
-    #[error("{backend}: {message}")]
+    #[error("{backend}: {}", millrace_secrets::redact(.message))]
     Backend {
         backend: &'static str,
         message: String,
     },
+}
+
+impl BusError {
+    /// The bus URL `url` is wrong because of `reason`; the error keeps only the redacted URL.
+    pub fn invalid_url(url: &str, reason: impl Into<String>) -> BusError {
+        BusError::InvalidUrl {
+            url: millrace_secrets::redact(url),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// As derived, but with the URL and messages redacted (`{:?}` reaches logs and test output too).
+impl fmt::Debug for BusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use millrace_secrets::redact;
+        match self {
+            BusError::InvalidUrl { url, reason } => f
+                .debug_struct("InvalidUrl")
+                .field("url", &redact(url))
+                .field("reason", &redact(reason))
+                .finish(),
+            BusError::MissingTopic { topic } => f
+                .debug_struct("MissingTopic")
+                .field("topic", topic)
+                .finish(),
+            BusError::Closed => f.write_str("Closed"),
+            BusError::LeaseLost { message_id } => f
+                .debug_struct("LeaseLost")
+                .field("message_id", message_id)
+                .finish(),
+            BusError::NotSupported { backend, operation } => f
+                .debug_struct("NotSupported")
+                .field("backend", backend)
+                .field("operation", operation)
+                .finish(),
+            BusError::Backend { backend, message } => f
+                .debug_struct("Backend")
+                .field("backend", backend)
+                .field("message", &redact(message))
+                .finish(),
+        }
+    }
 }
 
 /// The bus: publish and subscribe.
@@ -344,22 +392,25 @@ pub fn rejected_topic(topic: &str) -> String {
 /// one process, so it is built directly with [`memory::MemoryBus::new`] by the all-in-one demo and
 /// by tests.
 pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
-    let parsed = url::Url::parse(url).map_err(|e| BusError::InvalidUrl {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })?;
+    let parsed = url::Url::parse(url).map_err(|e| BusError::invalid_url(url, e.to_string()))?;
     match parsed.scheme() {
-        "memory" => Err(BusError::InvalidUrl {
-            url: url.to_string(),
-            reason: "the in-memory bus only works inside one process: use `millrace demo` to run \
-                     every service together on it, or give each service a broker URL \
-                     (amqp://, nats://, kafka://, sns-sqs://, pubsub://)"
-                .to_string(),
-        }),
+        "memory" => Err(BusError::invalid_url(
+            url,
+            "the in-memory bus only works inside one process: use `millrace demo` to run \
+             every service together on it, or give each service a broker URL \
+             (amqp://, amqps://, nats://, kafka://, sns-sqs://, pubsub://)",
+        )),
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBus::connect(url).await?)),
         #[cfg(feature = "nats")]
         "nats" => Ok(Arc::new(nats::NatsBus::connect(url).await?)),
+        // librdkafka would take a user-info for part of the host name, and log it (password
+        // and all) on every failed lookup: a Kafka URL's credentials are parameters.
+        "kafka" if parsed.password().is_some() => Err(BusError::invalid_url(
+            url,
+            "a kafka:// URL takes no password in its user-info: give SASL credentials as \
+             parameters, as references (see the README's configuration section)",
+        )),
         #[cfg(feature = "kafka")]
         "kafka" => Ok(Arc::new(kafka::KafkaBus::connect(url).await?)),
         #[cfg(feature = "pubsub")]
@@ -367,19 +418,19 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
         #[cfg(feature = "sns-sqs")]
         "sns-sqs" => Ok(Arc::new(sns_sqs::SnsSqsBus::connect(url).await?)),
         #[allow(unreachable_patterns)]
-        "amqp" | "amqps" | "nats" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::InvalidUrl {
-            url: url.to_string(),
-            reason: format!(
+        "amqp" | "amqps" | "nats" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::invalid_url(
+            url,
+            format!(
                 "the {} backend is not built into this binary",
                 parsed.scheme()
             ),
-        }),
-        other => Err(BusError::InvalidUrl {
-            url: url.to_string(),
-            reason: format!(
-                "unknown scheme {other:?}; expected one of memory, amqp, nats, kafka, sns-sqs, pubsub"
+        )),
+        other => Err(BusError::invalid_url(
+            url,
+            format!(
+                "unknown scheme {other:?}; expected one of memory, amqp, amqps, nats, kafka, sns-sqs, pubsub"
             ),
-        }),
+        )),
     }
 }
 

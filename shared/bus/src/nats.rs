@@ -327,7 +327,12 @@ impl NatsBus {
             })
             .connect(url)
             .await
-            .map_err(|e| backend(format!("connecting to {url}: {e}")))?;
+            .map_err(|e| {
+                backend(format!(
+                    "connecting to {}: {e}",
+                    millrace_secrets::redact(url)
+                ))
+            })?;
         let js = jetstream::new(client.clone());
         Ok(NatsBus {
             client,

@@ -379,7 +379,7 @@ struct Config {
 
 fn parse_url(url: &str) -> Result<Config, BusError> {
     let invalid = |reason: &str| BusError::InvalidUrl {
-        url: url.to_string(),
+        url: millrace_secrets::redact(url),
         reason: reason.to_string(),
     };
     let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;

@@ -201,7 +201,7 @@ fn sdk<E: std::error::Error>(error: E) -> String {
 
 fn invalid_url(url: &str, reason: impl Into<String>) -> BusError {
     BusError::InvalidUrl {
-        url: url.to_string(),
+        url: millrace_secrets::redact(url),
         reason: reason.into(),
     }
 }

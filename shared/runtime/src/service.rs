@@ -27,9 +27,12 @@ pub async fn start(
     topics: &[(String, Option<String>)],
 ) -> anyhow::Result<Service> {
     crate::telemetry::init_logging("info");
-    let bus = millrace_bus::connect(&args.bus)
-        .await
-        .with_context(|| format!("{name}: cannot open the bus"))?;
+    let bus = millrace_bus::connect(&args.bus).await.with_context(|| {
+        format!(
+            "{name}: cannot open the bus {}",
+            millrace_secrets::redact(&args.bus)
+        )
+    })?;
     for (topic, group) in topics {
         for t in [topic.clone(), dead_topic(topic), rejected_topic(topic)] {
             // The dead-letter and rejected topics get a group of their own so that, on buses

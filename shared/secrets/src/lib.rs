@@ -123,6 +123,9 @@ fn redact_parsed(mut url: url::Url) -> String {
             .map(|(k, v)| {
                 let v = if is_secret_name(&k) && !is_reference(&v) {
                     REDACTED.to_string()
+                } else if v.contains('@') {
+                    // A URL inside a parameter (an endpoint) with a user-info of its own.
+                    redact(&v)
                 } else {
                     v.into_owned()
                 };
@@ -232,6 +235,16 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("user.creds"), "{r}");
+        // A URL inside a parameter loses its own secrets, parsed or not.
+        for url in [
+            format!("sns-sqs://us-east-1?endpoint=http://u:{SECRET}@moto:5000"),
+            format!("sns-sqs://us-east-1?endpoint=http://u:{SECRET}@[moto"),
+            format!("pubsub://p?emulator=u:{SECRET}@host:8085"),
+        ] {
+            let r = redact(&url);
+            assert_clean(&r);
+            assert!(r.contains("REDACTED"), "{r}");
+        }
     }
 
     #[test]

@@ -254,8 +254,14 @@ impl Store {
         }
     }
 
+    /// The store's URL as given (it may hold a secret: show [`Store::redacted_url`] instead).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The store's URL with any secret replaced: the form for errors, logs and labels.
+    pub fn redacted_url(&self) -> String {
+        redacted(&self.url)
     }
 
     /// Reads an object; `None` if it does not exist.
