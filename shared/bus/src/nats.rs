@@ -27,7 +27,8 @@
 //! `millrace_secrets::redact`.
 //!
 //! Synadia Cloud (NGS): download the user's `.creds` file, mount it (a Kubernetes Secret) and use
-//! `tls://connect.ngs.global?creds=/etc/nats/ngs.creds` (the system's CAs verify the server).
+//! `nats://connect.ngs.global?tls=required&creds=/etc/nats/ngs.creds` (the system's CAs verify
+//! the server).
 //!
 //! How the [`Bus`] port maps onto JetStream:
 //!
@@ -665,18 +666,22 @@ impl NatsBus {
             .map_err(|e| invalid_url(url, e))?;
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
+        // Host and port only: the URL's parameters stay out of the log.
+        let server: Arc<str> = Arc::from(settings.server.as_str());
         let client = options
             .name("millrace")
             .max_reconnects(None)
             .event_callback(move |event| {
-                let tx = tx.clone();
+                let (tx, server) = (tx.clone(), server.clone());
                 async move {
                     match event {
                         Event::Connected => {
-                            info!(backend = BACKEND, "connected");
+                            info!(backend = BACKEND, server = %server, "connected");
                             tx.send_modify(|n| *n += 1);
                         }
-                        Event::Disconnected => warn!(backend = BACKEND, "disconnected"),
+                        Event::Disconnected => {
+                            warn!(backend = BACKEND, server = %server, "disconnected")
+                        }
                         other => debug!(backend = BACKEND, event = %other, "client event"),
                     }
                 }
