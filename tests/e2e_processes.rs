@@ -869,11 +869,9 @@ fn a_bad_bus_url_is_a_start_up_error_that_never_shows_the_password() {
     assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
 }
 
-/// The same for NATS credentials in the URL: the error is clean, but async_nats logs the server
-/// URL, password included, at DEBUG, because nats.rs hands the client the whole URL. Passes once
-/// nats.rs gives credentials through `ConnectOptions` (issue 11, the NATS part).
+/// The same for NATS credentials in the URL: the service refuses them (they must be references)
+/// and never shows the password.
 #[test]
-#[ignore = "async_nats logs the URL with its password at DEBUG until nats.rs passes credentials through ConnectOptions"]
 fn a_bad_nats_url_is_a_start_up_error_that_never_shows_the_password() {
     const SECRET: &str = "Nats-S3cret-pw";
     let port = closed_port();

@@ -403,7 +403,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBus::connect(url).await?)),
         #[cfg(feature = "nats")]
-        "nats" => Ok(Arc::new(nats::NatsBus::connect(url).await?)),
+        "nats" | "tls" => Ok(Arc::new(nats::NatsBus::connect(url).await?)),
         // librdkafka would take a user-info for part of the host name, and log it (password
         // and all) on every failed lookup: a Kafka URL's credentials are parameters.
         "kafka" if parsed.password().is_some() => Err(BusError::invalid_url(
@@ -418,7 +418,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
         #[cfg(feature = "sns-sqs")]
         "sns-sqs" => Ok(Arc::new(sns_sqs::SnsSqsBus::connect(url).await?)),
         #[allow(unreachable_patterns)]
-        "amqp" | "amqps" | "nats" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::invalid_url(
+        "amqp" | "amqps" | "nats" | "tls" | "kafka" | "sns-sqs" | "pubsub" => Err(BusError::invalid_url(
             url,
             format!(
                 "the {} backend is not built into this binary",
@@ -428,7 +428,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Bus>, BusError> {
         other => Err(BusError::invalid_url(
             url,
             format!(
-                "unknown scheme {other:?}; expected one of memory, amqp, amqps, nats, kafka, sns-sqs, pubsub"
+                "unknown scheme {other:?}; expected one of memory, amqp, amqps, nats, tls, kafka, sns-sqs, pubsub"
             ),
         )),
     }

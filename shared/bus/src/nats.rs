@@ -1,5 +1,35 @@
 //! The NATS JetStream backend (`nats://host:port`), through `async-nats`.
 //!
+//! # Connecting: TLS and authentication
+//!
+//! The bus URL is `nats://HOST[:PORT][?PARAMETERS]` (port 4222 by default), or `tls://…`, which is
+//! `nats://…?tls=required`. Parameters, all optional ([`NatsSettings::from_url`] reads them):
+//!
+//! | parameter | value | meaning |
+//! |---|---|---|
+//! | `tls` | `required` or `first` | refuse a connection that is not TLS; `first` starts TLS before the server's greeting (the server needs `handshake_first`, nats-server 2.10+) |
+//! | `cacert` | path to a PEM file | trust only these CAs for the server's certificate (instead of the system's) |
+//! | `cert`, `key` | paths to PEM files | the client certificate and its private key (mutual TLS), always together |
+//! | `creds` | path, `file:PATH` or `env:VAR` | a `.creds` file (user JWT and nkey seed), as `nsc` and Synadia Cloud issue them |
+//! | `nkey` | `file:PATH` or `env:VAR` | a user nkey seed (`SU…`) |
+//! | `token` | `file:PATH` or `env:VAR` | a token |
+//! | `user`, `password` | a name; `file:PATH` or `env:VAR` | user and password, always together |
+//!
+//! Any of `cacert`, `cert` or `key` also makes TLS required: a client told whom to trust never
+//! falls back to plain text. At most one of `creds`, `nkey`, `token` and `user`/`password` may be
+//! given. Every secret is a reference (see `millrace_secrets`): a literal token, password or seed is
+//! refused ([`SecretError::NotAReference`]), and so is a user-info part (`nats://u:p@host`). Key
+//! and creds files are named by path, since the file itself is where the secret lives. An unknown
+//! or repeated parameter is an error that names it. Secrets are read once, at start-up; a rotated
+//! secret takes effect when the process restarts. A connection the server refuses (a wrong
+//! credential, an untrusted certificate) is a start-up error that names the server and the
+//! reference, never the secret, and the URL reaches errors and logs only through
+//! `millrace_secrets::redact`.
+//!
+//! Synadia Cloud (NGS): download the user's `.creds` file, mount it (a Kubernetes Secret) and use
+//! `nats://connect.ngs.global?tls=required&creds=/etc/nats/ngs.creds` (the system's CAs verify
+//! the server).
+//!
 //! How the [`Bus`] port maps onto JetStream:
 //!
 //! * **One stream per topic.** The stream's only subject is the topic itself; its name is derived
@@ -59,6 +89,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt::Display;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -68,10 +99,11 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::{Acker, PublishMessage};
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
-use async_nats::{Client, ConnectOptions, Event, HeaderMap};
+use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use millrace_secrets::{is_reference, redact, resolve, resolve_setting, SecretError};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -277,6 +309,335 @@ async fn ensure_consumer(
         })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Connection settings: TLS and authentication from the bus URL
+
+/// When the connection uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// As the server asks (its `INFO` says whether TLS is required).
+    Auto,
+    /// Always; a server that does not offer TLS is a connection error.
+    Required,
+    /// Always, and before the server's `INFO` (the server needs `handshake_first`).
+    First,
+}
+
+/// How the client proves who it is. Secrets are held as references, read only when connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// No credentials.
+    None,
+    /// A `.creds` file: a path, `file:PATH` or `env:VAR`.
+    Creds(String),
+    /// A user nkey seed: `file:PATH` or `env:VAR`.
+    Nkey(String),
+    /// A token: `file:PATH` or `env:VAR`.
+    Token(String),
+    /// A user and the reference of its password.
+    UserPassword { user: String, password: String },
+}
+
+impl NatsAuth {
+    /// Names the method and where its secret comes from, never the secret.
+    fn describe(&self) -> String {
+        match self {
+            NatsAuth::None => "an anonymous connection (no credentials in the bus URL)".to_string(),
+            NatsAuth::Creds(creds) => format!("the creds file {creds}"),
+            NatsAuth::Nkey(nkey) => format!("the nkey seed from {nkey}"),
+            NatsAuth::Token(token) => format!("the token from {token}"),
+            NatsAuth::UserPassword { user, password } => {
+                format!("user {user:?} with the password from {password}")
+            }
+        }
+    }
+}
+
+/// A bus URL that cannot be used: something wrong with it, or a secret that is not a reference or
+/// cannot be read. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsUrlError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
+/// Everything the bus URL says about reaching the server (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsSettings {
+    /// The server as the client is given it: `nats://HOST:PORT` or `tls://HOST:PORT`.
+    pub server: String,
+    pub tls: TlsMode,
+    /// CA certificates (PEM) that replace the system's for verifying the server.
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub auth: NatsAuth,
+}
+
+const PARAMETERS: &str = "tls, cacert, cert, key, creds, nkey, token, user, password";
+
+impl NatsSettings {
+    /// Reads and checks the bus URL without touching any file or variable: an unknown or repeated
+    /// parameter, a literal secret ([`SecretError::NotAReference`]) or a half-given pair (a
+    /// certificate without its key, a user without a password) is an error.
+    pub fn from_url(url: &str) -> Result<NatsSettings, NatsUrlError> {
+        let invalid = |reason: String| NatsUrlError::Invalid(reason);
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let scheme = parsed.scheme();
+        if scheme != "nats" && scheme != "tls" {
+            return Err(invalid(
+                "expected nats://HOST:PORT or tls://HOST:PORT".to_string(),
+            ));
+        }
+        let host = match parsed.host_str() {
+            Some(host) if !host.is_empty() => host,
+            _ => return Err(invalid("the URL names no server host".to_string())),
+        };
+        if parsed.password().is_some() {
+            return Err(SecretError::NotAReference {
+                what: "a password in the URL's user-info (use ?user=NAME&password=env:VAR)"
+                    .to_string(),
+            }
+            .into());
+        }
+        if !parsed.username().is_empty() {
+            return Err(SecretError::NotAReference {
+                what: "a user or token in the URL's user-info (use ?user=NAME&password=env:VAR \
+                       or ?token=env:VAR)"
+                    .to_string(),
+            }
+            .into());
+        }
+        if !matches!(parsed.path(), "" | "/") || parsed.fragment().is_some() {
+            return Err(invalid(
+                "a NATS bus URL has no path or fragment: nats://HOST:PORT?PARAMETERS".to_string(),
+            ));
+        }
+        let server = format!("{scheme}://{host}:{}", parsed.port().unwrap_or(4222));
+
+        let mut seen = HashSet::new();
+        let (mut tls, mut ca_cert, mut cert, mut key) = (TlsMode::Auto, None, None, None);
+        let (mut creds, mut nkey, mut token, mut user, mut password) =
+            (None, None, None, None, None);
+        for (name, value) in parsed.query_pairs() {
+            let (name, value) = (name.into_owned(), value.into_owned());
+            if !seen.insert(name.clone()) {
+                return Err(invalid(format!("parameter {name:?} is given twice")));
+            }
+            if value.is_empty() {
+                return Err(invalid(format!("parameter {name:?} has no value")));
+            }
+            let secret = |value: String| -> Result<String, NatsUrlError> {
+                if is_reference(&value) {
+                    Ok(value)
+                } else {
+                    Err(SecretError::NotAReference {
+                        what: format!("the {name} parameter of the bus URL"),
+                    }
+                    .into())
+                }
+            };
+            match name.as_str() {
+                "tls" => {
+                    tls = match value.as_str() {
+                        "required" => TlsMode::Required,
+                        "first" => TlsMode::First,
+                        other => {
+                            return Err(invalid(format!(
+                                "tls={other:?}: expected tls=required or tls=first"
+                            )))
+                        }
+                    }
+                }
+                "cacert" => ca_cert = Some(file_path(&name, &value)?),
+                "cert" => cert = Some(file_path(&name, &value)?),
+                "key" => key = Some(file_path(&name, &value)?),
+                "creds" => creds = Some(value),
+                "nkey" => nkey = Some(secret(value)?),
+                "token" => token = Some(secret(value)?),
+                "password" => password = Some(secret(value)?),
+                "user" => user = Some(value),
+                other => {
+                    return Err(invalid(format!(
+                        "unknown parameter {other:?}; a NATS bus URL takes {PARAMETERS}"
+                    )))
+                }
+            }
+        }
+
+        let client_cert = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "cert and key go together: the client certificate and its private key"
+                        .to_string(),
+                ))
+            }
+        };
+        if tls == TlsMode::Auto && (scheme == "tls" || ca_cert.is_some() || client_cert.is_some()) {
+            tls = TlsMode::Required;
+        }
+        let user_password = match (user, password) {
+            (Some(user), Some(password)) => Some(NatsAuth::UserPassword { user, password }),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "user and password go together (password=env:VAR or password=file:PATH)"
+                        .to_string(),
+                ))
+            }
+        };
+        let methods: Vec<NatsAuth> = [
+            creds.map(NatsAuth::Creds),
+            nkey.map(NatsAuth::Nkey),
+            token.map(NatsAuth::Token),
+            user_password,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let auth = match <[NatsAuth; 1]>::try_from(methods) {
+            Ok([auth]) => auth,
+            Err(methods) if methods.is_empty() => NatsAuth::None,
+            Err(_) => {
+                return Err(invalid(
+                    "give one way to authenticate: creds, nkey, token or user/password".to_string(),
+                ))
+            }
+        };
+        Ok(NatsSettings {
+            server,
+            tls,
+            ca_cert,
+            client_cert,
+            auth,
+        })
+    }
+
+    /// Reads the secrets and files the settings name into the client's options.
+    pub async fn connect_options(&self) -> Result<ConnectOptions, NatsUrlError> {
+        // async-nats builds its TLS configuration with rustls's process-wide provider, which
+        // rustls cannot pick by itself when both of its providers are compiled in (panicking at
+        // the first TLS handshake, even one only the server asked for): choose the one the
+        // other backends use.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut options = ConnectOptions::new();
+        match self.tls {
+            TlsMode::Auto => {}
+            TlsMode::Required => options = options.require_tls(true),
+            TlsMode::First => options = options.tls_first(),
+        }
+        if let Some(ca_cert) = &self.ca_cert {
+            readable("cacert", ca_cert)?;
+            options = options.add_root_certificates(ca_cert.clone());
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            readable("cert", cert)?;
+            readable("key", key)?;
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        options = match &self.auth {
+            NatsAuth::None => options,
+            NatsAuth::Creds(creds) => {
+                let contents = if is_reference(creds) {
+                    resolve(creds)?
+                } else {
+                    resolve(&format!("file:{creds}"))?
+                };
+                options.credentials(&contents).map_err(|e| {
+                    NatsUrlError::Invalid(format!(
+                        "creds {creds}: not a NATS credentials file: {e}"
+                    ))
+                })?
+            }
+            NatsAuth::Nkey(nkey) => {
+                let seed = resolve_setting("nkey", nkey)?;
+                options.nkey(trim_newline(&seed).to_string())
+            }
+            NatsAuth::Token(token) => {
+                let token = resolve_setting("token", token)?;
+                options.token(trim_newline(&token).to_string())
+            }
+            NatsAuth::UserPassword { user, password } => {
+                let password = resolve_setting("password", password)?;
+                options.user_and_password(user.clone(), trim_newline(&password).to_string())
+            }
+        };
+        Ok(options)
+    }
+
+    /// A failed first connection as a start-up error: names the server and, for a refusal, the
+    /// credential's source — never the secret.
+    fn connect_error(&self, error: &ConnectError) -> BusError {
+        let what = match error.kind() {
+            ConnectErrorKind::AuthorizationViolation => format!(
+                "the server refused {} (authorization violation)",
+                self.auth.describe()
+            ),
+            ConnectErrorKind::Authentication => format!(
+                "could not sign the server's challenge with {} (is it a user seed, `SU…`?)",
+                self.auth.describe()
+            ),
+            // rustls's verdict on the server's certificate arrives as an IO error.
+            ConnectErrorKind::Tls | ConnectErrorKind::Io
+                if error.to_string().contains("certificate") =>
+            {
+                match &self.ca_cert {
+                    Some(ca) => format!(
+                        "TLS: {error} (the server's certificate must be signed by a CA in {} \
+                         and name the host)",
+                        ca.display()
+                    ),
+                    None => format!(
+                        "TLS: {error} (the server's certificate is checked against the system's \
+                         CAs; cacert=PATH names others)"
+                    ),
+                }
+            }
+            // What rustls says when the other end does not speak TLS.
+            ConnectErrorKind::Tls | ConnectErrorKind::Io
+                if error.to_string().contains("corrupt message") =>
+            {
+                format!("TLS: {error} (does the server offer TLS on this port?)")
+            }
+            ConnectErrorKind::Tls => format!("TLS: {error}"),
+            _ => error.to_string(),
+        };
+        backend(format!("connecting to NATS server {}: {what}", self.server))
+    }
+}
+
+/// A certificate or key parameter: a path, or `file:PATH`. (The client reads the file itself.)
+fn file_path(name: &str, value: &str) -> Result<PathBuf, NatsUrlError> {
+    if value.starts_with("env:") {
+        return Err(NatsUrlError::Invalid(format!(
+            "{name} is the path of a PEM file (or file:PATH), not {value}"
+        )));
+    }
+    Ok(PathBuf::from(value.strip_prefix("file:").unwrap_or(value)))
+}
+
+fn readable(name: &str, path: &Path) -> Result<(), NatsUrlError> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| NatsUrlError::Invalid(format!("{name} {}: {e}", path.display())))
+}
+
+/// Secrets read from files usually end in a newline that is not part of them.
+fn trim_newline(secret: &str) -> &str {
+    secret.trim_end_matches(['\r', '\n'])
+}
+
+fn invalid_url(url: &str, error: NatsUrlError) -> BusError {
+    BusError::InvalidUrl {
+        url: redact(url),
+        reason: error.to_string(),
+    }
+}
+
 /// The NATS JetStream bus. See the module documentation for how it maps the port.
 pub struct NatsBus {
     client: Client,
@@ -294,45 +655,40 @@ impl std::fmt::Debug for NatsBus {
 }
 
 impl NatsBus {
-    /// Connects to `url` (`nats://host:port`, credentials in the URL if needed). The client
+    /// Connects to `url` (`nats://host:port`, with TLS and credentials as the module
+    /// documentation describes). A refused first connection is an error; after it, the client
     /// reconnects by itself for as long as the process runs.
     pub async fn connect(url: &str) -> Result<NatsBus, BusError> {
-        let parsed = url::Url::parse(url).map_err(|e| BusError::InvalidUrl {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
-        if parsed.scheme() != "nats" {
-            return Err(BusError::InvalidUrl {
-                url: url.to_string(),
-                reason: "expected nats://host:port".to_string(),
-            });
-        }
+        let settings = NatsSettings::from_url(url).map_err(|e| invalid_url(url, e))?;
+        let options = settings
+            .connect_options()
+            .await
+            .map_err(|e| invalid_url(url, e))?;
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
-        let client = ConnectOptions::new()
+        // Host and port only: the URL's parameters stay out of the log.
+        let server: Arc<str> = Arc::from(settings.server.as_str());
+        let client = options
             .name("millrace")
             .max_reconnects(None)
             .event_callback(move |event| {
-                let tx = tx.clone();
+                let (tx, server) = (tx.clone(), server.clone());
                 async move {
                     match event {
                         Event::Connected => {
-                            info!(backend = BACKEND, "connected");
+                            info!(backend = BACKEND, server = %server, "connected");
                             tx.send_modify(|n| *n += 1);
                         }
-                        Event::Disconnected => warn!(backend = BACKEND, "disconnected"),
+                        Event::Disconnected => {
+                            warn!(backend = BACKEND, server = %server, "disconnected")
+                        }
                         other => debug!(backend = BACKEND, event = %other, "client event"),
                     }
                 }
             })
-            .connect(url)
+            .connect(settings.server.as_str())
             .await
-            .map_err(|e| {
-                backend(format!(
-                    "connecting to {}: {e}",
-                    millrace_secrets::redact(url)
-                ))
-            })?;
+            .map_err(|e| settings.connect_error(&e))?;
         let js = jetstream::new(client.clone());
         Ok(NatsBus {
             client,

@@ -116,6 +116,13 @@ pub fn redact(text: &str) -> String {
 fn redact_parsed(mut url: url::Url) -> String {
     if url.password().is_some() {
         let _ = url.set_password(Some(REDACTED));
+    } else if !url.username().is_empty()
+        && !url
+            .query_pairs()
+            .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
+        // `nats://TOKEN@host`: a user part with no password anywhere may be a token itself.
+        let _ = url.set_username(REDACTED);
     }
     if url.query().is_some() {
         let pairs: Vec<(String, String)> = url
@@ -215,6 +222,14 @@ mod tests {
                 "{r}"
             );
         }
+    }
+
+    #[test]
+    fn a_lone_user_part_is_taken_for_a_token_unless_a_password_is_given_elsewhere() {
+        let r = redact(&format!("nats://{SECRET}@127.0.0.1:4222"));
+        assert_clean(&r);
+        let r = redact("amqps://millrace@mq.example:5671/prod?password=env:AMQP_PASSWORD");
+        assert!(r.contains("millrace@"), "{r}");
     }
 
     #[test]
