@@ -1,8 +1,8 @@
 //! The Kafka bus's settings, without a broker: the librdkafka configuration Millrace would send,
 //! built from the URL, a properties file and the environment, with secrets resolved from
 //! references; and start-up errors for settings that cannot work, naming the setting and never
-//! the secret. (`kafka_sasl.rs` runs SASL/SCRAM against a real broker; TLS is only asserted here:
-//! the test broker, tansu 0.6.0, cannot serve TLS.)
+//! the secret. TLS and SASL are only asserted: the test broker, tansu 0.6.0, cannot serve TLS, and
+//! answers librdkafka's SASL handshake with UNSUPPORTED_SASL_MECHANISM (see the README).
 
 use std::collections::BTreeMap;
 use std::sync::Once;
@@ -184,7 +184,10 @@ fn a_properties_file_then_the_environment_then_the_url_each_override_the_one_bef
     // The file may also come from the environment.
     let settings = parse(
         "kafka://pkc-1.example:9092",
-        &[("MILLRACE_KAFKA_PROPERTIES", &format!("file:{}", file.display()))],
+        &[(
+            "MILLRACE_KAFKA_PROPERTIES",
+            &format!("file:{}", file.display()),
+        )],
     )
     .unwrap();
     assert_eq!(settings.property("sasl.username"), Some("FILE-USER"));
@@ -200,17 +203,25 @@ fn a_literal_secret_in_the_url_or_the_environment_is_refused_naming_the_setting(
         ),
         &[],
     );
-    assert!(e.contains("sasl.password (bus URL) must be a reference"), "{e}");
+    assert!(
+        e.contains("sasl.password (bus URL) must be a reference"),
+        "{e}"
+    );
     let e = parse_err(
         "kafka://b:9092?security.protocol=SASL_SSL&sasl.mechanism=PLAIN&sasl.username=u",
         &[("MILLRACE_KAFKA_SASL_PASSWORD", SECRET)],
     );
     assert!(
-        e.contains("sasl.password (environment variable MILLRACE_KAFKA_SASL_PASSWORD) must be a reference"),
+        e.contains(
+            "sasl.password (environment variable MILLRACE_KAFKA_SASL_PASSWORD) must be a reference"
+        ),
         "{e}"
     );
     let e = parse_err(&format!("kafka://b:9092?ssl.key.pem={OTHER_SECRET}"), &[]);
-    assert!(e.contains("ssl.key.pem (bus URL) must be a reference"), "{e}");
+    assert!(
+        e.contains("ssl.key.pem (bus URL) must be a reference"),
+        "{e}"
+    );
     // A reference to nothing names the reference.
     let e = parse_err(
         "kafka://b:9092?security.protocol=SASL_SSL&sasl.mechanism=PLAIN&sasl.username=u\

@@ -59,7 +59,10 @@ pub enum ClientRole {
     Producer,
     Admin,
     /// A subscription's consumer: its Kafka group and the subscription's prefetch.
-    Consumer { group_id: String, prefetch: usize },
+    Consumer {
+        group_id: String,
+        prefetch: usize,
+    },
 }
 
 /// Where a setting came from (for error messages).
@@ -176,7 +179,9 @@ impl KafkaSettings {
             .collect();
         env.sort();
         for (var, value) in env {
-            let name = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace('_', ".");
+            let name = var[ENV_PREFIX.len()..]
+                .to_ascii_lowercase()
+                .replace('_', ".");
             env_settings.push((name, Zeroizing::new(value), Source::Env(var)));
         }
 
@@ -206,7 +211,9 @@ impl KafkaSettings {
             let what = source.describe(&name);
             if name == "properties" {
                 if matches!(source, Source::File(_)) {
-                    return Err(invalid(format!("{what}: a properties file cannot name another")));
+                    return Err(invalid(format!(
+                        "{what}: a properties file cannot name another"
+                    )));
                 }
                 continue;
             }
@@ -311,10 +318,7 @@ impl KafkaSettings {
                 set("session.timeout.ms", "3000".into());
                 set("heartbeat.interval.ms", "300".into());
                 set("fetch.wait.max.ms", "100".into());
-                set(
-                    "queued.min.messages",
-                    (prefetch * 20).max(100).to_string(),
-                );
+                set("queued.min.messages", (prefetch * 20).max(100).to_string());
                 set("queued.max.messages.kbytes", "8192".into());
             }
         }
@@ -437,8 +441,7 @@ impl KafkaSettings {
                     ));
                 }
                 if m == "OAUTHBEARER" {
-                    if let Some((method, what)) = self.get_with_source("sasl.oauthbearer.method")
-                    {
+                    if let Some((method, what)) = self.get_with_source("sasl.oauthbearer.method") {
                         if method.eq_ignore_ascii_case("oidc") {
                             return Err(format!(
                                 "{what}=oidc needs librdkafka built with curl, which this build \
