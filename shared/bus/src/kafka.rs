@@ -1,5 +1,9 @@
-//! The Kafka backend, through `rdkafka` (librdkafka). URL: `kafka://HOST:PORT[,HOST:PORT...]`,
-//! optionally `?partitions=N` (partitions of the topics this bus creates; default 4).
+//! The Kafka backend, through `rdkafka` (librdkafka, built with TLS and SASL). URL:
+//! `kafka://HOST:PORT[,HOST:PORT...][?SETTINGS]`: `partitions=N` (partitions of the topics this bus
+//! creates; default 4), `properties=file:PATH` (a properties file), and any librdkafka property
+//! (`security.protocol=SASL_SSL&sasl.mechanism=SCRAM-SHA-512&sasl.username=u&sasl.password=env:V`),
+//! also from `MILLRACE_KAFKA_*` environment variables. Secrets are `file:`/`env:` references. The
+//! [`settings`] module says how the sources combine and which properties Millrace keeps for itself.
 //!
 //! Kafka is a log, not a queue: a consumer group splits a topic's *partitions* between its members
 //! and remembers one committed offset per partition. It has no per-message ack, nack, delay or
@@ -65,7 +69,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -77,6 +80,9 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
+
+mod settings;
+pub use settings::{ClientRole, KafkaSettings, ENV_PREFIX, RESERVED_PROPERTIES};
 
 use crate::lock;
 use crate::Limits;
@@ -92,8 +98,6 @@ const HEADER_ATTEMPT: &str = "millrace-kafka-attempt";
 const HEADER_NOT_BEFORE: &str = "millrace-kafka-not-before-ms";
 const HEADER_GROUP: &str = "millrace-kafka-group";
 const HEADER_ID: &str = "millrace-kafka-id";
-/// Partitions of the topics this bus creates, unless the URL says `?partitions=N`.
-const DEFAULT_PARTITIONS: i32 = 4;
 /// How long `publish` keeps retrying transient errors.
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(30);
 /// How long `subscribe` waits for the group's first assignment before returning anyway.
@@ -144,6 +148,8 @@ impl std::fmt::Debug for KafkaBus {
 struct BusInner {
     bootstrap: String,
     partitions: i32,
+    /// Resolved settings (secrets included), for each subscription's consumer.
+    settings: KafkaSettings,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     /// Topics this bus has created (or found existing): no admin request for them again.
@@ -162,49 +168,36 @@ enum Target {
 }
 
 impl KafkaBus {
-    /// Connects to the brokers in `url` (`kafka://HOST:PORT[,HOST:PORT...][?partitions=N]`) and
-    /// checks that they answer.
+    /// Connects to the brokers in `url` (`kafka://HOST:PORT[,HOST:PORT...][?SETTINGS]`, with the
+    /// properties file and `MILLRACE_KAFKA_*` environment variables it may be completed by: see
+    /// [`KafkaSettings`]) and checks that they answer.
     pub async fn connect(url: &str) -> Result<KafkaBus, BusError> {
-        let invalid = |reason: &str| BusError::InvalidUrl {
-            url: url.to_string(),
-            reason: reason.to_string(),
-        };
-        let rest = url
-            .strip_prefix("kafka://")
-            .ok_or_else(|| invalid("expected kafka://HOST:PORT"))?;
-        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let bootstrap = location.trim_end_matches('/').to_string();
-        if bootstrap.is_empty() || bootstrap.contains('/') {
-            return Err(invalid("expected kafka://HOST:PORT[,HOST:PORT...]"));
-        }
-        let mut partitions = DEFAULT_PARTITIONS;
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match key.as_ref() {
-                "partitions" => {
-                    partitions = value
-                        .parse::<i32>()
-                        .ok()
-                        .filter(|n| *n >= 1)
-                        .ok_or_else(|| invalid("partitions must be a positive number"))?;
-                }
-                other => return Err(invalid(&format!("unknown parameter {other:?}"))),
-            }
-        }
+        KafkaBus::connect_with(KafkaSettings::from_url(url)?).await
+    }
 
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("client.id", "millrace-bus")
-            .set("acks", "all")
-            .set("enable.idempotence", "false")
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", "10000")
+    /// Connects with settings already read (see [`KafkaSettings::parse`]).
+    pub async fn connect_with(settings: KafkaSettings) -> Result<KafkaBus, BusError> {
+        let bootstrap = settings.bootstrap().to_string();
+        let partitions = settings.partitions();
+        // librdkafka's errors here (an unreadable key, a bad certificate) are scrubbed of secrets.
+        let producer: FutureProducer = settings
+            .client_config(&ClientRole::Producer)
             .create()
-            .map_err(|e| backend_error(format!("creating a producer for {bootstrap}: {e}")))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("client.id", "millrace-bus-admin")
+            .map_err(|e| {
+                backend_error(format!(
+                    "creating a producer for {bootstrap}: {}",
+                    settings.librdkafka_error(&e)
+                ))
+            })?;
+        let admin: AdminClient<DefaultClientContext> = settings
+            .client_config(&ClientRole::Admin)
             .create()
-            .map_err(|e| backend_error(format!("creating an admin client for {bootstrap}: {e}")))?;
+            .map_err(|e| {
+                backend_error(format!(
+                    "creating an admin client for {bootstrap}: {}",
+                    settings.librdkafka_error(&e)
+                ))
+            })?;
 
         // Fail now, plainly, if nothing answers.
         let probe = producer.clone();
@@ -216,14 +209,19 @@ impl KafkaBus {
         })
         .await
         .map_err(|e| backend_error(format!("metadata probe task: {e}")))?;
-        let brokers = answered
-            .map_err(|e| backend_error(format!("cannot reach Kafka at {bootstrap}: {e}")))?;
+        let brokers = answered.map_err(|e| {
+            backend_error(format!(
+                "cannot reach Kafka at {bootstrap}: {}",
+                settings.librdkafka_error(&e)
+            ))
+        })?;
         info!(bootstrap = %bootstrap, brokers, partitions, "connected to kafka");
 
         Ok(KafkaBus {
             inner: Arc::new(BusInner {
                 bootstrap,
                 partitions,
+                settings,
                 producer,
                 admin,
                 known_topics: Mutex::new(HashSet::new()),
@@ -511,23 +509,23 @@ impl Bus for KafkaBus {
             assignments: assigned_tx,
         });
         let prefetch = options.prefetch.max(1);
-        let consumer: StreamConsumer<SubContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.inner.bootstrap)
-            .set("client.id", "millrace-bus")
-            .set("group.id", kafka_group_id(topic, &options.group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("allow.auto.create.topics", "false")
-            .set("session.timeout.ms", "3000")
-            .set("heartbeat.interval.ms", "300")
-            .set("fetch.wait.max.ms", "100")
-            .set("queued.min.messages", (prefetch * 20).max(100).to_string())
-            .set("queued.max.messages.kbytes", "8192")
+        let role = ClientRole::Consumer {
+            group_id: kafka_group_id(topic, &options.group),
+            prefetch,
+        };
+        let consumer: StreamConsumer<SubContext> = self
+            .inner
+            .settings
+            .client_config(&role)
             .create_with_context(SubContext {
                 shared: shared.clone(),
             })
-            .map_err(|e| backend_error(format!("creating a consumer for {topic:?}: {e}")))?;
+            .map_err(|e| {
+                backend_error(format!(
+                    "creating a consumer for {topic:?}: {}",
+                    self.inner.settings.librdkafka_error(&e)
+                ))
+            })?;
         consumer
             .subscribe(&[topic, retry.as_str()])
             .map_err(|e| backend_error(format!("subscribing to {topic:?}: {e}")))?;
