@@ -277,9 +277,19 @@ where
     let deadline = Instant::now() + RETRY_FOR;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let failure = match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(failure) => failure,
+        // No single attempt may outlive the retry: a confirm or a connect on a connection the
+        // broker dropped without a word can wait for ever. A silent attempt counts as a failure,
+        // and the connection it used is given up, so the next attempt opens a new one.
+        let within = deadline
+            .saturating_duration_since(Instant::now())
+            .max(BACKOFF_MAX);
+        let failure = match tokio::time::timeout(within, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(failure)) => failure,
+            Err(_) => {
+                shared.link.lock().await.take();
+                Failure::retriable(format!("no answer from the broker within {within:?}"))
+            }
         };
         if failure.not_found {
             shared.forget_topology();

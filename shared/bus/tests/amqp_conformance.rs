@@ -285,8 +285,15 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
             }
         }
     }
-    restarter.await.expect("the restart task");
-    publisher.await.expect("the publisher");
+    // Bounded, so that a publish or a restart that hangs fails the test instead of stalling it.
+    timeout(Duration::from_secs(120), restarter)
+        .await
+        .expect("the restart task finishes within 120 s")
+        .expect("the restart task");
+    timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("the publisher finishes within 120 s")
+        .expect("the publisher");
     let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
     let lost: Vec<usize> = (0..N).filter(|seq| !seen.contains(seq)).collect();
     assert!(
