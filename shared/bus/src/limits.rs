@@ -88,18 +88,6 @@ pub fn bounded_text(text: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(format!("{}…[+{left_out} bytes]", &escaped[..keep]))
 }
 
-/// `bytes` as text for a log line or an error: lossy UTF-8, bounded like [`bounded_text`].
-pub fn bounded_bytes(bytes: &[u8], max: usize) -> String {
-    let head = &bytes[..bytes.len().min(max)];
-    let text = String::from_utf8_lossy(head);
-    let bounded = bounded_text(&text, max);
-    if bytes.len() > head.len() && !bounded.ends_with(" bytes]") {
-        format!("{bounded}…[+{} bytes]", bytes.len() - head.len())
-    } else {
-        bounded.into_owned()
-    }
-}
-
 fn floor_char_boundary(text: &str, mut at: usize) -> usize {
     if at >= text.len() {
         return text.len();
@@ -218,16 +206,6 @@ mod tests {
         assert!(bounded.len() <= 101);
         assert!(bounded.starts_with("éé"));
         assert_eq!(bounded_text("a\0b\nc", 100), "a\\u{0}b\\nc");
-    }
-
-    #[test]
-    fn bytes_that_are_not_text_are_shown_lossily_and_bounded() {
-        let mut bytes = vec![0xffu8; 10];
-        bytes.extend(vec![b'a'; 5000]);
-        let shown = bounded_bytes(&bytes, 100);
-        assert!(shown.len() <= 100 + 20, "{}", shown.len());
-        assert!(shown.contains('\u{fffd}'));
-        assert!(shown.ends_with(" bytes]"), "{shown}");
     }
 
     #[test]
