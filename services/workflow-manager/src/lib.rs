@@ -154,6 +154,8 @@ fn describe(report: &PassReport) -> String {
 pub struct WorkflowManager {
     config: Arc<Config>,
     store: Store,
+    /// The peer facilitator's store: the leader writes window manifests there too.
+    peer: Option<Store>,
     bus: Arc<dyn Bus>,
     settings: Settings,
     retry_after_bus_failure: Duration,
@@ -182,12 +184,20 @@ impl WorkflowManager {
         WorkflowManager {
             config,
             store,
+            peer: None,
             bus,
             settings,
             retry_after_bus_failure: RETRY_AFTER_BUS_FAILURE,
             failure_log: LogLimiter::default(),
             ignored_log: LogLimiter::default(),
         }
+    }
+
+    /// The peer facilitator's store. The leader (facilitator 0) needs it: it writes each window's
+    /// manifest to both stores.
+    pub fn with_peer_store(mut self, peer: Store) -> Self {
+        self.peer = Some(peer);
+        self
     }
 
     /// How soon [`WorkflowManager::run`] tries again after the bus ended a pass early (default

@@ -19,6 +19,10 @@ struct Args {
     bus: BusArgs,
     #[command(flatten)]
     me: FacilitatorArgs,
+    /// The peer facilitator's object store. Required for facilitator 0, the leader, which writes
+    /// each window's manifest to both stores; facilitator 1 reads the manifest from its own.
+    #[arg(long, env = "MILLRACE_PEER_STORE")]
+    peer_store: Option<String>,
     /// Run one pass and exit (for a CronJob).
     #[arg(long, env = "MILLRACE_ONCE", conflicts_with = "interval")]
     once: bool,
@@ -53,7 +57,14 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let config = Arc::new(Config::load(&args.me.config)?);
-    let wm = WorkflowManager::new(
+    let peer = match (&args.peer_store, args.me.facilitator) {
+        (Some(url), _) => Some(Store::open(url)?),
+        (None, 0) => anyhow::bail!(
+            "facilitator 0 is the leader: it writes each window's manifest to both facilitators' stores, so it needs --peer-store (MILLRACE_PEER_STORE)"
+        ),
+        (None, _) => None,
+    };
+    let mut wm = WorkflowManager::new(
         config,
         Store::open(&args.me.store)?,
         service.bus.clone(),
@@ -65,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
             dry_run: args.dry_run,
         },
     );
+    if let Some(peer) = peer {
+        wm = wm.with_peer_store(peer);
+    }
     service.readiness.set_ready(true);
     if args.once {
         // An aggregation that failed does not stop the others; the exit status still says so.
