@@ -47,12 +47,16 @@ e2e:
 demo:
 	$(CARGO) run --bin millrace -- demo
 
-# Benchmarks (not tests): the fleet beside the bare prio + HPKE rate, then each bus's worker loop
-# beside the plainest loop its client crate allows (1 KiB bodies).
+# Benchmarks (not tests): the fleet beside the bare prio + HPKE rate; a workflow-manager pass over
+# settled history (flat in its size); the aggregate-worker's peak memory for windows of 100k and
+# 1M Sum reports; then each bus's worker loop beside the plainest loop its client crate allows.
 bench:
 	@mkdir -p build
 	$(CARGO) build --release --bin millrace
 	target/release/millrace bench vdaf
+	target/release/millrace bench scan
+	target/release/millrace bench aggregate --reports 100000
+	target/release/millrace bench aggregate --reports 1000000
 	target/release/millrace bench bus --bus memory://
 	target/release/millrace bench bus --bus amqp://guest:guest@127.0.0.1:5672/%2f
 	target/release/millrace bench bus --bus nats://127.0.0.1:4222

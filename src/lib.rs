@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_reference;
+pub mod bench_windows;
 pub mod demo;
 pub mod fleet;
 pub mod ingest;

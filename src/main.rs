@@ -78,6 +78,12 @@ enum Command {
         config: PathBuf,
         #[arg(long, env = "MILLRACE_COLLECTOR_STORE")]
         collector_store: String,
+        /// Facilitator 0's store: adds its view (batches left out or late, windows it gave up on).
+        #[arg(long)]
+        store0: Option<String>,
+        /// Facilitator 1's store, likewise.
+        #[arg(long)]
+        store1: Option<String>,
         /// Expected results written by `millrace ingest --expect-out`: exit 0 only if every
         /// expected window has a result equal to it.
         #[arg(long)]
@@ -113,13 +119,25 @@ enum ReplayCommand {
         #[arg(long)]
         partition: Option<String>,
     },
-    /// One window's aggregate task (its batches validated by both facilitators).
+    /// One window's aggregate task (naming the newest manifest in the facilitator's store); with
+    /// --reaggregate, the whole window again under a new manifest generation (leader only).
     Window {
         #[arg(long)]
         aggregation: String,
         /// As in object keys: 20261123T1200Z-20261123T1300Z.
         #[arg(long)]
         window: String,
+        /// Re-run a FAILED or stuck window end to end: the leader (--facilitator 0) writes the
+        /// next manifest generation to both stores and publishes its task; the helper follows,
+        /// both write new sum parts, and the mill joins them. Refused once the window SUCCEEDED.
+        #[arg(long, requires_all = ["peer_store", "collector_store"])]
+        reaggregate: bool,
+        /// With --reaggregate: the helper's store (the manifest goes to both).
+        #[arg(long, env = "MILLRACE_PEER_STORE")]
+        peer_store: Option<String>,
+        /// With --reaggregate: the collector's store (a window with a result is refused).
+        #[arg(long, env = "MILLRACE_COLLECTOR_STORE")]
+        collector_store: Option<String>,
     },
 }
 
@@ -172,6 +190,28 @@ enum BenchCommand {
         /// Concurrent publishing tasks.
         #[arg(long, default_value_t = 8)]
         publishers: usize,
+    },
+    /// One workflow-manager pass over settled history plus new batches (local-file store).
+    Scan {
+        /// History sizes (settled batches within the horizon), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        settled: Vec<usize>,
+        /// New batches in the current hour.
+        #[arg(long, default_value_t = 100)]
+        new: usize,
+    },
+    /// The aggregate-worker's peak memory for one window of Sum reports (batches of 1,000).
+    Aggregate {
+        #[arg(long, default_value_t = 100_000)]
+        reports: usize,
+    },
+    /// (Internal) the child process of `bench aggregate`.
+    #[command(hide = true)]
+    AggregateChild {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        task: String,
     },
     /// The fleet's reports/s beside the bare prio + HPKE rate for the same reports.
     Vdaf {
@@ -255,6 +295,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status {
             config,
             collector_store,
+            store0,
+            store1,
             expect,
             wait_secs,
         } => {
@@ -277,6 +319,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 let rows = millrace::status::collect(&config, &collector).await?;
                 millrace::status::print(&rows);
+                let mut facilitators = Vec::new();
+                for (index, url) in [(0u8, store0), (1u8, store1)] {
+                    if let Some(url) = url {
+                        facilitators.push((index, Store::open(&url)?));
+                    }
+                }
+                if !facilitators.is_empty() {
+                    let rows =
+                        millrace::status::facilitator_rows(&config, &facilitators).await?;
+                    millrace::status::print_facilitators(&rows);
+                }
             }
         }
         Command::Replay { what, common } => {
@@ -292,6 +345,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = need(common.store, "store")?;
             let bus_url = need(common.bus, "bus")?;
             let reason = need(common.reason, "reason")?;
+            if let ReplayCommand::Window {
+                aggregation,
+                window,
+                reaggregate: true,
+                peer_store,
+                collector_store,
+            } = &what
+            {
+                let request = millrace::replay::ReplayRequest {
+                    config: Arc::new(Config::load(&config_path)?),
+                    facilitator,
+                    store: Store::open(&store)?,
+                    bus: millrace_bus::connect(&bus_url).await.with_context(|| {
+                        format!("opening the bus {}", millrace_secrets::redact(&bus_url))
+                    })?,
+                    topic_prefix: common.topic_prefix,
+                    by: common.by.unwrap_or_else(millrace::replay::default_operator),
+                    reason,
+                    dry_run: common.dry_run,
+                };
+                let peer = Store::open(&need(peer_store.clone(), "peer-store")?)?;
+                let collector = Store::open(&need(collector_store.clone(), "collector-store")?)?;
+                let done =
+                    millrace::replay::reaggregate(request, peer, &collector, aggregation, window)
+                        .await?;
+                print!("{}", millrace::replay::describe_reaggregated(&done));
+                return Ok(ExitCode::SUCCESS);
+            }
             let target = match what {
                 ReplayCommand::Batch {
                     aggregation,
@@ -305,6 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ReplayCommand::Window {
                     aggregation,
                     window,
+                    ..
                 } => millrace_workflow_manager::ReplayTarget::Window {
                     aggregation,
                     window,
@@ -324,6 +406,61 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let done = millrace::replay::replay(request, &target).await?;
             print!("{}", millrace::replay::describe(&done));
+        }
+        Command::Bench {
+            what: BenchCommand::Scan { settled, new },
+        } => {
+            println!(
+                "{:>15} {:>6} {:>12} {:>12} {:>19}",
+                "settled batches", "new", "first pass", "idle pass", "partitions listed"
+            );
+            for row in millrace::bench_windows::bench_scan(&settled, new).await? {
+                println!(
+                    "{:>15} {:>6} {:>10.1}ms {:>10.1}ms {:>19}",
+                    row.settled_batches,
+                    row.new_batches,
+                    row.first_pass.as_secs_f64() * 1e3,
+                    row.idle_pass.as_secs_f64() * 1e3,
+                    row.partitions_listed
+                );
+            }
+        }
+        Command::Bench {
+            what: BenchCommand::Aggregate { reports },
+        } => {
+            let dir = tempfile::tempdir().context("a temporary directory")?;
+            let started = std::time::Instant::now();
+            let task = millrace::bench_windows::prepare_aggregate(dir.path(), reports).await?;
+            println!(
+                "prepared one window of {reports} Sum reports in {:.0} s (ingest, intake on both sides, manifest)",
+                started.elapsed().as_secs_f64()
+            );
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "aggregate-child", "--dir"])
+                .arg(dir.path())
+                .args(["--task", &String::from_utf8_lossy(&millrace_protocol::tasks::TaskMessage::to_json(&task))])
+                .output()
+                .context("running the aggregate-worker child process")?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            anyhow::ensure!(
+                out.status.success(),
+                "the child failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Command::Bench {
+            what: BenchCommand::AggregateChild { dir, task },
+        } => {
+            let task = <millrace_protocol::tasks::AggregateTask as millrace_protocol::tasks::TaskMessage>::from_json(task.as_bytes())?;
+            let run = millrace::bench_windows::run_aggregate(&dir, &task).await?;
+            println!(
+                "aggregate-worker: {} reports in {:.1} s, peak RSS {}",
+                run.reports,
+                run.elapsed.as_secs_f64(),
+                run.peak_rss_bytes
+                    .map(|b| format!("{:.1} MB", b as f64 / 1e6))
+                    .unwrap_or_else(|| "unknown (no /proc)".to_string())
+            );
         }
         Command::Bench {
             what:

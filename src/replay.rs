@@ -1,5 +1,6 @@
 //! `millrace replay`: publish one batch's intake task or one window's aggregate task again,
-//! through the marker protocol (see `millrace_workflow_manager::replay`), and print what was done.
+//! through the marker protocol, or re-aggregate a FAILED or stuck window under a new manifest
+//! generation (see `millrace_workflow_manager::replay`), and print what was done.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,9 @@ use anyhow::Context;
 use millrace_bus::Bus;
 use millrace_protocol::config::Config;
 use millrace_store::Store;
-use millrace_workflow_manager::{ReplayKind, ReplayTarget, Replayed, Settings, WorkflowManager};
+use millrace_workflow_manager::{
+    Reaggregated, ReplayKind, ReplayTarget, Replayed, Settings, WorkflowManager,
+};
 
 /// Everything a replay needs besides the target.
 pub struct ReplayRequest {
@@ -40,8 +43,7 @@ pub fn default_operator() -> String {
     format!("{user}@{host}")
 }
 
-/// Replays `target`.
-pub async fn replay(request: ReplayRequest, target: &ReplayTarget) -> anyhow::Result<Replayed> {
+fn manager(request: ReplayRequest) -> anyhow::Result<(WorkflowManager, String)> {
     anyhow::ensure!(
         !request.reason.trim().is_empty(),
         "say why with --reason (it is recorded with the replay)"
@@ -58,9 +60,58 @@ pub async fn replay(request: ReplayRequest, target: &ReplayTarget) -> anyhow::Re
             dry_run: request.dry_run,
         },
     );
-    wm.replay(target, &request.reason)
+    Ok((wm, request.reason))
+}
+
+/// Replays `target`.
+pub async fn replay(request: ReplayRequest, target: &ReplayTarget) -> anyhow::Result<Replayed> {
+    let (wm, reason) = manager(request)?;
+    wm.replay(target, &reason)
         .await
         .with_context(|| format!("replaying {target:?}"))
+}
+
+/// Re-aggregates window `window` of `aggregation` (the leader's side; `peer` is the helper's
+/// store, `collector` the collector's).
+pub async fn reaggregate(
+    request: ReplayRequest,
+    peer: Store,
+    collector: &Store,
+    aggregation: &str,
+    window: &str,
+) -> anyhow::Result<Reaggregated> {
+    let (wm, reason) = manager(request)?;
+    wm.with_peer_store(peer)
+        .reaggregate(aggregation, window, &reason, collector)
+        .await
+        .with_context(|| format!("re-aggregating window {window} of {aggregation}"))
+}
+
+/// One line per fact, for the operator.
+pub fn describe_reaggregated(r: &Reaggregated) -> String {
+    let mut out = format!(
+        "{} window {} of {} as manifest generation {}{}\n  manifest: {} (in both facilitators' stores)\n  batches:  {}\n",
+        if r.dry_run { "dry run: would re-aggregate" } else { "re-aggregating" },
+        r.window,
+        r.aggregation,
+        r.generation,
+        r.previous
+            .map(|g| format!(" (after generation {g})"))
+            .unwrap_or_default(),
+        r.manifest,
+        r.batches
+    );
+    for (batch, why) in &r.excluded {
+        out.push_str(&format!("  left out: {batch} ({why})\n"));
+    }
+    match &r.task {
+        Some(task) => out.push_str(&format!(
+            "  task:     {task}\n  the helper publishes its own task for this generation on its next pass\n"
+        )),
+        None if r.batches == 0 => out.push_str("  no batch to aggregate: no task published\n"),
+        None => {}
+    }
+    out
 }
 
 /// One line per fact, for the operator.
@@ -78,12 +129,6 @@ pub fn describe(r: &Replayed) -> String {
     );
     if let Some(id) = &r.message_id {
         out.push_str(&format!("  message: {id}\n"));
-    }
-    if r.excluded_batches > 0 {
-        out.push_str(&format!(
-            "  left out: {} batches not validated by both facilitators\n",
-            r.excluded_batches
-        ));
     }
     out
 }

@@ -1,8 +1,10 @@
-//! `millrace status`: every window the collector knows of, and its state.
+//! `millrace status`: every window the collector knows of, and its state; with the facilitators'
+//! stores, also what each facilitator left out of a window (late batches, batches one side
+//! lacked) and the windows it gave up on.
 
 use millrace_protocol::config::Config;
 use millrace_protocol::layout::{result_key, Window};
-use millrace_protocol::results::{AggregationResult, Computation};
+use millrace_protocol::results::{AggregationResult, BatchExclusion, Computation};
 use millrace_store::Store;
 
 /// One row of the status table.
@@ -42,11 +44,22 @@ pub async fn collect(config: &Config, collector: &Store) -> anyhow::Result<Vec<W
                 },
                 Err(_) => None,
             };
+            let detail = match (c.state, c.since) {
+                (millrace_protocol::results::ComputationState::WaitingForParts, Some(since)) => {
+                    Some(format!(
+                        "generation {}: one sum part here since {}; FAILED if the other has not come by {}",
+                        c.generation,
+                        Window::rfc3339(since),
+                        Window::rfc3339(since + agg.wait_deadline.as_secs() as i64)
+                    ))
+                }
+                _ => c.detail,
+            };
             rows.push(WindowStatus {
                 aggregation: agg.id.clone(),
                 window: c.window,
                 state: format!("{:?}", c.state),
-                detail: c.detail,
+                detail,
                 result,
             });
         }
@@ -71,6 +84,106 @@ pub fn print(rows: &[WindowStatus]) {
         println!(
             "{:<12} {:<31} {:<16} {:>9} {:>8}  {}",
             r.aggregation, r.window, r.state, reports, invalid, value
+        );
+    }
+}
+
+/// One row of a facilitator's view: a batch left out of a window, or a window it gave up on.
+#[derive(Clone, Debug)]
+pub struct FacilitatorRow {
+    pub facilitator: u8,
+    pub aggregation: String,
+    pub window: String,
+    /// `FAILED`, or for a batch `EXCLUDED (late)`, `EXCLUDED (peer-missing)`, …
+    pub what: String,
+    pub batch: Option<String>,
+    pub detail: String,
+}
+
+/// What the facilitators' stores say beyond the collector's: every exclusion record and every
+/// window a facilitator recorded as FAILED.
+pub async fn facilitator_rows(
+    config: &Config,
+    stores: &[(u8, Store)],
+) -> anyhow::Result<Vec<FacilitatorRow>> {
+    let mut rows = Vec::new();
+    for (f, store) in stores {
+        for agg in &config.aggregations {
+            for obj in store.list(&format!("excluded/{}/", agg.id)).await? {
+                let Some(bytes) = store.get(&obj.key).await? else {
+                    continue;
+                };
+                rows.push(match BatchExclusion::from_json(&bytes) {
+                    Ok(e) => FacilitatorRow {
+                        facilitator: *f,
+                        aggregation: e.aggregation,
+                        window: e.window,
+                        what: format!("EXCLUDED ({})", e.reason),
+                        batch: Some(format!("{} {}", e.partition, e.batch)),
+                        detail: format!(
+                            "{} (seen {}, recorded by {})",
+                            e.detail,
+                            Window::rfc3339(e.seen_at),
+                            e.by
+                        ),
+                    },
+                    Err(err) => FacilitatorRow {
+                        facilitator: *f,
+                        aggregation: agg.id.clone(),
+                        window: obj.key.clone(),
+                        what: "UNREADABLE".to_string(),
+                        batch: None,
+                        detail: err.to_string(),
+                    },
+                });
+            }
+            for obj in store.list(&format!("computations/{}/", agg.id)).await? {
+                let Some(bytes) = store.get(&obj.key).await? else {
+                    continue;
+                };
+                rows.push(match Computation::from_json(&bytes) {
+                    Ok(c) => FacilitatorRow {
+                        facilitator: *f,
+                        aggregation: c.aggregation,
+                        window: c.window,
+                        what: format!("{:?}", c.state).to_uppercase(),
+                        batch: None,
+                        detail: c.detail.unwrap_or_default(),
+                    },
+                    Err(err) => FacilitatorRow {
+                        facilitator: *f,
+                        aggregation: agg.id.clone(),
+                        window: obj.key.clone(),
+                        what: "UNREADABLE".to_string(),
+                        batch: None,
+                        detail: err.to_string(),
+                    },
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+pub fn print_facilitators(rows: &[FacilitatorRow]) {
+    println!();
+    if rows.is_empty() {
+        println!("facilitators: no batch left out of any window, no window given up on");
+        return;
+    }
+    println!(
+        "{:<3} {:<12} {:<31} {:<24} {:<40}  detail",
+        "f", "aggregation", "window", "what", "batch"
+    );
+    for r in rows {
+        println!(
+            "{:<3} {:<12} {:<31} {:<24} {:<40}  {}",
+            r.facilitator,
+            r.aggregation,
+            r.window,
+            r.what,
+            r.batch.as_deref().unwrap_or("-"),
+            r.detail
         );
     }
 }

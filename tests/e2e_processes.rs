@@ -433,11 +433,20 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
             started.elapsed()
         })
     };
-    for (f, own) in [("0", &s0), ("1", &s1)] {
+    for (f, own, peer) in [("0", &s0, &s1), ("1", &s1, &s0)] {
         fleet.spawn(
             &format!("workflow-manager-{f}"),
             "workflow-manager",
-            &common(&["--facilitator", f, "--store", own, "--interval", "1s"]),
+            &common(&[
+                "--facilitator",
+                f,
+                "--store",
+                own,
+                "--peer-store",
+                peer,
+                "--interval",
+                "1s",
+            ]),
         );
     }
     let status = Command::new(bin("millrace"))

@@ -1,23 +1,28 @@
 //! cleaner: deletes what has outlived its TTL, in deletable states only, markers last.
 //!
 //! In a facilitator's store, an ingestion batch, its validations and verify states are deletable
-//! once they are older than the TTL and their window is settled (its aggregate task was published,
-//! or the window is past its max age). A marker is deleted only once the object it guards is gone
-//! (an intake marker after its batch; an aggregate marker after every batch of its window), so a
-//! later pass can never reschedule deleted work. In the collector's store, a window's sum parts
-//! and result are deletable once its computation is SUCCEEDED or FAILED and older than the TTL;
-//! the computation record goes last. Every deletion (or, with `--dry-run`, every deletion it would
+//! once they are older than the TTL and their window is settled (an aggregate task of some
+//! manifest generation was published, or the window is past its max age). A window's manifests,
+//! its exclusion records and this facilitator's record of it go once every batch of the window is
+//! gone and they are older than the TTL. A marker is deleted only once the objects it guards are
+//! gone (an intake marker after its batch; aggregate and settled-partition markers after every
+//! batch of their window), so a later pass can never reschedule deleted work. In the collector's
+//! store, a window's sum parts (every generation) and result are deletable once its computation
+//! is SUCCEEDED or FAILED and older than the TTL; the computation record goes last. Every deletion (or, with `--dry-run`, every deletion it would
 //! make) is one structured audit line on the `millrace::audit` target.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use millrace_protocol::config::Config;
+use millrace_protocol::config::{Aggregation, Config};
+use millrace_protocol::formats::{ExclusionReason, WindowManifest};
+use millrace_protocol::results::{BatchExclusion, EXCLUSION_VERSION};
 use millrace_protocol::layout::{
-    aggregate_marker_key, computation_key, parse_ingestion_key, result_key, result_marker_key,
-    sum_part_key, Partition, Window,
+    computation_key, exclusion_key, manifest_key, parse_ingestion_key, parse_manifest_key,
+    parse_settled_key, result_key,
+    result_marker_key, sum_parts_prefix, waiting_key, Partition, Window,
 };
 use millrace_protocol::results::Computation;
 use millrace_runtime::Shutdown;
@@ -42,6 +47,9 @@ pub struct Settings {
 pub struct CleanReport {
     pub deleted: Vec<String>,
     pub kept_not_settled: usize,
+    /// Batches newly recorded as left out of their window: late into a decided window, or in a
+    /// window beyond the workflow-manager's scan horizon that was never decided.
+    pub batches_recorded: Vec<String>,
 }
 
 pub struct Cleaner {
@@ -81,6 +89,7 @@ impl Cleaner {
         for agg in &self.config.aggregations {
             match self.settings.role {
                 Role::Facilitator => {
+                    self.audit_batches(agg, now, &mut report).await?;
                     self.clean_facilitator(&agg.id, agg.window_secs, agg.max_age, now, &mut report)
                         .await?
                 }
@@ -121,6 +130,120 @@ impl Cleaner {
         Ok(())
     }
 
+    /// Records every batch that no workflow-manager pass will look at again and that its window
+    /// does not include: one that landed in a window after the window's manifest (in a partition
+    /// already settled), or one in a window older than the scan horizon that was never decided.
+    /// The cleaner walks the whole store anyway; the workflow-manager lists only new work.
+    async fn audit_batches(
+        &self,
+        agg: &Aggregation,
+        now: DateTime<Utc>,
+        report: &mut CleanReport,
+    ) -> Result<(), StoreError> {
+        let keys = match self.config.facilitator_keys() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check batches against window manifests");
+                return Ok(());
+            }
+        };
+        let leader = self.config.facilitator_name(0).unwrap_or("facilitator 0");
+        let id = &agg.id;
+        let excluded: HashSet<String> = self
+            .store
+            .list(&format!("excluded/{id}/"))
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let mut latest: BTreeMap<Window, u32> = BTreeMap::new();
+        for o in self.store.list(&format!("manifests/{id}/")).await? {
+            if let Some((w, g)) = parse_manifest_key(id, &o.key) {
+                let e = latest.entry(w).or_insert(g);
+                *e = (*e).max(g);
+            }
+        }
+        let oldest = Window::containing(agg.horizon(now.timestamp()), agg.window_secs);
+        let mut manifests: HashMap<Window, Option<WindowManifest>> = HashMap::new();
+        for o in self.store.list(&format!("ingestion/{id}/")).await? {
+            let Some((p, batch)) = parse_ingestion_key(id, &o.key) else {
+                continue;
+            };
+            let w = Window::containing(p.start, agg.window_secs);
+            let key = exclusion_key(id, w, &batch);
+            if excluded.contains(&key) {
+                continue;
+            }
+            let (reason, generation, detail) = match latest.get(&w) {
+                Some(&g) => {
+                    if !manifests.contains_key(&w) {
+                        let m = match self.store.get(&manifest_key(id, w, g)).await? {
+                            Some(bytes) => {
+                                match WindowManifest::decode_leaders(&keys, leader, id, w, g, &bytes) {
+                                    Ok(m) => Some(m),
+                                    Err(e) => {
+                                        tracing::warn!(manifest = %manifest_key(id, w, g), error = %e, "manifest refused; its window's batches are not checked");
+                                        None
+                                    }
+                                }
+                            }
+                            None => None,
+                        };
+                        manifests.insert(w, m);
+                    }
+                    match manifests.get(&w) {
+                        Some(Some(m)) if !m.mentions(&batch) => (
+                            ExclusionReason::Late,
+                            Some(g),
+                            format!(
+                                "found by the cleaner: it is not in generation {g} of the window's manifest, written at {}; it is not counted in this window",
+                                Window::rfc3339(m.decided_at)
+                            ),
+                        ),
+                        _ => continue,
+                    }
+                }
+                None if w < oldest => (
+                    ExclusionReason::BeyondHorizon,
+                    None,
+                    format!(
+                        "found by the cleaner: its window is older than the workflow-manager's scan horizon ({}) and was never decided; it is not counted",
+                        Window::rfc3339(oldest.start)
+                    ),
+                ),
+                None => continue,
+            };
+            if self.settings.dry_run {
+                tracing::info!(aggregation = %id, window = %w.name(), batch, reason = reason.label(), "dry run: would record a batch left out");
+                continue;
+            }
+            let record = BatchExclusion {
+                version: EXCLUSION_VERSION,
+                aggregation: id.clone(),
+                window: w.name(),
+                batch: batch.clone(),
+                partition: p.path(),
+                reason: reason.label().to_string(),
+                manifest_generation: generation,
+                lacking: None,
+                by: "cleaner".to_string(),
+                seen_at: now.timestamp(),
+                detail,
+            };
+            if self.store.create_if_absent(&key, record.to_json()).await? {
+                let counter = if reason == ExclusionReason::Late {
+                    metrics::counter!("millrace_batches_late_total", "aggregation" => id.clone())
+                } else {
+                    metrics::counter!("millrace_batches_excluded_total", "aggregation" => id.clone(), "reason" => reason.label())
+                };
+                counter.increment(1);
+                tracing::warn!(aggregation = %id, window = %w.name(), batch, partition = %p.path(), reason = reason.label(), "batch left out of its window, found by the cleaner");
+                report.batches_recorded.push(key);
+            }
+        }
+        Ok(())
+    }
+
     async fn clean_facilitator(
         &self,
         agg: &str,
@@ -137,6 +260,15 @@ impl Cleaner {
             .store
             .list(&format!("markers/{agg}/aggregate/"))
             .await?;
+        // Windows with a published aggregate task (of any manifest generation).
+        let published: BTreeSet<Window> = aggregate_markers
+            .iter()
+            .filter_map(|m| {
+                let rest = m.key.strip_prefix(&format!("markers/{agg}/aggregate/"))?;
+                let stem = rest.strip_suffix(".published")?;
+                Window::parse(stem.split('.').next()?).ok()
+            })
+            .collect();
 
         // Which windows are settled.
         let mut settled: BTreeMap<Window, bool> = BTreeMap::new();
@@ -154,9 +286,7 @@ impl Cleaner {
                 Some(s) => *s,
                 None => {
                     let past_max_age = now.timestamp() >= window.end + max_age.as_secs() as i64;
-                    let s = past_max_age
-                        || markers::is_published(&self.store, &aggregate_marker_key(agg, window))
-                            .await?;
+                    let s = past_max_age || published.contains(&window);
                     settled.insert(window, s);
                     s
                 }
@@ -197,7 +327,30 @@ impl Cleaner {
             .await?;
         }
 
-        // 2. Markers, after the objects they guard are gone.
+        // 2. What records a window's decision, once every batch of the window is gone.
+        let window_gone = |w: Window, o: &ObjectInfo| -> bool {
+            !remaining_windows.contains(&w) && self.expired(o, now)
+        };
+        for o in self.store.list(&format!("manifests/{agg}/")).await? {
+            if let Some((w, _)) = parse_manifest_key(agg, &o.key) {
+                if window_gone(w, &o) {
+                    self.delete(&o.key, "ttl: every batch of this window is gone", now, Some(o.last_modified), report)
+                        .await?;
+                }
+            }
+        }
+        for prefix in [format!("excluded/{agg}/"), format!("computations/{agg}/")] {
+            for o in self.store.list(&prefix).await? {
+                let name = o.key[prefix.len()..].split(['/', '.']).next().unwrap_or("");
+                if let Ok(w) = Window::parse(name) {
+                    if window_gone(w, &o) {
+                        self.delete(&o.key, "ttl: every batch of this window is gone", now, Some(o.last_modified), report)
+                            .await?;
+                    }
+                }
+            }
+        }
+        // 3. Markers, after the objects they guard are gone.
         for m in &intake_markers {
             let Some(rest) = m.key.strip_prefix(&format!("markers/{agg}/intake/")) else {
                 continue;
@@ -235,6 +388,14 @@ impl Cleaner {
             )
             .await?;
         }
+        for o in self.store.list(&format!("markers/{agg}/settled/")).await? {
+            if let Some(p) = parse_settled_key(agg, &o.key) {
+                if window_gone(window_of_partition(p), &o) {
+                    self.delete(&o.key, "ttl: every batch of this partition's window is gone", now, Some(o.last_modified), report)
+                        .await?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -267,11 +428,11 @@ impl Cleaner {
                 continue;
             };
             let reason = "ttl: computation finished and expired";
-            for key in [
-                sum_part_key(agg, window, 0),
-                sum_part_key(agg, window, 1),
-                result_key(agg, window),
-            ] {
+            for part in self.store.list(&sum_parts_prefix(agg, window)).await? {
+                self.delete(&part.key, reason, now, Some(part.last_modified), report)
+                    .await?;
+            }
+            for key in [result_key(agg, window), waiting_key(agg, window)] {
                 if self.store.exists(&key).await? {
                     self.delete(&key, reason, now, None, report).await?;
                 }

@@ -1,47 +1,59 @@
-//! workflow-manager: finds work in object storage and publishes tasks, each exactly once.
+//! workflow-manager: finds work in object storage and publishes tasks, each exactly once, and —
+//! on the leader — decides which batches make up each window.
 //!
-//! Each pass, per aggregation, it lists only the hourly partitions that can still hold new work
-//! (from the oldest window not yet past its max age up to now), and:
+//! Each pass, per aggregation, it lists only the hourly partitions that are not yet *settled*
+//! (see below), from the scan horizon ([`Aggregation::horizon`]: the oldest window not yet past
+//! its max age and wait deadline) up to now, and:
 //!
 //! * publishes an `intake` task for every ingestion batch without a published intake marker;
-//! * publishes an `aggregate` task for every window that is closed and past its grace period once
-//!   every batch of the window has been validated by both facilitators — or, when the window's max
-//!   age has passed, for the batches that have been.
+//! * on facilitator 0, **the leader**, decides each window once it is ready (closed, past its
+//!   grace period, every batch validated by both facilitators; or past the peer deadline with
+//!   only batches one side lacks still pending; or past its max age): it writes a signed,
+//!   create-only **window manifest** (the sorted batches, their digest, and the batches left out
+//!   and why) to its own store and to its peer's, then publishes its `aggregate` task naming that
+//!   manifest. Batches left out get an `excluded/…` record, a metric and a warning;
+//! * on facilitator 1, **the helper**, publishes its own `aggregate` task only once the leader's
+//!   manifest is in its store, for exactly that manifest. Past `max_age + wait_deadline` without
+//!   one it records the window as FAILED in its store, naming what never came;
+//! * on both, records every batch that reaches a window after its manifest as `late` (a record,
+//!   `millrace_batches_late_total{aggregation}` and a warning): it is never folded into a window
+//!   already decided, since releasing a window twice would let a collector difference the two;
+//! * marks a partition settled (`markers/{agg}/settled/…`) once every batch in it is scheduled
+//!   and its window's manifest exists, its task is published and every batch of the partition is
+//!   in the manifest or recorded as left out. Settled partitions are not listed again, so a pass
+//!   costs O(new work), not O(history). (Batches that land in a settled partition, or beyond the
+//!   horizon, are found by the cleaner, which walks the whole store anyway.)
 //!
 //! Every task goes through the marker protocol in [`millrace_store::markers`]: claim
 //! (create-only), publish, mark published. Two workflow-managers racing, or one crashing at any
-//! step, neither lose a task nor schedule one twice. `--dry-run` writes and publishes nothing and
-//! logs each action it would take.
+//! step, neither lose a task nor schedule one twice; two leaders racing write one manifest (the
+//! loser finds the winner's and follows it). `--dry-run` writes and publishes nothing and logs
+//! each action it would take.
 //!
-//! Failures are contained. A store error in one aggregation (a listing that fails, a marker that
-//! cannot be read) is logged at most once a minute per aggregation, counted in
-//! `millrace_pass_failures_total{aggregation,cause}` and reported in
-//! [`PassReport::failed_aggregations`], and the pass goes on with the next aggregation. A bus error
-//! ends the pass, since every later publish would wait out the same publish retry; its claim is
-//! released at once ([`markers::release`]), and [`WorkflowManager::run`] tries again a few seconds
-//! later rather than a whole `--interval` later. A pass that did not finish every aggregation
-//! returns [`PassIncomplete`], so `--once` exits non-zero once it has done what it could. Objects
-//! in a listing that are not Millrace keys are skipped, counted in
+//! Failures are contained. A store error in one window (a manifest that cannot be written) is
+//! logged, counted in `millrace_pass_failures_total{aggregation,cause}` and retried next pass
+//! while the other windows proceed; one in an aggregation's listing fails that aggregation only.
+//! A bus error ends the pass, since every later publish would wait out the same publish retry;
+//! its claim is released at once ([`markers::release`]), and [`WorkflowManager::run`] tries again
+//! a few seconds later rather than a whole `--interval` later. A pass that did not finish
+//! everything returns [`PassIncomplete`], so `--once` exits non-zero once it has done what it
+//! could. Objects in a listing that are not Millrace keys are skipped, counted in
 //! `millrace_listing_ignored_objects_total{aggregation,listing}` and warned about once a minute
 //! per prefix.
 
 mod replay;
+mod windows;
 
-pub use replay::{ReplayError, ReplayKind, ReplayTarget, Replayed};
+pub use replay::{Reaggregated, ReplayError, ReplayKind, ReplayTarget, Replayed};
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use millrace_bus::{Bus, Message};
-use millrace_protocol::config::{Aggregation, Config};
-use millrace_protocol::layout::{
-    aggregate_marker_key, ingestion_prefix, intake_marker_key, parse_ingestion_key,
-    parse_validation_key, validation_prefix, Partition, Window,
-};
-use millrace_protocol::tasks::{
-    topics, AggregateTask, BatchRef, IntakeTask, TaskMessage, TASK_VERSION,
-};
+#[cfg(doc)]
+use millrace_protocol::config::Aggregation;
+use millrace_protocol::config::Config;
+use millrace_protocol::crypto::{KeyRing, Signer25519};
 use millrace_runtime::Shutdown;
 use millrace_store::markers::{self, Claim};
 use millrace_store::{LogLimiter, Store};
@@ -72,10 +84,25 @@ pub struct PassReport {
     pub aggregate_published: usize,
     /// Tasks skipped because their marker says they were published (or another instance holds it).
     pub skipped_by_marker: usize,
-    /// Windows closed but still waiting for validations.
+    /// Windows closed and past grace but not decided yet: on the leader, waiting for
+    /// validations; on the helper, for the leader's manifest.
     pub windows_waiting: usize,
     /// Actions a dry run would have taken.
     pub would_publish: usize,
+    /// Window manifests the leader wrote in this pass.
+    pub manifests_written: usize,
+    /// Batches the leader left out of the manifests it wrote (one side lacked them, or max age).
+    pub batches_excluded: usize,
+    /// Batches newly recorded as late (they reached a window after its manifest).
+    pub batches_late: usize,
+    /// Windows the helper gave up on (no manifest by the wait deadline).
+    pub windows_failed: usize,
+    /// Partitions listed in this pass (the unsettled ones within the horizon).
+    pub partitions_listed: usize,
+    /// Partitions marked settled in this pass.
+    pub partitions_settled: usize,
+    /// Windows whose step failed on a store error; retried next pass.
+    pub failed_windows: Vec<WindowFailure>,
     /// Aggregations whose pass failed, in config order. After a store error the pass went on
     /// with the next aggregation; after a bus error it ended (see [`PassReport::not_reached`]).
     pub failed_aggregations: Vec<AggregationFailure>,
@@ -86,7 +113,9 @@ pub struct PassReport {
 impl PassReport {
     /// Did every aggregation's pass finish?
     pub fn is_complete(&self) -> bool {
-        self.failed_aggregations.is_empty() && self.not_reached.is_empty()
+        self.failed_aggregations.is_empty()
+            && self.not_reached.is_empty()
+            && self.failed_windows.is_empty()
     }
 
     /// Did the bus end the pass early?
@@ -103,6 +132,15 @@ pub struct AggregationFailure {
     pub aggregation: String,
     pub cause: FailureCause,
     /// The error, which names the key or topic involved.
+    pub error: String,
+}
+
+/// One window whose step failed; the rest of the pass went on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowFailure {
+    pub aggregation: String,
+    pub window: String,
+    /// The error, which names the object involved.
     pub error: String,
 }
 
@@ -142,6 +180,12 @@ fn describe(report: &PassReport) -> String {
             )
         })
         .collect();
+    parts.extend(report.failed_windows.iter().map(|w| {
+        format!(
+            "window {}/{} failed (retried next pass): {}",
+            w.aggregation, w.window, w.error
+        )
+    }));
     if !report.not_reached.is_empty() {
         parts.push(format!(
             "not reached after the bus failed: {}",
@@ -163,6 +207,12 @@ pub struct WorkflowManager {
     failure_log: LogLimiter,
     /// Lines about listed objects that are not Millrace keys, per prefix.
     ignored_log: LogLimiter,
+    /// Lines about windows waiting, per aggregation.
+    waiting_log: LogLimiter,
+    /// Both facilitators' signing keys: manifests must verify against the leader's.
+    facilitator_keys: Result<KeyRing, String>,
+    /// The leader's signing key, for its manifests (`None` on the helper).
+    signer: Option<Result<Signer25519, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,18 +221,29 @@ pub enum PassError {
     Store(#[from] millrace_store::StoreError),
     #[error(transparent)]
     Bus(#[from] millrace_bus::BusError),
+    /// Something this instance lacks to do its part (a signing key, the peer store), or a
+    /// manifest in the way that is not the leader's.
+    #[error("{0}")]
+    Setup(String),
 }
 
-enum Scheduled {
+pub(crate) enum Scheduled {
     Published,
+    /// The marker says it was published already.
     Skipped,
+    /// Another instance holds a fresh claim on it.
+    Held,
     DryRun,
 }
 
 impl WorkflowManager {
     pub fn new(config: Arc<Config>, store: Store, bus: Arc<dyn Bus>, settings: Settings) -> Self {
+        let signer = (settings.facilitator == windows::LEADER).then(|| {
+            config.facilitator_signer(windows::LEADER).map_err(|e| {
+                format!("the leader signs window manifests, but its signing key cannot be loaded: {e}")
+            })
+        });
         WorkflowManager {
-            config,
             store,
             peer: None,
             bus,
@@ -190,6 +251,10 @@ impl WorkflowManager {
             retry_after_bus_failure: RETRY_AFTER_BUS_FAILURE,
             failure_log: LogLimiter::default(),
             ignored_log: LogLimiter::default(),
+            waiting_log: LogLimiter::default(),
+            facilitator_keys: config.facilitator_keys().map_err(|e| e.to_string()),
+            signer,
+            config,
         }
     }
 
@@ -250,6 +315,7 @@ impl WorkflowManager {
                 Ok(()) => continue,
                 Err(PassError::Store(e)) => (FailureCause::Store, e.to_string()),
                 Err(PassError::Bus(e)) => (FailureCause::Bus, e.to_string()),
+                Err(PassError::Setup(e)) => (FailureCause::Store, e),
             };
             metrics::counter!(
                 "millrace_pass_failures_total",
@@ -282,6 +348,9 @@ impl WorkflowManager {
             .increment(report.aggregate_published as u64);
         metrics::counter!("millrace_tasks_skipped_by_marker_total")
             .increment(report.skipped_by_marker as u64);
+        metrics::gauge!("millrace_windows_waiting").set(report.windows_waiting as f64);
+        metrics::counter!("millrace_partitions_listed_total")
+            .increment(report.partitions_listed as u64);
         if report.is_complete() {
             Ok(report)
         } else {
@@ -309,135 +378,8 @@ impl WorkflowManager {
         }
     }
 
-    async fn pass_aggregation(
-        &self,
-        agg: &Aggregation,
-        now: i64,
-        report: &mut PassReport,
-    ) -> Result<(), PassError> {
-        let f = self.settings.facilitator;
-        let max_age = agg.max_age.as_secs() as i64;
-        // The oldest window that can still need work ends no earlier than now - max_age.
-        let oldest = Window::containing(now - max_age - agg.window_secs, agg.window_secs);
-        // batches per window; validations per batch
-        let mut windows: BTreeMap<Window, Vec<BatchRef>> = BTreeMap::new();
-        let mut validated: HashSet<(String, u8)> = HashSet::new();
-        for p in Partition::range(oldest.start, now + 1) {
-            let prefix = ingestion_prefix(&agg.id, p);
-            let listed = self.store.list(&prefix).await?;
-            if listed.is_empty() {
-                continue;
-            }
-            let marker_dir = format!("markers/{}/intake/{}/", agg.id, p.path());
-            let marker_objects: BTreeSet<String> = self
-                .store
-                .list(&marker_dir)
-                .await?
-                .into_iter()
-                .map(|o| o.key)
-                .collect();
-            for obj in &listed {
-                let Some((_, batch)) = parse_ingestion_key(&agg.id, &obj.key) else {
-                    self.ignore_object(&agg.id, "ingestion", &prefix, &obj.key);
-                    continue;
-                };
-                let marker = intake_marker_key(&agg.id, p, &batch);
-                if marker_objects.contains(&markers::published_key(&marker)) {
-                    // Already scheduled in an earlier pass: no request beyond the listing.
-                } else {
-                    let task = IntakeTask {
-                        version: TASK_VERSION,
-                        aggregation: agg.id.clone(),
-                        batch: batch.clone(),
-                        partition: p.path(),
-                    };
-                    match self
-                        .schedule(
-                            &marker,
-                            &topics::intake(&self.settings.topic_prefix, f),
-                            task.to_json(),
-                        )
-                        .await?
-                    {
-                        Scheduled::Published => report.intake_published += 1,
-                        Scheduled::Skipped => report.skipped_by_marker += 1,
-                        Scheduled::DryRun => report.would_publish += 1,
-                    }
-                }
-                windows
-                    .entry(Window::containing(p.start, agg.window_secs))
-                    .or_default()
-                    .push(BatchRef {
-                        batch,
-                        partition: p.path(),
-                    });
-            }
-            let prefix = validation_prefix(&agg.id, p);
-            for obj in self.store.list(&prefix).await? {
-                match parse_validation_key(&agg.id, &obj.key) {
-                    Some((_, batch, by)) => {
-                        validated.insert((batch, by));
-                    }
-                    None => self.ignore_object(&agg.id, "validation", &prefix, &obj.key),
-                }
-            }
-        }
-
-        let grace = agg.grace.as_secs() as i64;
-        for (window, batches) in windows {
-            if now < window.end + grace {
-                continue;
-            }
-            let marker = aggregate_marker_key(&agg.id, window);
-            if markers::is_published(&self.store, &marker).await? {
-                continue;
-            }
-            let (done, pending): (Vec<BatchRef>, Vec<BatchRef>) =
-                batches.into_iter().partition(|b| {
-                    validated.contains(&(b.batch.clone(), 0))
-                        && validated.contains(&(b.batch.clone(), 1))
-                });
-            let past_max_age = now >= window.end + max_age;
-            if !pending.is_empty() && !past_max_age {
-                report.windows_waiting += 1;
-                tracing::debug!(aggregation = %agg.id, window = %window.name(), pending = pending.len(), "window waiting for validations");
-                continue;
-            }
-            if !pending.is_empty() {
-                tracing::warn!(
-                    aggregation = %agg.id,
-                    window = %window.name(),
-                    excluded = pending.len(),
-                    "window past its max age: aggregating without the batches not validated by both sides"
-                );
-            }
-            if done.is_empty() {
-                continue;
-            }
-            let task = AggregateTask {
-                version: TASK_VERSION,
-                aggregation: agg.id.clone(),
-                window: window.name(),
-                batches: done,
-            };
-            match self
-                .schedule(
-                    &marker,
-                    &topics::aggregate(&self.settings.topic_prefix, f),
-                    task.to_json(),
-                )
-                .await?
-            {
-                Scheduled::Published => report.aggregate_published += 1,
-                Scheduled::Skipped => report.skipped_by_marker += 1,
-                Scheduled::DryRun => report.would_publish += 1,
-            }
-        }
-        Ok(())
-    }
-
     /// The marker protocol around one publish.
-    async fn schedule(
+    pub(crate) async fn schedule(
         &self,
         marker: &str,
         topic: &str,
@@ -462,7 +404,7 @@ impl WorkflowManager {
             Claim::HeldByOther { by, age_secs } => {
                 metrics::counter!("millrace_marker_contention_total").increment(1);
                 tracing::debug!(marker, holder = %by, age_secs, "claimed by another instance");
-                Ok(Scheduled::Skipped)
+                Ok(Scheduled::Held)
             }
             Claim::Won {
                 generation,
@@ -499,6 +441,11 @@ impl WorkflowManager {
             }
         }
     }
+}
+
+/// A duration as people write it (`1h`, `10m`), for messages.
+pub(crate) fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// `hostname-pid`, what marker records name as their owner by default.

@@ -1,8 +1,8 @@
-//! Replays: publishing one batch's intake task or one window's aggregate task again, for recovery
-//! after an outage or a bad deploy (a task dead-lettered, a worker that wrote nothing).
+//! Replays and re-aggregation: recovery after an outage, a bad deploy or a FAILED window.
 //!
-//! A replay goes through the marker protocol like any other publish, so it is safe to run while
-//! the workflow-managers run:
+//! A **replay** publishes one batch's intake task or one window's aggregate task again. It goes
+//! through the marker protocol like any other publish, so it is safe to run while the
+//! workflow-managers run:
 //!
 //! * a task that was never published is scheduled through its normal marker (claim, publish, mark
 //!   published), so the workflow-manager will not publish it a second time;
@@ -10,25 +10,33 @@
 //!   (`markers::claim_replay`), which says who replayed it, when and why, and which two operators
 //!   replaying the same task at the same moment cannot both win.
 //!
-//! Workers are idempotent (their outputs are create-only and deterministic), so replaying a task
-//! that had in fact completed changes nothing. A window's replayed aggregate task lists the batches
-//! validated by both facilitators *now*; if that differs from what was aggregated before, the
-//! aggregate-worker refuses to overwrite the earlier sum part (a create-only conflict) and says so.
-
-use std::collections::HashSet;
+//! A window's replayed aggregate task names the newest manifest generation in this facilitator's
+//! store, exactly as the first one did. Workers are idempotent (their outputs are create-only and
+//! deterministic), so replaying a task that had in fact completed changes nothing.
+//!
+//! **Re-aggregation** ([`WorkflowManager::reaggregate`], leader only) re-runs a FAILED or stuck
+//! window end to end: the leader writes the next generation of the window's manifest (from the
+//! batches both facilitators have validated now, with a note of who, when and why), to both
+//! stores, and publishes its aggregate task for it; the helper follows on its next pass; both
+//! aggregate-workers write that generation's sum parts under new keys, and the mill joins them.
+//! Nothing is overwritten. A window whose result exists is refused: a window is released once.
 
 use millrace_bus::Message;
 use millrace_protocol::config::Aggregation;
+use millrace_protocol::formats::{ExcludedBatch, ExclusionReason, WindowBatch, WindowManifest};
 use millrace_protocol::layout::{
-    aggregate_marker_key, ingestion_prefix, intake_marker_key, parse_ingestion_key,
-    parse_validation_key, validation_prefix, Partition, Window,
+    aggregate_marker_key, ingestion_prefix, intake_marker_key, manifest_key,
+    manifest_window_prefix, parse_ingestion_key, parse_manifest_key, parse_validation_key,
+    result_key, validation_prefix, Partition, Window,
 };
 use millrace_protocol::tasks::{
-    topics, AggregateTask, BatchRef, IntakeTask, TaskMessage, TASK_VERSION,
+    topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, TASK_VERSION,
 };
 use millrace_store::markers::{self, ReplayClaim};
+use millrace_store::Store;
 
-use crate::{PassError, Scheduled, WorkflowManager};
+use crate::windows::{WindowView, LEADER};
+use crate::{PassError, PassReport, Scheduled, WorkflowManager};
 
 /// What to replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,8 +72,25 @@ pub struct Replayed {
     pub body: String,
     pub kind: ReplayKind,
     pub message_id: Option<String>,
-    /// Batches of a replayed window left out because they are not validated by both sides.
-    pub excluded_batches: usize,
+    /// Batches of the replayed window's manifest.
+    pub batches: usize,
+}
+
+/// What a re-aggregation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reaggregated {
+    pub aggregation: String,
+    pub window: String,
+    /// The manifest generation written, and the one it supersedes.
+    pub generation: u32,
+    pub previous: Option<u32>,
+    pub manifest: String,
+    pub batches: usize,
+    /// Batches left out (not validated by both facilitators now), with why.
+    pub excluded: Vec<(String, &'static str)>,
+    /// The leader's aggregate task, as published (`None` on a dry run or an empty window).
+    pub task: Option<String>,
+    pub dry_run: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +110,7 @@ impl From<PassError> for ReplayError {
         match e {
             PassError::Store(e) => ReplayError::Store(e),
             PassError::Bus(e) => ReplayError::Bus(e),
+            PassError::Setup(e) => ReplayError::Refused(e),
         }
     }
 }
@@ -98,7 +124,7 @@ impl WorkflowManager {
     ) -> Result<Replayed, ReplayError> {
         let f = self.settings.facilitator;
         let prefix = &self.settings.topic_prefix;
-        let (marker, topic, body, excluded) = match target {
+        let (marker, topic, body, batches) = match target {
             ReplayTarget::Batch {
                 aggregation,
                 batch,
@@ -118,7 +144,7 @@ impl WorkflowManager {
                     intake_marker_key(&agg.id, p, batch),
                     topics::intake(prefix, f),
                     task.to_json(),
-                    0,
+                    1,
                 )
             }
             ReplayTarget::Window {
@@ -126,31 +152,30 @@ impl WorkflowManager {
                 window,
             } => {
                 let agg = self.aggregation(aggregation)?;
-                let w = Window::parse(window).map_err(|e| ReplayError::Refused(e.to_string()))?;
-                if w.end - w.start != agg.window_secs || w.start.rem_euclid(agg.window_secs) != 0 {
-                    return Err(ReplayError::Refused(format!(
-                        "window {window} is not a window of aggregation {} (its windows are {} s long, aligned to multiples of that)",
-                        agg.id, agg.window_secs
+                let w = self.window_of(agg, window)?;
+                let Some((manifest, _)) = self.latest_manifest(agg, w).await? else {
+                    return Err(ReplayError::NotFound(format!(
+                        "window {window} of aggregation {} has no manifest in this store: the leader writes one when the window is ready; to make one now, run `millrace replay window --reaggregate` with --facilitator 0",
+                        agg.id
                     )));
-                }
-                let (done, pending) = self.window_batches(agg, w).await?;
-                if done.is_empty() {
+                };
+                if manifest.batches.is_empty() {
                     return Err(ReplayError::Refused(format!(
-                        "no batch of window {window} of aggregation {} is validated by both facilitators ({} batches found); replay their intake first (millrace replay batch …)",
-                        agg.id, pending
+                        "generation {} of window {window}'s manifest lists no batch: there is nothing to aggregate",
+                        manifest.generation
                     )));
                 }
                 let task = AggregateTask {
-                    version: TASK_VERSION,
+                    version: AGGREGATE_TASK_VERSION,
                     aggregation: agg.id.clone(),
                     window: w.name(),
-                    batches: done,
+                    generation: manifest.generation,
                 };
                 (
-                    aggregate_marker_key(&agg.id, w),
+                    aggregate_marker_key(&agg.id, w, manifest.generation),
                     topics::aggregate(prefix, f),
                     task.to_json(),
-                    pending,
+                    manifest.batches.len(),
                 )
             }
         };
@@ -161,7 +186,7 @@ impl WorkflowManager {
             body: text.clone(),
             kind,
             message_id,
-            excluded_batches: excluded,
+            batches,
         };
         if self.settings.dry_run {
             return Ok(done(ReplayKind::DryRun, None));
@@ -177,7 +202,7 @@ impl WorkflowManager {
                         record.and_then(|r| r.message_id),
                     ))
                 }
-                Scheduled::Skipped | Scheduled::DryRun => Err(ReplayError::Refused(format!(
+                Scheduled::Skipped | Scheduled::Held | Scheduled::DryRun => Err(ReplayError::Refused(format!(
                     "{marker}: a workflow-manager is publishing this task right now; nothing to replay"
                 ))),
             },
@@ -244,38 +269,164 @@ impl WorkflowManager {
             })
     }
 
-    /// The batches of window `w` validated by both facilitators, and how many are not.
-    async fn window_batches(
-        &self,
-        agg: &Aggregation,
-        w: Window,
-    ) -> Result<(Vec<BatchRef>, usize), ReplayError> {
-        let mut batches = Vec::new();
-        let mut validated: HashSet<(String, u8)> = HashSet::new();
+    /// Parses `window` and checks it is one of the aggregation's windows.
+    fn window_of(&self, agg: &Aggregation, window: &str) -> Result<Window, ReplayError> {
+        let w = Window::parse(window).map_err(|e| ReplayError::Refused(e.to_string()))?;
+        if w.end - w.start != agg.window_secs || w.start.rem_euclid(agg.window_secs) != 0 {
+            return Err(ReplayError::Refused(format!(
+                "window {window} is not a window of aggregation {} (its windows are {} s long, aligned to multiples of that)",
+                agg.id, agg.window_secs
+            )));
+        }
+        Ok(w)
+    }
+
+    /// Everything in the store about window `w`, settled partitions included.
+    async fn whole_window(&self, agg: &Aggregation, w: Window) -> Result<WindowView, ReplayError> {
+        let mut view = WindowView::default();
         for p in Partition::range(w.start, w.end) {
             for obj in self.store.list(&ingestion_prefix(&agg.id, p)).await? {
                 if let Some((_, batch)) = parse_ingestion_key(&agg.id, &obj.key) {
-                    batches.push(BatchRef {
+                    view.own.insert(WindowBatch {
                         batch,
-                        partition: p.path(),
+                        partition: p,
                     });
                 }
             }
             for obj in self.store.list(&validation_prefix(&agg.id, p)).await? {
                 if let Some((_, batch, by)) = parse_validation_key(&agg.id, &obj.key) {
-                    validated.insert((batch, by));
+                    view.validated
+                        .entry(WindowBatch {
+                            batch,
+                            partition: p,
+                        })
+                        .or_default()
+                        .add(by, obj.last_modified.timestamp());
                 }
             }
         }
-        let total = batches.len();
-        let done: Vec<BatchRef> = batches
+        Ok(view)
+    }
+
+    /// Re-runs window `window` end to end under a new manifest generation (see the module docs),
+    /// as this manager's instance (the operator), recording `reason`. `collector` is the
+    /// collector's store, where a released result makes this refuse.
+    pub async fn reaggregate(
+        &self,
+        aggregation: &str,
+        window: &str,
+        reason: &str,
+        collector: &Store,
+    ) -> Result<Reaggregated, ReplayError> {
+        if !self.is_leader() {
+            return Err(ReplayError::Refused(
+                "re-aggregation writes a new window manifest, which only the leader signs: run it with --facilitator 0 (and the leader's --store and --peer-store)".to_string(),
+            ));
+        }
+        let agg = self.aggregation(aggregation)?;
+        let w = self.window_of(agg, window)?;
+        let result = result_key(&agg.id, w);
+        if collector.exists(&result).await? {
+            return Err(ReplayError::Refused(format!(
+                "window {window} of aggregation {} has SUCCEEDED ({result} is in the collector's store {}): a window is released once, never aggregated again (two results could be differenced)",
+                agg.id,
+                collector.redacted_url()
+            )));
+        }
+        // The next generation after every one present, valid or not (so a forged or damaged
+        // manifest cannot block the write).
+        let listed = self
+            .store
+            .list(&manifest_window_prefix(&agg.id, w))
+            .await?;
+        let previous = listed
+            .iter()
+            .filter_map(|o| parse_manifest_key(&agg.id, &o.key))
+            .filter(|(x, _)| *x == w)
+            .map(|(_, g)| g)
+            .max();
+        let generation = match previous {
+            Some(g) => g.checked_add(1).ok_or_else(|| {
+                ReplayError::Refused(format!("window {window} has run out of generations"))
+            })?,
+            None => 0,
+        };
+        let view = self.whole_window(agg, w).await?;
+        let (both, pending): (Vec<_>, Vec<_>) = view
+            .batches()
             .into_iter()
-            .filter(|b| {
-                validated.contains(&(b.batch.clone(), 0))
-                    && validated.contains(&(b.batch.clone(), 1))
-            })
-            .collect();
-        let pending = total - done.len();
-        Ok((done, pending))
+            .partition(|(_, v)| v.by == [true, true]);
+        let now = chrono::Utc::now().timestamp();
+        let me = &self.settings.instance;
+        let manifest = WindowManifest {
+            aggregation: agg.id.clone(),
+            window_start: w.start,
+            window_end: w.end,
+            generation,
+            decided_at: now,
+            batches: both.into_iter().map(|(b, _)| b).collect(),
+            excluded: pending
+                .into_iter()
+                .map(|(batch, v)| ExcludedBatch {
+                    batch,
+                    reason: if v.by[0] != v.by[1] {
+                        ExclusionReason::PeerMissing
+                    } else {
+                        ExclusionReason::MaxAge
+                    },
+                    validated_by: v.by,
+                })
+                .collect(),
+            note: format!(
+                "re-aggregated by {me} at {}{}: {reason}",
+                Window::rfc3339(now),
+                previous
+                    .map(|g| format!(" (superseding generation {g})"))
+                    .unwrap_or_default()
+            ),
+        };
+        let mut done = Reaggregated {
+            aggregation: agg.id.clone(),
+            window: w.name(),
+            generation,
+            previous,
+            manifest: manifest_key(&agg.id, w, generation),
+            batches: manifest.batches.len(),
+            excluded: manifest
+                .excluded
+                .iter()
+                .map(|e| (e.batch.batch.clone(), e.reason.label()))
+                .collect(),
+            task: None,
+            dry_run: self.settings.dry_run,
+        };
+        if self.settings.dry_run {
+            return Ok(done);
+        }
+        let mut report = PassReport::default();
+        let (manifest, _) = self.write_manifest(agg, w, manifest, &mut report).await?;
+        if manifest.generation != generation {
+            return Err(ReplayError::Refused(format!(
+                "another re-aggregation of window {window} wrote generation {generation} first"
+            )));
+        }
+        tracing::warn!(target: "millrace::audit", action = "reaggregate", aggregation = %agg.id, window = %w.name(), generation, previous, by = %me, reason, "window re-aggregated under a new manifest generation");
+        if !manifest.batches.is_empty() {
+            let task = AggregateTask {
+                version: AGGREGATE_TASK_VERSION,
+                aggregation: agg.id.clone(),
+                window: w.name(),
+                generation,
+            };
+            let marker = aggregate_marker_key(&agg.id, w, generation);
+            let topic = topics::aggregate(&self.settings.topic_prefix, LEADER);
+            match self.schedule(&marker, &topic, task.to_json()).await? {
+                Scheduled::Published | Scheduled::Skipped => {
+                    done.task = Some(String::from_utf8_lossy(&task.to_json()).to_string());
+                }
+                Scheduled::Held | Scheduled::DryRun => {}
+            }
+        }
+        Ok(done)
     }
 }

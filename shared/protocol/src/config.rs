@@ -67,6 +67,15 @@ pub struct AggregationEntry {
     pub max_age: String,
     /// Fewer valid reports than this and the mill refuses to publish a result.
     pub min_reports: u64,
+    /// How long after `window + grace` the leader waits for a batch only one facilitator has
+    /// (validated) before it leaves the batch out of the window's manifest. Default 10 minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_deadline: Option<String>,
+    /// How long any party waits for a peer before the window is FAILED: the helper for the
+    /// leader's manifest (counted from `max_age`, by which the leader must have written it), the
+    /// mill for the second sum part (from the first). Default 1 hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_deadline: Option<String>,
     /// Secret reference to the 32-byte verify key shared by both facilitators.
     pub verify_key: String,
     /// Names of the ingestors whose batches this aggregation accepts.
@@ -91,8 +100,26 @@ pub struct Aggregation {
     pub grace: Duration,
     pub max_age: Duration,
     pub min_reports: u64,
+    /// See [`AggregationEntry::peer_deadline`].
+    pub peer_deadline: Duration,
+    /// See [`AggregationEntry::wait_deadline`].
+    pub wait_deadline: Duration,
     pub ingestors: Vec<String>,
     verify_key_ref: String,
+}
+
+/// Default of [`AggregationEntry::peer_deadline`].
+pub const DEFAULT_PEER_DEADLINE: Duration = Duration::from_secs(600);
+/// Default of [`AggregationEntry::wait_deadline`].
+pub const DEFAULT_WAIT_DEADLINE: Duration = Duration::from_secs(3600);
+
+impl Aggregation {
+    /// The oldest window a workflow-manager still looks at, as of `now`: windows ending before
+    /// `now - max_age - wait_deadline` are past every deadline (the leader has written their
+    /// manifest by `max_age`, the helper has given up waiting for it by `wait_deadline` later).
+    pub fn horizon(&self, now: i64) -> i64 {
+        now - self.max_age.as_secs() as i64 - self.wait_deadline.as_secs() as i64 - self.window_secs
+    }
 }
 
 /// The loaded config.
@@ -170,6 +197,14 @@ impl Config {
                 grace: duration(&shown, "grace", &a.grace)?,
                 max_age: duration(&shown, "max_age", &a.max_age)?,
                 min_reports: a.min_reports,
+                peer_deadline: match &a.peer_deadline {
+                    Some(text) => duration(&shown, "peer_deadline", text)?,
+                    None => DEFAULT_PEER_DEADLINE,
+                },
+                wait_deadline: match &a.wait_deadline {
+                    Some(text) => duration(&shown, "wait_deadline", text)?,
+                    None => DEFAULT_WAIT_DEADLINE,
+                },
                 ingestors: a.ingestors.clone(),
                 verify_key_ref: a.verify_key.clone(),
             });
@@ -314,6 +349,20 @@ ingestors = ["ing"]
         let a = c.aggregation("clicks").unwrap();
         assert_eq!(a.window_secs, 3600);
         assert_eq!(a.grace, Duration::from_secs(300));
+        assert_eq!(a.peer_deadline, DEFAULT_PEER_DEADLINE);
+        assert_eq!(a.wait_deadline, DEFAULT_WAIT_DEADLINE);
+        let c = Config::parse(
+            &GOOD.replace(
+                "min_reports = 10",
+                "min_reports = 10\npeer_deadline = \"2m\"\nwait_deadline = \"30m\"",
+            ),
+            Path::new("m.toml"),
+            Path::new("."),
+        )
+        .unwrap();
+        let a = c.aggregation("clicks").unwrap();
+        assert_eq!(a.peer_deadline, Duration::from_secs(120));
+        assert_eq!(a.wait_deadline, Duration::from_secs(1800));
         assert_eq!(c.facilitator_name(1).unwrap(), "beta");
     }
 
@@ -334,6 +383,10 @@ ingestors = ["ing"]
                 "surprise",
             ),
             (GOOD.replace("grace = \"5m\"", "grace = \"soon\""), "grace"),
+            (
+                GOOD.replace("grace = \"5m\"", "grace = \"5m\"\npeer_deadline = \"later\""),
+                "peer_deadline",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::parse(&text, Path::new("m.toml"), Path::new("."))

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::codec::{Reader, Writer};
 use crate::crypto::{KeyRing, Signer25519, ENCAPPED_KEY_LEN, SIGNATURE_LEN};
 use crate::error::FormatError;
+use crate::layout::{validate_id, Partition, Window};
 use crate::vdaf::ReportId;
 
 const MAGIC: &[u8; 4] = b"MLRC";
@@ -29,6 +30,7 @@ pub enum Kind {
     ValidationBatch = 2,
     VerifyStates = 3,
     SumPart = 4,
+    WindowManifest = 5,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::ValidationBatch => "validation batch",
             Kind::VerifyStates => "verify-state batch",
             Kind::SumPart => "sum part",
+            Kind::WindowManifest => "window manifest",
         }
     }
 }
@@ -46,7 +49,8 @@ impl Kind {
 pub const INGESTION_VERSION: u8 = 1;
 pub const VALIDATION_VERSION: u8 = 1;
 pub const VERIFY_STATES_VERSION: u8 = 1;
-pub const SUM_PART_VERSION: u8 = 1;
+pub const SUM_PART_VERSION: u8 = 2;
+pub const MANIFEST_VERSION: u8 = 1;
 
 fn seal(
     kind: Kind,
@@ -344,6 +348,10 @@ pub struct SumPart {
     pub aggregation: String,
     pub window_start: i64,
     pub window_end: i64,
+    /// The generation of the window manifest this part aggregates.
+    pub generation: u32,
+    /// [`WindowManifest::digest`] of that manifest: both parts must carry the same one.
+    pub manifest_digest: [u8; 32],
     pub facilitator: u8,
     /// Reports included in the aggregate share.
     pub report_count: u64,
@@ -363,6 +371,8 @@ impl SumPart {
         w.short_str(&self.aggregation)?;
         w.i64(self.window_start);
         w.i64(self.window_end);
+        w.u32(self.generation);
+        w.raw(&self.manifest_digest);
         w.u8(self.facilitator);
         w.u64(self.report_count);
         w.u64(self.invalid_count);
@@ -381,6 +391,8 @@ impl SumPart {
         let aggregation = r.short_str("aggregation id")?;
         let window_start = r.i64("window start")?;
         let window_end = r.i64("window end")?;
+        let generation = r.u32("generation")?;
+        let manifest_digest = r.array("manifest digest")?;
         let facilitator = r.u8("facilitator")?;
         let report_count = r.u64("report count")?;
         let invalid_count = r.u64("invalid count")?;
@@ -397,6 +409,8 @@ impl SumPart {
                 aggregation,
                 window_start,
                 window_end,
+                generation,
+                manifest_digest,
                 facilitator,
                 report_count,
                 invalid_count,
@@ -407,6 +421,258 @@ impl SumPart {
             key_id,
         ))
     }
+}
+
+/// One batch of a window, as the manifest lists it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WindowBatch {
+    pub batch: String,
+    pub partition: Partition,
+}
+
+/// Why a batch is not part of a window's manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ExclusionReason {
+    /// Only one facilitator had validated it by the peer deadline: the other's store lacks the
+    /// batch (or could not validate it in time).
+    PeerMissing = 1,
+    /// Not validated by both facilitators by the window's max age.
+    MaxAge = 2,
+    /// It reached the store after the window's manifest was written.
+    Late = 3,
+    /// It sits in a partition older than the workflow-manager's scan horizon, whose window was
+    /// never decided.
+    BeyondHorizon = 4,
+}
+
+impl ExclusionReason {
+    fn from_u8(v: u8) -> Result<Self, FormatError> {
+        match v {
+            1 => Ok(ExclusionReason::PeerMissing),
+            2 => Ok(ExclusionReason::MaxAge),
+            3 => Ok(ExclusionReason::Late),
+            4 => Ok(ExclusionReason::BeyondHorizon),
+            other => Err(FormatError::Invalid(format!(
+                "unknown exclusion reason {other}"
+            ))),
+        }
+    }
+
+    /// The label used in metrics, records and `millrace status`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ExclusionReason::PeerMissing => "peer-missing",
+            ExclusionReason::MaxAge => "max-age",
+            ExclusionReason::Late => "late",
+            ExclusionReason::BeyondHorizon => "beyond-horizon",
+        }
+    }
+
+    pub fn parse(label: &str) -> Option<Self> {
+        [
+            ExclusionReason::PeerMissing,
+            ExclusionReason::MaxAge,
+            ExclusionReason::Late,
+            ExclusionReason::BeyondHorizon,
+        ]
+        .into_iter()
+        .find(|r| r.label() == label)
+    }
+}
+
+/// A batch the leader saw but left out of a window's manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExcludedBatch {
+    pub batch: WindowBatch,
+    pub reason: ExclusionReason,
+    /// Which facilitators had validated it when the manifest was written.
+    pub validated_by: [bool; 2],
+}
+
+/// The leader's decision of which batches make up one generation of a window: written once,
+/// create-only, to both facilitators' stores; both aggregate-workers aggregate exactly its
+/// batches. Signed by facilitator 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowManifest {
+    pub aggregation: String,
+    pub window_start: i64,
+    pub window_end: i64,
+    /// 0 for the leader's own decision; each `reaggregate` writes the next.
+    pub generation: u32,
+    /// When the leader decided (unix seconds).
+    pub decided_at: i64,
+    /// The window's batches, sorted, each once.
+    pub batches: Vec<WindowBatch>,
+    /// Batches seen but left out, sorted by batch.
+    pub excluded: Vec<ExcludedBatch>,
+    /// Why this generation exists: empty for generation 0, else who re-aggregated, when and why.
+    pub note: String,
+}
+
+impl WindowManifest {
+    /// SHA-256 over what identifies the window's contents: aggregation, window, generation and
+    /// the sorted batches. Sum parts carry it; the mill refuses two parts whose digests differ.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"millrace window manifest/1");
+        h.update((self.aggregation.len() as u64).to_be_bytes());
+        h.update(self.aggregation.as_bytes());
+        h.update(self.window_start.to_be_bytes());
+        h.update(self.window_end.to_be_bytes());
+        h.update(self.generation.to_be_bytes());
+        h.update((self.batches.len() as u64).to_be_bytes());
+        for b in &self.batches {
+            h.update((b.batch.len() as u64).to_be_bytes());
+            h.update(b.batch.as_bytes());
+            h.update(b.partition.start.to_be_bytes());
+        }
+        h.finalize().into()
+    }
+
+    /// Is `batch` listed, or listed as excluded?
+    pub fn mentions(&self, batch: &str) -> bool {
+        self.batches.iter().any(|b| b.batch == batch)
+            || self.excluded.iter().any(|e| e.batch.batch == batch)
+    }
+
+    pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
+        let mut w = Writer::with_capacity(96 * (self.batches.len() + self.excluded.len()) + 256);
+        w.short_str(&self.aggregation)?;
+        w.i64(self.window_start);
+        w.i64(self.window_end);
+        w.u32(self.generation);
+        w.i64(self.decided_at);
+        w.u32(len_u32(self.batches.len())?);
+        for b in &self.batches {
+            w.short_str(&b.batch)?;
+            w.i64(b.partition.start);
+        }
+        w.raw(&self.digest());
+        w.u32(len_u32(self.excluded.len())?);
+        for e in &self.excluded {
+            w.short_str(&e.batch.batch)?;
+            w.i64(e.batch.partition.start);
+            w.u8(e.reason as u8);
+            w.u8(u8::from(e.validated_by[0]) | (u8::from(e.validated_by[1]) << 1));
+        }
+        w.bytes(self.note.as_bytes())?;
+        seal(Kind::WindowManifest, MANIFEST_VERSION, signer, &w.buf)
+    }
+
+    /// Decodes and verifies generation `generation` of `window`'s manifest as its readers must:
+    /// signed by the leader (`leader`, facilitator 0's key id) and about exactly that
+    /// aggregation, window and generation. Anything else is refused, saying what was wrong.
+    pub fn decode_leaders(
+        keys: &KeyRing,
+        leader: &str,
+        aggregation: &str,
+        window: Window,
+        generation: u32,
+        bytes: &[u8],
+    ) -> Result<Self, FormatError> {
+        let (m, signer) = Self::decode(keys, bytes)?;
+        if signer != leader {
+            return Err(FormatError::Invalid(format!(
+                "window manifest signed by {signer:?}, not by the leader {leader:?}"
+            )));
+        }
+        let found = Window {
+            start: m.window_start,
+            end: m.window_end,
+        };
+        if m.aggregation != aggregation || found != window || m.generation != generation {
+            return Err(FormatError::Invalid(format!(
+                "window manifest is for {}/{} generation {}, not {aggregation}/{} generation {generation}",
+                m.aggregation,
+                found.name(),
+                m.generation,
+                window.name()
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Decodes and verifies; returns the manifest and the key id that signed it. Checks that the
+    /// batches are sorted and unique, that the stored count and digest match them, and that every
+    /// id and partition is well formed.
+    pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
+        let (key_id, payload) = open(Kind::WindowManifest, MANIFEST_VERSION, keys, bytes)?;
+        let mut r = Reader::new(payload);
+        let aggregation = r.short_str("aggregation id")?;
+        validate_id("aggregation id", &aggregation)?;
+        let window_start = r.i64("window start")?;
+        let window_end = r.i64("window end")?;
+        if window_end <= window_start {
+            return Err(FormatError::Invalid(format!(
+                "window manifest: window end {window_end} is not after its start {window_start}"
+            )));
+        }
+        let generation = r.u32("generation")?;
+        let decided_at = r.i64("decided at")?;
+        let n = r.count("batches", 9)?;
+        let mut batches = Vec::with_capacity(n);
+        for _ in 0..n {
+            batches.push(read_batch(&mut r, "batch id")?);
+        }
+        if batches.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(FormatError::Invalid(
+                "window manifest: batches are not sorted and unique".to_string(),
+            ));
+        }
+        let digest: [u8; 32] = r.array("manifest digest")?;
+        let n = r.count("excluded batches", 11)?;
+        let mut excluded = Vec::with_capacity(n);
+        for _ in 0..n {
+            let batch = read_batch(&mut r, "excluded batch id")?;
+            let reason = ExclusionReason::from_u8(r.u8("exclusion reason")?)?;
+            let flags = r.u8("validated by")?;
+            if flags > 3 {
+                return Err(FormatError::Invalid(format!(
+                    "window manifest: validated-by flags {flags} name a third facilitator"
+                )));
+            }
+            excluded.push(ExcludedBatch {
+                batch,
+                reason,
+                validated_by: [flags & 1 == 1, flags & 2 == 2],
+            });
+        }
+        let note = String::from_utf8(r.bytes("note")?.to_vec())
+            .map_err(|_| FormatError::Invalid("window manifest: note is not UTF-8".to_string()))?;
+        r.finish("window manifest payload")?;
+        let manifest = WindowManifest {
+            aggregation,
+            window_start,
+            window_end,
+            generation,
+            decided_at,
+            batches,
+            excluded,
+            note,
+        };
+        if manifest.digest() != digest {
+            return Err(FormatError::Invalid(
+                "window manifest: its digest does not match its batches".to_string(),
+            ));
+        }
+        Ok((manifest, key_id))
+    }
+}
+
+fn read_batch(r: &mut Reader<'_>, what: &str) -> Result<WindowBatch, FormatError> {
+    let batch = r.short_str(what)?;
+    validate_id(what, &batch)?;
+    let start = r.i64("partition")?;
+    if start.rem_euclid(3600) != 0 {
+        return Err(FormatError::Invalid(format!(
+            "window manifest: partition {start} of batch {batch} is not the start of an hour"
+        )));
+    }
+    Ok(WindowBatch {
+        batch,
+        partition: Partition { start },
+    })
 }
 
 /// SHA-256 over the sorted report ids: what both sum parts of a window must agree on.
@@ -565,6 +831,8 @@ mod tests {
             aggregation: "clicks".into(),
             window_start: 100,
             window_end: 200,
+            generation: 3,
+            manifest_digest: [7; 32],
             facilitator: 1,
             report_count: 10,
             invalid_count: 2,
@@ -575,6 +843,78 @@ mod tests {
         let bytes = p.encode(&s).unwrap();
         assert_eq!(SumPart::decode(&keys, &bytes).unwrap().0, p);
         assert_rejects_damage(&bytes, |b| SumPart::decode(&keys, b));
+    }
+
+    fn manifest() -> WindowManifest {
+        let batch = |b: &str, hour: i64| WindowBatch {
+            batch: b.into(),
+            partition: Partition { start: hour * 3600 },
+        };
+        WindowManifest {
+            aggregation: "clicks".into(),
+            window_start: 7200,
+            window_end: 14400,
+            generation: 1,
+            decided_at: 20000,
+            batches: vec![batch("a", 2), batch("b", 3)],
+            excluded: vec![ExcludedBatch {
+                batch: batch("c", 2),
+                reason: ExclusionReason::PeerMissing,
+                validated_by: [true, false],
+            }],
+            note: "reaggregated by ops@host: part 1 lost".into(),
+        }
+    }
+
+    #[test]
+    fn window_manifest_round_trips_and_rejects_damage() {
+        let s = Signer25519::generate("alpha");
+        let keys = KeyRing::new().with(&s);
+        let m = manifest();
+        let bytes = m.encode(&s).unwrap();
+        let (decoded, signer) = WindowManifest::decode(&keys, &bytes).unwrap();
+        assert_eq!((decoded, signer.as_str()), (m.clone(), "alpha"));
+        assert_rejects_damage(&bytes, |b| WindowManifest::decode(&keys, b));
+        // Another generation, or one batch fewer, is another digest.
+        let mut other = m.clone();
+        other.generation = 2;
+        assert_ne!(other.digest(), m.digest());
+        other = m.clone();
+        other.batches.pop();
+        assert_ne!(other.digest(), m.digest());
+        // Unsorted batches are refused even when properly signed.
+        other = m.clone();
+        other.batches.reverse();
+        let err = WindowManifest::decode(&keys, &other.encode(&s).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("sorted"), "{err}");
+        assert!(m.mentions("c") && m.mentions("a") && !m.mentions("d"));
+        // What readers check beyond the signature: the signer is the leader, and the manifest
+        // is about the window and generation they asked for.
+        let window = Window {
+            start: 7200,
+            end: 14400,
+        };
+        WindowManifest::decode_leaders(&keys, "alpha", "clicks", window, 1, &bytes).unwrap();
+        let beta = Signer25519::generate("beta");
+        let both = KeyRing::new().with(&s).with(&beta);
+        let err = WindowManifest::decode_leaders(
+            &both,
+            "alpha",
+            "clicks",
+            window,
+            1,
+            &m.encode(&beta).unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not by the leader"), "{err}");
+        for (agg, w, g) in [
+            ("other", window, 1),
+            ("clicks", Window { start: 0, end: 7200 }, 1),
+            ("clicks", window, 0),
+        ] {
+            let err = WindowManifest::decode_leaders(&keys, "alpha", agg, w, g, &bytes).unwrap_err();
+            assert!(err.to_string().contains("window manifest is for"), "{err}");
+        }
     }
 
     #[test]

@@ -6,21 +6,28 @@
 //! ingestion/{agg}/{YYYY}/{MM}/{DD}/{HH}/{batch}.batch             written by ingestors
 //! validation/{agg}/{YYYY}/{MM}/{DD}/{HH}/{batch}.validation.{i}    by facilitator i (own and peer)
 //! states/{agg}/{YYYY}/{MM}/{DD}/{HH}/{batch}.states                own verify states (private)
+//! manifests/{agg}/{window}.manifest.{generation}                   the leader's window manifest (both stores)
+//! excluded/{agg}/{window}/{batch}.json                             a batch left out of a window, and why
+//! computations/{agg}/{window}.json                                 this facilitator's record of a window it gave up on
 //! markers/{agg}/intake/{YYYY}/{MM}/{DD}/{HH}/{batch}                workflow-manager markers
-//! markers/{agg}/aggregate/{window}
+//! markers/{agg}/aggregate/{window}.{generation}
+//! markers/{agg}/settled/{YYYY}/{MM}/{DD}/{HH}                       a partition no pass needs to list again
 //! ```
 //!
 //! The collector's store:
 //!
 //! ```text
-//! sums/{agg}/{window}.sum.{i}
+//! sums/{agg}/{window}.{generation}.sum.{i}
 //! results/{agg}/{window}.result.json
 //! computations/{agg}/{window}.json                                 the mill's record of the window
+//! waiting/{agg}/{window}                                           windows the mill waits on (an index)
 //! markers/{agg}/results/{window}                                   the mill's result-ready marker
 //! ```
 //!
-//! Keys are partitioned by the hour the batch was collected, so the workflow-manager lists only
-//! the partitions that can still hold new work: a scan costs O(new objects), never O(history).
+//! Keys are partitioned by the hour the batch was collected, and a partition whose batches are
+//! all scheduled and whose window has its manifest is marked settled, so the workflow-manager
+//! lists only partitions that can still hold new work: a pass costs O(new objects), not
+//! O(history).
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
 
@@ -178,15 +185,67 @@ pub fn states_key(agg: &str, p: Partition, batch: &str) -> String {
 pub fn intake_marker_key(agg: &str, p: Partition, batch: &str) -> String {
     format!("markers/{agg}/intake/{}/{batch}", p.path())
 }
-pub fn aggregate_marker_key(agg: &str, w: Window) -> String {
-    format!("markers/{agg}/aggregate/{}", w.name())
+/// The marker of a facilitator's aggregate task for generation `generation` of a window.
+pub fn aggregate_marker_key(agg: &str, w: Window, generation: u32) -> String {
+    format!("markers/{agg}/aggregate/{}.{generation}", w.name())
+}
+/// Generation `generation` of a window's manifest (written by the leader to both stores).
+pub fn manifest_key(agg: &str, w: Window, generation: u32) -> String {
+    format!("manifests/{agg}/{}.manifest.{generation}", w.name())
+}
+/// Every generation of one window's manifest.
+pub fn manifest_window_prefix(agg: &str, w: Window) -> String {
+    format!("manifests/{agg}/{}.manifest.", w.name())
+}
+/// Parses a manifest key into (window, generation).
+pub fn parse_manifest_key(agg: &str, key: &str) -> Option<(Window, u32)> {
+    let rest = key.strip_prefix(&format!("manifests/{agg}/"))?;
+    let (window, generation) = rest.split_once(".manifest.")?;
+    Some((Window::parse(window).ok()?, parse_generation(generation)?))
+}
+/// The record of a batch left out of a window (late, lacking on one side, past max age).
+pub fn exclusion_key(agg: &str, w: Window, batch: &str) -> String {
+    format!("excluded/{agg}/{}/{batch}.json", w.name())
+}
+/// The marker that partition `p` of an aggregation needs no more listing.
+pub fn settled_marker_key(agg: &str, p: Partition) -> String {
+    format!("markers/{agg}/settled/{}", p.path())
+}
+pub fn settled_prefix(agg: &str) -> String {
+    format!("markers/{agg}/settled/")
+}
+/// Parses a settled-partition marker key.
+pub fn parse_settled_key(agg: &str, key: &str) -> Option<Partition> {
+    Partition::parse(key.strip_prefix(&settled_prefix(agg))?).ok()
+}
+/// The collector's index entry for a window the mill is waiting on.
+pub fn waiting_key(agg: &str, w: Window) -> String {
+    format!("waiting/{agg}/{}", w.name())
+}
+pub fn waiting_prefix(agg: &str) -> String {
+    format!("waiting/{agg}/")
+}
+
+/// A generation number as it appears in keys: decimal, no sign, no leading zeros.
+fn parse_generation(text: &str) -> Option<u32> {
+    if text.is_empty() || (text.len() > 1 && text.starts_with('0')) {
+        return None;
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 /// The collector's marker that a window's `result-ready` was published (once).
 pub fn result_marker_key(agg: &str, w: Window) -> String {
     format!("markers/{agg}/results/{}", w.name())
 }
-pub fn sum_part_key(agg: &str, w: Window, facilitator: u8) -> String {
-    format!("sums/{agg}/{}.sum.{facilitator}", w.name())
+pub fn sum_part_key(agg: &str, w: Window, generation: u32, facilitator: u8) -> String {
+    format!("sums/{agg}/{}.{generation}.sum.{facilitator}", w.name())
+}
+/// Every generation's sum parts of one window.
+pub fn sum_parts_prefix(agg: &str, w: Window) -> String {
+    format!("sums/{agg}/{}.", w.name())
 }
 pub fn result_key(agg: &str, w: Window) -> String {
     format!("results/{agg}/{}.result.json", w.name())
@@ -265,5 +324,20 @@ mod tests {
             parse_validation_key("clicks", "validation/clicks/2025/11/23/12/b1.validation.7"),
             None
         );
+        let w = Window::containing(1_763_900_000, 3600);
+        assert_eq!(
+            parse_manifest_key("clicks", &manifest_key("clicks", w, 12)),
+            Some((w, 12))
+        );
+        assert!(manifest_key("clicks", w, 3).starts_with(&manifest_window_prefix("clicks", w)));
+        for bad in ["01", "-1", "", "1x", "99999999999"] {
+            let key = format!("manifests/clicks/{}.manifest.{bad}", w.name());
+            assert_eq!(parse_manifest_key("clicks", &key), None, "{key}");
+        }
+        assert_eq!(
+            parse_settled_key("clicks", &settled_marker_key("clicks", p)),
+            Some(p)
+        );
+        assert!(sum_part_key("clicks", w, 2, 1).starts_with(&sum_parts_prefix("clicks", w)));
     }
 }

@@ -1,13 +1,15 @@
-//! The JSON documents the mill writes: a window's result and the mill's record of the
-//! computation (its state, for operators and for the cleaner).
+//! The JSON documents Millrace writes for people: a window's result, the record of a window's
+//! computation (the mill's in the collector's store; a facilitator's when it gave up waiting),
+//! and the record of a batch left out of a window.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::FormatError;
 use crate::vdaf::{AggregateValue, VdafSpec};
 
-pub const RESULT_VERSION: u32 = 1;
-pub const COMPUTATION_VERSION: u32 = 1;
+pub const RESULT_VERSION: u32 = 2;
+pub const COMPUTATION_VERSION: u32 = 2;
+pub const EXCLUSION_VERSION: u32 = 1;
 
 /// `results/{agg}/{window}.result.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +20,8 @@ pub struct AggregationResult {
     pub window: String,
     pub window_start: String,
     pub window_end: String,
+    /// The generation of the window manifest both sum parts aggregated.
+    pub generation: u32,
     pub vdaf: VdafSpec,
     pub result: AggregateValue,
     pub report_count: u64,
@@ -31,8 +35,10 @@ pub struct AggregationResult {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ComputationState {
-    /// One sum part has arrived; waiting for the other.
+    /// One sum part has arrived; waiting for the other (until `since` + the wait deadline).
     WaitingForParts,
+    /// A helper waiting for the leader's window manifest.
+    WaitingForManifest,
     /// The result is written.
     Succeeded,
     /// The parts could not be joined (mismatch, policy); the reason is in `detail`.
@@ -54,8 +60,13 @@ pub struct Computation {
     pub aggregation: String,
     pub window: String,
     pub state: ComputationState,
+    /// The manifest generation this record is about.
+    pub generation: u32,
     /// Unix seconds of the last change.
     pub updated_at: i64,
+    /// While waiting: since when (unix seconds), which the deadline counts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -75,6 +86,50 @@ fn from_json<T: for<'de> Deserialize<'de>>(
         )));
     }
     Ok(doc)
+}
+
+/// `excluded/{agg}/{window}/{batch}.json` in a facilitator's store: a batch that is not part of
+/// the window it belongs to, and why. Written once, by whichever workflow-manager (or cleaner)
+/// noticed; `millrace status` lists them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchExclusion {
+    pub version: u32,
+    pub aggregation: String,
+    pub window: String,
+    pub batch: String,
+    /// `YYYY/MM/DD/HH`.
+    pub partition: String,
+    /// `late`, `peer-missing`, `max-age` or `beyond-horizon` (see
+    /// [`crate::formats::ExclusionReason`]).
+    pub reason: String,
+    /// The manifest generation the batch is not in (none for `beyond-horizon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_generation: Option<u32>,
+    /// For `peer-missing`: the facilitator (0 or 1) that lacked the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lacking: Option<u8>,
+    /// Who wrote the record (a facilitator's name and service).
+    pub by: String,
+    /// When the batch was seen (unix seconds).
+    pub seen_at: i64,
+    pub detail: String,
+}
+
+impl BatchExclusion {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+    pub fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
+        let doc: Self = from_json("batch exclusion", EXCLUSION_VERSION, |d: &Self| d.version, bytes)?;
+        if crate::formats::ExclusionReason::parse(&doc.reason).is_none() {
+            return Err(FormatError::Invalid(format!(
+                "batch exclusion: unknown reason {:?}",
+                doc.reason
+            )));
+        }
+        Ok(doc)
+    }
 }
 
 impl AggregationResult {
@@ -112,6 +167,7 @@ mod tests {
             window: "w".into(),
             window_start: "s".into(),
             window_end: "e".into(),
+            generation: 0,
             vdaf: VdafSpec::Histogram {
                 length: 3,
                 chunk_length: 2,
@@ -138,10 +194,29 @@ mod tests {
             aggregation: "a".into(),
             window: "w".into(),
             state: ComputationState::Failed,
+            generation: 1,
             updated_at: 5,
+            since: Some(3),
             detail: Some("digests differ".into()),
         };
         assert_eq!(Computation::from_json(&c.to_json()).unwrap(), c);
+        let e = BatchExclusion {
+            version: EXCLUSION_VERSION,
+            aggregation: "a".into(),
+            window: "w".into(),
+            batch: "b".into(),
+            partition: "2026/11/23/12".into(),
+            reason: "late".into(),
+            manifest_generation: Some(0),
+            lacking: None,
+            by: "alpha workflow-manager".into(),
+            seen_at: 9,
+            detail: "arrived after the manifest".into(),
+        };
+        assert_eq!(BatchExclusion::from_json(&e.to_json()).unwrap(), e);
+        let mut bad = e.clone();
+        bad.reason = "tardy".into();
+        assert!(BatchExclusion::from_json(&bad.to_json()).is_err());
         assert!(ComputationState::Succeeded.is_terminal());
         assert!(!ComputationState::WaitingForParts.is_terminal());
     }

@@ -7,8 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::FormatError;
 use crate::layout::{validate_id, Partition, Window};
 
-/// The task format version this build writes and reads.
+/// The version of the intake and result-ready tasks this build writes and reads.
 pub const TASK_VERSION: u32 = 1;
+/// The version of the aggregate task (2: it names a window manifest instead of listing batches).
+pub const AGGREGATE_TASK_VERSION: u32 = 2;
+/// The version of sum-part-ready (2: it carries the manifest generation).
+pub const SUM_PART_READY_VERSION: u32 = 2;
 
 /// One ingestion batch to validate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,15 +25,10 @@ pub struct IntakeTask {
     pub partition: String,
 }
 
-/// One batch of a window, as listed in an aggregate task.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRef {
-    pub batch: String,
-    pub partition: String,
-}
-
-/// One window to aggregate, with exactly the batches to include.
+/// One window to aggregate: exactly the batches of generation `generation` of the window's
+/// manifest (`manifests/{agg}/{window}.manifest.{generation}` in the facilitator's own store,
+/// signed by the leader). The task names the manifest rather than listing batches, so its body
+/// stays small whatever the window's size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateTask {
@@ -37,16 +36,17 @@ pub struct AggregateTask {
     pub aggregation: String,
     /// The window's name, `START-END` (see [`Window::name`]).
     pub window: String,
-    pub batches: Vec<BatchRef>,
+    pub generation: u32,
 }
 
-/// A facilitator's sum part for a window is in the collector's store.
+/// A facilitator's sum part for generation `generation` of a window is in the collector's store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SumPartReady {
     pub version: u32,
     pub aggregation: String,
     pub window: String,
+    pub generation: u32,
     pub facilitator: u8,
 }
 
@@ -63,6 +63,8 @@ pub struct ResultReady {
 /// Shared by every task type: JSON in and out, with validation.
 pub trait TaskMessage: Serialize + DeserializeOwned {
     const NAME: &'static str;
+    /// The only version of this task this build reads.
+    const VERSION: u32;
     fn version(&self) -> u32;
     /// Checks ids and fields beyond what the JSON shape says.
     fn validate(&self) -> Result<(), FormatError>;
@@ -75,11 +77,12 @@ pub trait TaskMessage: Serialize + DeserializeOwned {
     fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
         let task: Self = serde_json::from_slice(bytes)
             .map_err(|e| FormatError::Invalid(format!("{} task: {e}", Self::NAME)))?;
-        if task.version() != TASK_VERSION {
+        if task.version() != Self::VERSION {
             return Err(FormatError::Invalid(format!(
-                "{} task: unsupported version {} (this build reads {TASK_VERSION})",
+                "{} task: unsupported version {} (this build reads {})",
                 Self::NAME,
-                task.version()
+                task.version(),
+                Self::VERSION
             )));
         }
         task.validate()?;
@@ -98,6 +101,7 @@ fn check_facilitator(f: u8) -> Result<(), FormatError> {
 
 impl TaskMessage for IntakeTask {
     const NAME: &'static str = "intake";
+    const VERSION: u32 = TASK_VERSION;
     fn version(&self) -> u32 {
         self.version
     }
@@ -111,22 +115,20 @@ impl TaskMessage for IntakeTask {
 
 impl TaskMessage for AggregateTask {
     const NAME: &'static str = "aggregate";
+    const VERSION: u32 = AGGREGATE_TASK_VERSION;
     fn version(&self) -> u32 {
         self.version
     }
     fn validate(&self) -> Result<(), FormatError> {
         validate_id("aggregation id", &self.aggregation)?;
         Window::parse(&self.window)?;
-        for b in &self.batches {
-            validate_id("batch id", &b.batch)?;
-            Partition::parse(&b.partition)?;
-        }
         Ok(())
     }
 }
 
 impl TaskMessage for SumPartReady {
     const NAME: &'static str = "sum-part-ready";
+    const VERSION: u32 = SUM_PART_READY_VERSION;
     fn version(&self) -> u32 {
         self.version
     }
@@ -139,6 +141,7 @@ impl TaskMessage for SumPartReady {
 
 impl TaskMessage for ResultReady {
     const NAME: &'static str = "result-ready";
+    const VERSION: u32 = TASK_VERSION;
     fn version(&self) -> u32 {
         self.version
     }
@@ -214,7 +217,26 @@ mod tests {
 
     #[test]
     fn sum_part_ready_refuses_a_third_facilitator() {
-        let bad = br#"{"version":1,"aggregation":"a","window":"20261123T1200Z-20261123T1300Z","facilitator":2}"#;
+        let bad = br#"{"version":2,"aggregation":"a","window":"20261123T1200Z-20261123T1300Z","generation":0,"facilitator":2}"#;
         assert!(SumPartReady::from_json(bad).is_err());
+        let good = br#"{"version":2,"aggregation":"a","window":"20261123T1200Z-20261123T1300Z","generation":0,"facilitator":1}"#;
+        assert!(SumPartReady::from_json(good).is_ok());
+    }
+
+    #[test]
+    fn an_aggregate_task_names_a_manifest_and_nothing_else() {
+        let t = AggregateTask {
+            version: AGGREGATE_TASK_VERSION,
+            aggregation: "clicks".into(),
+            window: "20261123T1200Z-20261123T1300Z".into(),
+            generation: 2,
+        };
+        assert_eq!(AggregateTask::from_json(&t.to_json()).unwrap(), t);
+        // The version-1 shape, with a batch list, is refused by name.
+        let old = br#"{"version":1,"aggregation":"clicks","window":"20261123T1200Z-20261123T1300Z","batches":[]}"#;
+        let err = AggregateTask::from_json(old).unwrap_err().to_string();
+        assert!(err.contains("aggregate task"), "{err}");
+        let listed = br#"{"version":2,"aggregation":"clicks","window":"20261123T1200Z-20261123T1300Z","generation":0,"batches":[]}"#;
+        assert!(AggregateTask::from_json(listed).is_err());
     }
 }
