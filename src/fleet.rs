@@ -113,7 +113,8 @@ impl Fleet {
                     claim_timeout: Duration::from_secs(600),
                     dry_run: false,
                 },
-            );
+            )
+            .with_peer_store(stores.facilitators[usize::from(1 - f)].clone());
             let (sd, interval) = (shutdown.clone(), settings.wm_interval);
             tasks.push(tokio::spawn(async move { wm.run(interval, sd).await }));
             let cleaner = Cleaner::new(
@@ -141,10 +142,16 @@ impl Fleet {
             shutdown.clone(),
             worker_config(topics::collect(prefix), groups::collect()),
         );
+        let worker_mill = mill.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = run_worker(b, cfg, mill, sd).await {
+            if let Err(e) = run_worker(b, cfg, worker_mill, sd).await {
                 tracing::error!(error = %e, "mill stopped");
             }
+        }));
+        // The mill's sweep of waiting windows (lost messages, wait deadlines), often here.
+        let sd = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            mill.run_sweeps(Duration::from_secs(1), sd).await
         }));
         let cleaner = Cleaner::new(
             config,

@@ -96,6 +96,8 @@ pub fn keygen(dir: &Path, force: bool) -> anyhow::Result<PathBuf> {
             grace: "10m".to_string(),
             max_age: "1day".to_string(),
             min_reports: 10,
+            peer_deadline: Some("10m".to_string()),
+            wait_deadline: Some("1h".to_string()),
             verify_key: format!("file:keys/{id}.verify"),
             ingestors: vec![INGESTOR.to_string()],
         });

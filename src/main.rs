@@ -326,8 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 if !facilitators.is_empty() {
-                    let rows =
-                        millrace::status::facilitator_rows(&config, &facilitators).await?;
+                    let rows = millrace::status::facilitator_rows(&config, &facilitators).await?;
                     millrace::status::print_facilitators(&rows);
                 }
             }
@@ -438,7 +437,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let out = std::process::Command::new(std::env::current_exe()?)
                 .args(["bench", "aggregate-child", "--dir"])
                 .arg(dir.path())
-                .args(["--task", &String::from_utf8_lossy(&millrace_protocol::tasks::TaskMessage::to_json(&task))])
+                .args([
+                    "--task",
+                    &String::from_utf8_lossy(&millrace_protocol::tasks::TaskMessage::to_json(
+                        &task,
+                    )),
+                ])
                 .output()
                 .context("running the aggregate-worker child process")?;
             print!("{}", String::from_utf8_lossy(&out.stdout));

@@ -7,21 +7,16 @@ mod harness;
 #[path = "support/hostile.rs"]
 mod hostile;
 
-use harness::{harness, now, PREFIX};
+use harness::{harness, now, Harness, PREFIX};
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use millrace::demo::{past_span, run_demo, DemoOptions};
-use millrace::ingest::{ingest, Expectations, IngestPlan};
-use millrace_aggregate_worker::AggregateWorker;
-use millrace_bus::memory::MemoryBus;
-use millrace_bus::{rejected_topic, Bus, Message, SubscribeOptions, ATTR_REASON};
+use millrace::demo::{run_demo, DemoOptions};
+use millrace_bus::{rejected_topic, Bus, Message, ATTR_REASON};
 use millrace_cleaner::{Cleaner, Role};
-use millrace_intake_worker::IntakeWorker;
-use millrace_mill::{Mill, MillOutcome};
-use millrace_protocol::config::Config;
+use millrace_mill::MillOutcome;
 use millrace_protocol::layout::{
     intake_marker_key, parse_ingestion_key, result_key, sum_part_key, Window,
 };
@@ -32,8 +27,7 @@ use millrace_protocol::tasks::{
 };
 use millrace_runtime::{run_worker, Shutdown, TaskError, WorkerConfig};
 use millrace_store::Store;
-use millrace_workflow_manager::{Settings, WorkflowManager};
-
+use millrace_workflow_manager::WorkflowManager;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_prio3_variant_matches_the_plaintext_result_end_to_end() {

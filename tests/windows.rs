@@ -13,8 +13,8 @@ use millrace::ingest::{ingest, IngestPlan};
 use millrace_mill::MillOutcome;
 use millrace_protocol::formats::{ExclusionReason, WindowBatch, WindowManifest};
 use millrace_protocol::layout::{
-    computation_key, exclusion_key, ingestion_key, manifest_key, parse_ingestion_key,
-    result_key, sum_part_key, validation_key, Partition, Window,
+    computation_key, exclusion_key, ingestion_key, manifest_key, parse_ingestion_key, result_key,
+    sum_part_key, validation_key, Partition, Window,
 };
 use millrace_protocol::results::{
     AggregationResult, BatchExclusion, Computation, ComputationState,
@@ -104,9 +104,13 @@ async fn aggregate_and_join(h: &Harness, tasks: &[(u8, AggregateTask)]) {
     }
     let mill = h.mill();
     for d in h.drain(&topics::collect(PREFIX)).await {
-        mill.join(&SumPartReady::from_json(&d.body).unwrap())
+        let outcome = mill
+            .join(&SumPartReady::from_json(&d.body).unwrap())
             .await
             .unwrap();
+        if std::env::var_os("MILLRACE_TEST_DEBUG").is_some() {
+            println!("{outcome:?}");
+        }
         d.ack().await.unwrap();
     }
 }
@@ -223,7 +227,11 @@ async fn a_batch_reaching_the_helper_after_the_manifest_is_late_on_record_and_th
     assert_eq!(r1.intake_published, 1, "the late batch is still validated");
     let record = exclusion(&h, 1, &agg, w, &late).await;
     assert_eq!(
-        (record.reason.as_str(), record.partition.as_str(), record.manifest_generation),
+        (
+            record.reason.as_str(),
+            record.partition.as_str(),
+            record.manifest_generation
+        ),
         ("late", p.path().as_str(), Some(0))
     );
     let tasks: Vec<(u8, AggregateTask)> = t0
@@ -324,7 +332,10 @@ async fn a_part_that_never_comes_fails_the_window_and_reaggregate_recovers_it() 
     let (agg, w) = first_window(&h);
     let (_, t0) = pass(&h, 0, t).await;
     pass(&h, 1, t).await; // the helper's task is lost
-    let task = t0.iter().find(|x| x.window == w.name() && x.aggregation == agg).unwrap();
+    let task = t0
+        .iter()
+        .find(|x| x.window == w.name() && x.aggregation == agg)
+        .unwrap();
     h.aggregator(0).aggregate(task).await.unwrap();
     let mill = h.mill();
     let ready = SumPartReady::from_json(&h.drain(&topics::collect(PREFIX)).await[0].body).unwrap();
@@ -369,7 +380,11 @@ async fn a_part_that_never_comes_fails_the_window_and_reaggregate_recovers_it() 
         .unwrap();
     assert_eq!((done.generation, done.previous), (1, Some(0)));
     let m = manifest(&h, 1, &agg, w, 1).await;
-    assert!(m.note.contains("alice@ops") && m.note.contains("part 1 lost"), "{}", m.note);
+    assert!(
+        m.note.contains("alice@ops") && m.note.contains("part 1 lost"),
+        "{}",
+        m.note
+    );
     let leader_tasks: Vec<(u8, AggregateTask)> = h
         .drain(&topics::aggregate(PREFIX, 0))
         .await
@@ -390,10 +405,17 @@ async fn a_part_that_never_comes_fails_the_window_and_reaggregate_recovers_it() 
         .find(|e| e.aggregation == agg && e.window == w.name())
         .unwrap();
     let r = result(&h, &agg, w).await.expect("the re-aggregated result");
-    assert_eq!((&r.result, r.report_count, r.generation), (&e.expected, e.valid, 1));
+    assert_eq!(
+        (&r.result, r.report_count, r.generation),
+        (&e.expected, e.valid, 1)
+    );
     assert_eq!(record(&h).await.state, ComputationState::Succeeded);
     // Generation 0's part is still there, untouched (nothing is overwritten).
-    assert!(h.collector.exists(&sum_part_key(&agg, w, 0, 0)).await.unwrap());
+    assert!(h
+        .collector
+        .exists(&sum_part_key(&agg, w, 0, 0))
+        .await
+        .unwrap());
     let err = h
         .wm(0, "bob@ops")
         .reaggregate(&agg, &w.name(), "again", &h.collector)
@@ -437,7 +459,10 @@ async fn forged_manifests_and_tasks_are_refused_by_name() {
     // Generation 3: the helper's own signature. 4: the leader's bytes, one byte flipped.
     // 5: signed by the leader but listing a batch nobody has.
     h.stores[1]
-        .create(&manifest_key(&agg, w, 3), forge(3).encode(&helper_key).unwrap())
+        .create(
+            &manifest_key(&agg, w, 3),
+            forge(3).encode(&helper_key).unwrap(),
+        )
         .await
         .unwrap();
     let mut tampered = forge(4).encode(&leader_key).unwrap();
@@ -453,7 +478,10 @@ async fn forged_manifests_and_tasks_are_refused_by_name() {
         partition: Partition::of(w.start),
     });
     h.stores[1]
-        .create(&manifest_key(&agg, w, 5), ghost.encode(&leader_key).unwrap())
+        .create(
+            &manifest_key(&agg, w, 5),
+            ghost.encode(&leader_key).unwrap(),
+        )
         .await
         .unwrap();
     let task = |generation| AggregateTask {
@@ -492,7 +520,10 @@ async fn forged_manifests_and_tasks_are_refused_by_name() {
     assert!(AggregateTask::from_json(old.as_bytes()).is_err());
     // The real window is untouched by all this.
     assert_eq!(
-        h.stores[1].get_required(&manifest_key(&agg, w, 0)).await.unwrap(),
+        h.stores[1]
+            .get_required(&manifest_key(&agg, w, 0))
+            .await
+            .unwrap(),
         real_bytes
     );
     let tasks: Vec<(u8, AggregateTask)> = t0
@@ -522,14 +553,13 @@ async fn batches_one_side_lacks_are_left_out_after_the_peer_deadline() {
     let t = now();
     validate_all(&h, t).await;
     // Right after validation: that window waits (the others are decided).
-    let (r0, _) = pass(&h, 0, t).await;
+    let (r0, early) = pass(&h, 0, t).await;
     assert_eq!(r0.windows_waiting, 1, "{r0:?}");
-    assert!(!h.stores[0]
-        .exists(&manifest_key(&agg, w, 0))
-        .await
-        .unwrap());
+    assert!(!h.stores[0].exists(&manifest_key(&agg, w, 0)).await.unwrap());
     // Past the peer deadline (10 minutes by default), far before max age.
     complete(&h, t + 11 * MIN).await;
+    let early: Vec<(u8, AggregateTask)> = early.into_iter().map(|t| (0, t)).collect();
+    aggregate_and_join(&h, &early).await;
     assert_exact(&h).await;
     let (_, valid) = batch_of(&agg, &valid_key);
     let e = exclusion(&h, 0, &agg, w, &valid).await;
@@ -562,7 +592,9 @@ async fn grace_max_age_and_waiting_windows() {
     let max_age = a.max_age.as_secs() as i64;
     // Before grace is over, the window is not even waiting: it is still open to batches.
     let (r, tasks) = pass(&h, 0, w.end + grace - 1).await;
-    assert!(!tasks.iter().any(|x| x.window == w.name() && x.aggregation == agg));
+    assert!(!tasks
+        .iter()
+        .any(|x| x.window == w.name() && x.aggregation == agg));
     assert!(!h.stores[0].exists(&manifest_key(&agg, w, 0)).await.unwrap());
     assert_eq!(r.manifests_written, 0, "{r:?}");
     // A batch the leader has but never validated (its intake is behind).
@@ -570,23 +602,28 @@ async fn grace_max_age_and_waiting_windows() {
     h.stores[0].create(&key, b0).await.unwrap();
     let (_, stuck) = batch_of(&agg, &key);
     h.drain(&topics::intake(PREFIX, 0)).await;
-    let (r, tasks) = pass(&h, 0, w.end + grace).await;
-    assert!(!tasks.iter().any(|x| x.window == w.name() && x.aggregation == agg));
+    let (r, mut leader_tasks) = pass(&h, 0, w.end + grace).await;
+    assert!(!leader_tasks
+        .iter()
+        .any(|x| x.window == w.name() && x.aggregation == agg));
     assert!(r.windows_waiting >= 1, "{r:?}");
     // Still waiting long after the peer deadline: it is this side's own batch.
-    let (r, _) = pass(&h, 0, t + 5 * 60 * MIN).await;
+    let (r, later) = pass(&h, 0, t + 5 * 60 * MIN).await;
+    leader_tasks.extend(later);
     assert!(r.windows_waiting >= 1, "{r:?}");
     assert!(!h.stores[0].exists(&manifest_key(&agg, w, 0)).await.unwrap());
     // At max age the window goes ahead without it.
     complete(&h, w.end + max_age).await;
+    let early: Vec<(u8, AggregateTask)> = leader_tasks.into_iter().map(|t| (0, t)).collect();
+    aggregate_and_join(&h, &early).await;
     assert_exact(&h).await;
     let e = exclusion(&h, 0, &agg, w, &stuck).await;
     assert_eq!(e.reason, "max-age");
 
     // The helper, without a manifest, waits; past max age + the wait deadline it records FAILED.
-    let other = &h.expectations.windows[1];
-    let ow = Window::parse(&other.window).unwrap();
     let fresh = harness(100, 0.0, 50).await;
+    let other = &fresh.expectations.windows[0];
+    let ow = Window::parse(&other.window).unwrap();
     validate_all(&fresh, t).await;
     let (r, _) = pass(&fresh, 1, t).await;
     assert!(r.windows_waiting > 0 && r.windows_failed == 0, "{r:?}");
@@ -603,7 +640,9 @@ async fn grace_max_age_and_waiting_windows() {
     .unwrap();
     assert_eq!(c.state, ComputationState::Failed);
     assert!(
-        c.detail.unwrap_or_default().contains("no window manifest from the leader"),
+        c.detail
+            .unwrap_or_default()
+            .contains("no window manifest from the leader"),
         "names what never came"
     );
 }
@@ -639,7 +678,11 @@ async fn settled_partitions_are_not_listed_again() {
     let ancient_key = ingestion_key(&agg, Partition::of(ancient.start), "ancient");
     h.stores[0].create(&ancient_key, b0).await.unwrap();
     let (after, _) = pass(&h, 0, t).await;
-    assert_eq!((after.batches_late, after.intake_published), (0, 0), "{after:?}");
+    assert_eq!(
+        (after.batches_late, after.intake_published),
+        (0, 0),
+        "{after:?}"
+    );
     let cleaner = millrace_cleaner::Cleaner::new(
         h.config.clone(),
         h.stores[0].clone(),

@@ -1,13 +1,30 @@
-//! aggregate-worker: turns one window's validated batches into this facilitator's sum part.
+//! aggregate-worker: turns one generation of a window's manifest into this facilitator's sum part.
 //!
-//! For an `aggregate` task (a window and exactly the batches to include) it reads, per batch, its
-//! own verify states and both facilitators' validation batches, combines the two verifier shares
-//! of each report (`verifier_shares_to_message`, `verify_next`), and accumulates the output shares.
-//! A report is included only if both sides marked it valid and verification finishes; the union
-//! of report ids is walked in a fixed order (batches as listed, ids sorted) and a report id seen
-//! before is dropped, so both facilitators include exactly the same reports. The signed sum part
-//! (counts, digest of included ids, aggregate share) goes to the collector's store, and a
-//! `sum-part-ready` message to the collect topic.
+//! Which batches make up a window is not the worker's decision, nor the task's: the leader
+//! (facilitator 0) writes it down once, in a signed, create-only window manifest
+//! (`manifests/{agg}/{window}/{generation}.manifest`) in both facilitators' stores. An `aggregate`
+//! task only names the window and the manifest's generation. The worker reads that manifest from
+//! its own store and checks that it is there, that it verifies with the facilitators' key ring,
+//! that the leader signed it, and that it is about the task's aggregation, window and generation.
+//! A task naming no manifest (forged or mistaken) is refused by name and never aggregated.
+//!
+//! It then aggregates exactly the manifest's batches, streaming: one batch at a time it loads its
+//! own verify states and both facilitators' validation batches, folds the batch into the running
+//! aggregate on a blocking thread, and drops it before loading the next. Memory holds the
+//! accumulator, the set of report ids seen and the ids included (for the digest), never the
+//! window's batches. The fold combines the two verifier shares of each report
+//! (`verifier_shares_to_message`, `verify_next`) and accumulates the output share. A report is
+//! included only if both sides marked it valid and verification finishes. The report ids are
+//! walked in a fixed order (batches in manifest order, ids sorted within a batch), and an id seen
+//! before is dropped and counted invalid, so both facilitators include exactly the same reports.
+//!
+//! A missing input is transient: the peer's validation batch may still be on its way. An input
+//! that cannot be read (undecodable, wrongly signed, about another batch) is permanent: the
+//! manifest lists a batch this facilitator cannot read. The signed sum part carries the
+//! manifest's generation and digest, plus the counts, the digest of the included ids and the
+//! aggregate share. It goes create-only to `sums/{agg}/{window}/{generation}.sum.{i}` in the
+//! collector's store, and a `sum-part-ready` message naming the generation goes to the collect
+//! topic. A redelivered task finds its part already written, checks it, and announces it again.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -16,10 +33,14 @@ use async_trait::async_trait;
 use millrace_bus::{Bus, Message};
 use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::crypto::{KeyRing, Signer25519};
-use millrace_protocol::formats::{report_digest, SumPart, ValidationBatch, Verdict, VerifyStates};
-use millrace_protocol::layout::{states_key, sum_part_key, validation_key, Partition, Window};
-use millrace_protocol::tasks::{topics, AggregateTask, SumPartReady, TaskMessage, TASK_VERSION};
-use millrace_protocol::vdaf::ReportId;
+use millrace_protocol::formats::{
+    report_digest, SumPart, ValidationBatch, Verdict, VerifyStates, WindowBatch, WindowManifest,
+};
+use millrace_protocol::layout::{manifest_key, states_key, sum_part_key, validation_key, Window};
+use millrace_protocol::tasks::{
+    topics, AggregateTask, SumPartReady, TaskMessage, SUM_PART_READY_VERSION,
+};
+use millrace_protocol::vdaf::{Accumulator, Prio3Vdaf, ReportId};
 use millrace_runtime::{Handler, Task, TaskError};
 use millrace_store::Store;
 
@@ -36,10 +57,21 @@ pub struct AggregateWorker {
     facilitator_keys: KeyRing,
 }
 
-/// One batch's inputs to the combine step.
+/// One batch's inputs to the fold step.
 struct BatchInputs {
     states: VerifyStates,
     validations: [ValidationBatch; 2],
+}
+
+/// The running aggregate of a window, carried from batch to batch (and moved onto the blocking
+/// thread and back for each).
+struct Fold {
+    acc: Accumulator,
+    /// Every report id met so far, included or not: a later one with the same id is dropped.
+    seen: HashSet<ReportId>,
+    /// The ids included, for the report-id digest.
+    included: Vec<ReportId>,
+    invalid: u64,
 }
 
 impl AggregateWorker {
@@ -66,14 +98,90 @@ impl AggregateWorker {
         })
     }
 
+    fn facilitator_name(&self, index: u8) -> Result<&str, TaskError> {
+        self.config
+            .facilitator_name(index)
+            .map_err(|e| TaskError::Permanent(e.to_string()))
+    }
+
+    /// Reads and checks the manifest the task names: present in our own store, signed by the
+    /// leader, and about the task's aggregation, window and generation.
+    async fn load_manifest(
+        &self,
+        task: &AggregateTask,
+        window: Window,
+    ) -> Result<(WindowManifest, String), TaskError> {
+        let key = manifest_key(&task.aggregation, window, task.generation);
+        let bytes = self
+            .own
+            .get(&key)
+            .await
+            .map_err(TaskError::from)?
+            .ok_or_else(|| {
+                TaskError::Permanent(format!(
+                    "{key}: not found: the task for {}/{} generation {} names no window \
+                     manifest; refusing to aggregate it",
+                    task.aggregation, task.window, task.generation
+                ))
+            })?;
+        let (manifest, signer) =
+            WindowManifest::decode(&self.facilitator_keys, &bytes).map_err(|e| {
+                TaskError::Permanent(format!(
+                    "{}; refusing to aggregate {}/{} generation {}",
+                    e.in_object(&key),
+                    task.aggregation,
+                    task.window,
+                    task.generation
+                ))
+            })?;
+        let leader = self.facilitator_name(0)?;
+        if signer != leader {
+            return Err(TaskError::Permanent(format!(
+                "{key}: the window manifest is signed by {signer:?}, not by the leader \
+                 {leader:?}; refusing to aggregate it"
+            )));
+        }
+        if manifest.aggregation != task.aggregation
+            || manifest.window_start != window.start
+            || manifest.window_end != window.end
+            || manifest.generation != task.generation
+        {
+            return Err(TaskError::Permanent(format!(
+                "{key}: the window manifest is about {}/{} generation {}, but the task names \
+                 {}/{} generation {}; refusing to aggregate it",
+                manifest.aggregation,
+                Window {
+                    start: manifest.window_start,
+                    end: manifest.window_end
+                }
+                .name(),
+                manifest.generation,
+                task.aggregation,
+                task.window,
+                task.generation
+            )));
+        }
+        Ok((manifest, key))
+    }
+
+    /// A permanent error for a listed batch this facilitator cannot read.
+    fn unreadable(manifest_key: &str, b: &WindowBatch, why: impl std::fmt::Display) -> TaskError {
+        TaskError::Permanent(format!(
+            "window manifest {manifest_key} lists a batch it cannot read: batch {} (partition \
+             {}): {why}",
+            b.batch,
+            b.partition.path()
+        ))
+    }
+
     async fn load_validation(
         &self,
         agg: &str,
-        p: Partition,
-        batch: &str,
+        b: &WindowBatch,
         by: u8,
+        manifest_key: &str,
     ) -> Result<ValidationBatch, TaskError> {
-        let key = validation_key(agg, p, batch, by);
+        let key = validation_key(agg, b.partition, &b.batch, by);
         let bytes = self
             .own
             .get(&key)
@@ -81,23 +189,98 @@ impl AggregateWorker {
             .map_err(TaskError::from)?
             .ok_or_else(|| {
                 TaskError::Transient(format!(
-                    "{key}: validation by facilitator {by} not here yet"
+                    "{key}: validation by facilitator {by} not here yet (the batch is listed by \
+                     window manifest {manifest_key})"
                 ))
             })?;
         let (v, signer) = ValidationBatch::decode(&self.facilitator_keys, &bytes)
-            .map_err(|e| TaskError::Permanent(e.in_object(&key).to_string()))?;
-        let expected = self
-            .config
-            .facilitator_name(by)
-            .map_err(|e| TaskError::Permanent(e.to_string()))?;
-        if signer != expected || v.facilitator != by || v.batch_id != batch || v.aggregation != agg
+            .map_err(|e| Self::unreadable(manifest_key, b, e.in_object(&key)))?;
+        let expected = self.facilitator_name(by)?;
+        if signer != expected
+            || v.facilitator != by
+            || v.batch_id != b.batch
+            || v.aggregation != agg
         {
-            return Err(TaskError::Permanent(format!(
-                "{key}: signed by {signer:?} for {}/{} facilitator {}, expected {expected:?}",
-                v.aggregation, v.batch_id, v.facilitator
-            )));
+            return Err(Self::unreadable(
+                manifest_key,
+                b,
+                format!(
+                    "{key}: signed by {signer:?} for {}/{} facilitator {}, expected {expected:?} \
+                     for {agg}/{} facilitator {by}",
+                    v.aggregation, v.batch_id, v.facilitator, b.batch
+                ),
+            ));
         }
         Ok(v)
+    }
+
+    async fn load_states(
+        &self,
+        agg: &str,
+        b: &WindowBatch,
+        manifest_key: &str,
+    ) -> Result<VerifyStates, TaskError> {
+        let key = states_key(agg, b.partition, &b.batch);
+        let bytes = self
+            .own
+            .get(&key)
+            .await
+            .map_err(TaskError::from)?
+            .ok_or_else(|| {
+                TaskError::Transient(format!(
+                    "{key}: verify states not here yet (the batch is listed by window manifest \
+                     {manifest_key})"
+                ))
+            })?;
+        let states = VerifyStates::decode(&self.own_keys, &bytes)
+            .map_err(|e| Self::unreadable(manifest_key, b, e.in_object(&key)))?;
+        if states.aggregation != agg
+            || states.batch_id != b.batch
+            || states.facilitator != self.facilitator
+        {
+            return Err(Self::unreadable(
+                manifest_key,
+                b,
+                format!(
+                    "{key}: verify states of {}/{} facilitator {}, expected {agg}/{} facilitator \
+                     {}",
+                    states.aggregation,
+                    states.batch_id,
+                    states.facilitator,
+                    b.batch,
+                    self.facilitator
+                ),
+            ));
+        }
+        Ok(states)
+    }
+
+    /// Decodes and checks a sum part already in the collector's store (a redelivered task).
+    fn check_existing(
+        &self,
+        part_key: &str,
+        bytes: &[u8],
+        manifest: &WindowManifest,
+    ) -> Result<SumPart, TaskError> {
+        let (part, signer) = SumPart::decode(&self.facilitator_keys, bytes)
+            .map_err(|e| TaskError::Permanent(e.in_object(part_key).to_string()))?;
+        let me = self.facilitator_name(self.facilitator)?;
+        if signer != me
+            || part.facilitator != self.facilitator
+            || part.aggregation != manifest.aggregation
+            || part.window_start != manifest.window_start
+            || part.window_end != manifest.window_end
+            || part.generation != manifest.generation
+            || part.manifest_digest != manifest.digest()
+        {
+            return Err(TaskError::Permanent(format!(
+                "{part_key}: the sum part already there (signed by {signer:?}, facilitator {}, \
+                 generation {}) does not belong to this facilitator's aggregation of the \
+                 window manifest",
+                part.facilitator, part.generation
+            )));
+        }
+        Ok(part)
     }
 
     pub async fn aggregate(&self, task: &AggregateTask) -> Result<SumPart, TaskError> {
@@ -113,7 +296,8 @@ impl AggregateWorker {
             .clone();
         let window =
             Window::parse(&task.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
-        let part_key = sum_part_key(&agg.id, window, self.facilitator);
+        let (manifest, mkey) = self.load_manifest(task, window).await?;
+        let part_key = sum_part_key(&agg.id, window, manifest.generation, self.facilitator);
 
         let part = match self
             .collector
@@ -122,48 +306,12 @@ impl AggregateWorker {
             .map_err(TaskError::from)?
         {
             // Already done (a redelivery): announce it again, the mill is idempotent.
-            Some(bytes) => {
-                SumPart::decode(&self.facilitator_keys, &bytes)
-                    .map_err(|e| TaskError::Permanent(e.in_object(&part_key).to_string()))?
-                    .0
-            }
+            Some(bytes) => self.check_existing(&part_key, &bytes, &manifest)?,
             None => {
-                let mut batches = task.batches.clone();
-                batches.sort();
-                batches.dedup();
-                let mut inputs = Vec::with_capacity(batches.len());
-                for b in &batches {
-                    let p = Partition::parse(&b.partition)
-                        .map_err(|e| TaskError::Permanent(e.to_string()))?;
-                    let skey = states_key(&agg.id, p, &b.batch);
-                    let sbytes = self
-                        .own
-                        .get(&skey)
-                        .await
-                        .map_err(TaskError::from)?
-                        .ok_or_else(|| {
-                            TaskError::Transient(format!("{skey}: verify states not here yet"))
-                        })?;
-                    let states = VerifyStates::decode(&self.own_keys, &sbytes)
-                        .map_err(|e| TaskError::Permanent(e.in_object(&skey).to_string()))?;
-                    let v0 = self.load_validation(&agg.id, p, &b.batch, 0).await?;
-                    let v1 = self.load_validation(&agg.id, p, &b.batch, 1).await?;
-                    inputs.push(BatchInputs {
-                        states,
-                        validations: [v0, v1],
-                    });
-                }
-                let facilitator = self.facilitator;
-                let agg2 = agg.clone();
-                let batch_ids: Vec<String> = batches.iter().map(|b| b.batch.clone()).collect();
-                let part = tokio::task::spawn_blocking(move || {
-                    combine(&agg2, facilitator, window, batch_ids, &inputs)
-                })
-                .await
-                .map_err(|e| TaskError::Transient(format!("combine step failed: {e}")))??;
+                let part = self.fold_manifest(&agg, window, &manifest, &mkey).await?;
                 let bytes = part
                     .encode(&self.signer)
-                    .map_err(|e| TaskError::Permanent(e.to_string()))?;
+                    .map_err(|e| TaskError::Permanent(e.in_object(&part_key).to_string()))?;
                 self.collector
                     .create(&part_key, bytes)
                     .await
@@ -171,6 +319,8 @@ impl AggregateWorker {
                 tracing::info!(
                     aggregation = %agg.id,
                     window = %task.window,
+                    generation = manifest.generation,
+                    batches = part.batches.len(),
                     reports = part.report_count,
                     invalid = part.invalid_count,
                     "sum part written"
@@ -179,9 +329,10 @@ impl AggregateWorker {
             }
         };
         let ready = SumPartReady {
-            version: TASK_VERSION,
+            version: SUM_PART_READY_VERSION,
             aggregation: agg.id.clone(),
             window: task.window.clone(),
+            generation: manifest.generation,
             facilitator: self.facilitator,
         };
         self.bus
@@ -193,81 +344,119 @@ impl AggregateWorker {
             .map_err(|e| TaskError::Transient(e.to_string()))?;
         Ok(part)
     }
+
+    /// Aggregates the manifest's batches one at a time into this facilitator's sum part.
+    async fn fold_manifest(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        manifest: &WindowManifest,
+        mkey: &str,
+    ) -> Result<SumPart, TaskError> {
+        let vdaf = Arc::new(agg.vdaf.clone());
+        let own = usize::from(self.facilitator);
+        let mut fold = Fold {
+            acc: vdaf.accumulator(),
+            seen: HashSet::new(),
+            included: Vec::new(),
+            invalid: 0,
+        };
+        // `WindowManifest::decode` checked that the batches are sorted and unique: that order is
+        // the fixed order both facilitators walk.
+        for b in &manifest.batches {
+            let states = self.load_states(&agg.id, b, mkey).await?;
+            let v0 = self.load_validation(&agg.id, b, 0, mkey).await?;
+            let v1 = self.load_validation(&agg.id, b, 1, mkey).await?;
+            let inputs = BatchInputs {
+                states,
+                validations: [v0, v1],
+            };
+            let vdaf = vdaf.clone();
+            fold = tokio::task::spawn_blocking(move || {
+                fold_batch(&vdaf, own, &mut fold, &inputs);
+                // `inputs` is dropped here, on the blocking thread, before the next batch loads.
+                fold
+            })
+            .await
+            .map_err(|e| {
+                TaskError::Transient(format!(
+                    "the fold step over batch {} of {mkey} failed: {e}",
+                    b.batch
+                ))
+            })?;
+        }
+        let Fold {
+            acc,
+            seen,
+            mut included,
+            invalid,
+        } = fold;
+        drop(seen);
+        let aggregate_share = vdaf
+            .encode_accumulator(&acc)
+            .map_err(|e| TaskError::Permanent(format!("{mkey}: {e}")))?;
+        Ok(SumPart {
+            aggregation: agg.id.clone(),
+            window_start: window.start,
+            window_end: window.end,
+            generation: manifest.generation,
+            manifest_digest: manifest.digest(),
+            facilitator: self.facilitator,
+            report_count: included.len() as u64,
+            invalid_count: invalid,
+            report_digest: report_digest(&mut included),
+            batches: manifest.batches.iter().map(|b| b.batch.clone()).collect(),
+            aggregate_share,
+        })
+    }
 }
 
-/// The CPU-bound combine step over every batch of the window.
-fn combine(
-    agg: &Aggregation,
-    facilitator: u8,
-    window: Window,
-    batch_ids: Vec<String>,
-    inputs: &[BatchInputs],
-) -> Result<SumPart, TaskError> {
-    let vdaf = &agg.vdaf;
-    let mut acc = vdaf.accumulator();
-    let mut seen: HashSet<ReportId> = HashSet::new();
-    let mut included: Vec<ReportId> = Vec::new();
-    let mut invalid: u64 = 0;
-    let own = usize::from(facilitator);
-    for batch in inputs {
-        // Per report id: its verdicts from facilitator 0 and 1 and our own verify state. Ids that
-        // repeat inside one side's batch were marked duplicate by intake; only the first entry of
-        // an id per side counts here.
-        let mut by_id: BTreeMap<ReportId, [Option<&Verdict>; 2]> = BTreeMap::new();
-        let mut own_state: BTreeMap<ReportId, Option<&Vec<u8>>> = BTreeMap::new();
-        let mut repeats = [0u64; 2];
-        for (side, v) in batch.validations.iter().enumerate() {
-            for (i, (id, verdict)) in v.entries.iter().enumerate() {
-                let slot = by_id.entry(*id).or_insert([None, None]);
-                if slot[side].is_some() {
-                    repeats[side] += 1;
-                } else {
-                    slot[side] = Some(verdict);
-                    if side == own {
-                        own_state
-                            .entry(*id)
-                            .or_insert(batch.states.states.get(i).and_then(|s| s.as_ref()));
-                    }
+/// The CPU-bound fold of one batch into the window's running aggregate.
+fn fold_batch(vdaf: &Prio3Vdaf, own: usize, fold: &mut Fold, batch: &BatchInputs) {
+    // Per report id: its verdicts from facilitator 0 and 1 and our own verify state. Ids that
+    // repeat inside one side's batch were marked duplicate by intake; only the first entry of an
+    // id per side counts here.
+    let mut by_id: BTreeMap<ReportId, [Option<&Verdict>; 2]> = BTreeMap::new();
+    let mut own_state: BTreeMap<ReportId, Option<&Vec<u8>>> = BTreeMap::new();
+    let mut repeats = [0u64; 2];
+    for (side, v) in batch.validations.iter().enumerate() {
+        for (i, (id, verdict)) in v.entries.iter().enumerate() {
+            let slot = by_id.entry(*id).or_insert([None, None]);
+            if slot[side].is_some() {
+                repeats[side] += 1;
+            } else {
+                slot[side] = Some(verdict);
+                if side == own {
+                    own_state
+                        .entry(*id)
+                        .or_insert(batch.states.states.get(i).and_then(|s| s.as_ref()));
                 }
             }
         }
-        // A report id repeated inside a batch is one excluded report per repeat; both sides see
-        // both validation batches, so both count the same.
-        invalid += repeats[0].max(repeats[1]);
-        for (id, verdicts) in by_id {
-            if !seen.insert(id) {
-                invalid += 1;
-                continue;
-            }
-            let (Some(Verdict::Valid(s0)), Some(Verdict::Valid(s1))) = (verdicts[0], verdicts[1])
-            else {
-                invalid += 1;
-                continue;
-            };
-            let Some(Some(state)) = own_state.get(&id) else {
-                invalid += 1;
-                continue;
-            };
-            match vdaf.verify_and_accumulate(own, state, [s0.as_slice(), s1.as_slice()], &mut acc) {
-                Ok(()) => included.push(id),
-                Err(_) => invalid += 1,
-            }
+    }
+    // A report id repeated inside a batch is one excluded report per repeat; both sides see both
+    // validation batches, so both count the same.
+    fold.invalid += repeats[0].max(repeats[1]);
+    for (id, verdicts) in by_id {
+        if !fold.seen.insert(id) {
+            fold.invalid += 1;
+            continue;
+        }
+        let (Some(Verdict::Valid(s0)), Some(Verdict::Valid(s1))) = (verdicts[0], verdicts[1])
+        else {
+            fold.invalid += 1;
+            continue;
+        };
+        let Some(Some(state)) = own_state.get(&id) else {
+            fold.invalid += 1;
+            continue;
+        };
+        match vdaf.verify_and_accumulate(own, state, [s0.as_slice(), s1.as_slice()], &mut fold.acc)
+        {
+            Ok(()) => fold.included.push(id),
+            Err(_) => fold.invalid += 1,
         }
     }
-    let aggregate_share = vdaf
-        .encode_accumulator(&acc)
-        .map_err(|e| TaskError::Permanent(e.to_string()))?;
-    Ok(SumPart {
-        aggregation: agg.id.clone(),
-        window_start: window.start,
-        window_end: window.end,
-        facilitator,
-        report_count: included.len() as u64,
-        invalid_count: invalid,
-        report_digest: report_digest(&mut included),
-        batches: batch_ids,
-        aggregate_share,
-    })
 }
 
 #[async_trait]
@@ -276,5 +465,257 @@ impl Handler for AggregateWorker {
         let t = AggregateTask::from_json(&task.body)
             .map_err(|e| TaskError::Permanent(format!("message {}: {e}", task.message_id)))?;
         self.aggregate(&t).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use millrace_bus::memory::MemoryBus;
+    use millrace_bus::SubscribeOptions;
+    use millrace_protocol::formats::InvalidReason;
+    use millrace_protocol::layout::Partition;
+    use millrace_protocol::tasks::AGGREGATE_TASK_VERSION;
+
+    use super::*;
+
+    const T0: i64 = 1_795_000_000;
+
+    struct Fixture {
+        worker: AggregateWorker,
+        own: Store,
+        collector: Store,
+        bus: Arc<MemoryBus>,
+        signers: [Signer25519; 2],
+        window: Window,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let signers = [
+            Signer25519::generate("alpha"),
+            Signer25519::generate("beta"),
+        ];
+        std::fs::write(dir.path().join("beta.key"), signers[1].to_hex().as_bytes()).unwrap();
+        let text = format!(
+            r#"
+[[facilitator]]
+index = 0
+name = "alpha"
+signing_public_key = "{}"
+hpke_public_key = "00"
+
+[[facilitator]]
+index = 1
+name = "beta"
+signing_public_key = "{}"
+hpke_public_key = "00"
+signing_key = "file:beta.key"
+
+[[aggregation]]
+id = "clicks"
+vdaf = {{ type = "count" }}
+window = "1h"
+grace = "5m"
+max_age = "1day"
+min_reports = 0
+verify_key = "env:MILLRACE_UNUSED"
+ingestors = []
+"#,
+            signers[0].public_hex(),
+            signers[1].public_hex()
+        );
+        let config =
+            Arc::new(Config::parse(&text, &dir.path().join("m.toml"), dir.path()).unwrap());
+        let (own, collector) = (Store::memory(), Store::memory());
+        let bus = Arc::new(MemoryBus::new());
+        // The helper: it did not write the manifest, it only reads it.
+        let worker =
+            AggregateWorker::new(config, 1, own.clone(), collector.clone(), bus.clone(), "t")
+                .unwrap();
+        Fixture {
+            worker,
+            own,
+            collector,
+            bus,
+            signers,
+            window: Window::containing(T0, 3600),
+            _dir: dir,
+        }
+    }
+
+    fn batch(name: &str) -> WindowBatch {
+        WindowBatch {
+            batch: name.into(),
+            partition: Partition::of(T0),
+        }
+    }
+
+    impl Fixture {
+        fn task(&self, generation: u32) -> AggregateTask {
+            AggregateTask {
+                version: AGGREGATE_TASK_VERSION,
+                aggregation: "clicks".into(),
+                window: self.window.name(),
+                generation,
+            }
+        }
+
+        fn manifest(&self, generation: u32, batches: Vec<WindowBatch>) -> WindowManifest {
+            WindowManifest {
+                aggregation: "clicks".into(),
+                window_start: self.window.start,
+                window_end: self.window.end,
+                generation,
+                decided_at: T0,
+                batches,
+                excluded: Vec::new(),
+                note: String::new(),
+            }
+        }
+
+        async fn put_manifest(&self, at: u32, m: &WindowManifest, by: usize) {
+            self.own
+                .create(
+                    &manifest_key("clicks", self.window, at),
+                    m.encode(&self.signers[by]).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+
+        /// Both validation batches and our verify states of `b`, each report invalid on side 0.
+        async fn put_inputs(&self, b: &WindowBatch, ids: &[u8]) {
+            for side in 0..2u8 {
+                let v = ValidationBatch {
+                    aggregation: "clicks".into(),
+                    batch_id: b.batch.clone(),
+                    facilitator: side,
+                    entries: ids
+                        .iter()
+                        .map(|i| {
+                            let verdict = if side == 0 {
+                                Verdict::Invalid(InvalidReason::Unverifiable)
+                            } else {
+                                Verdict::Valid(vec![*i])
+                            };
+                            ([*i; 16], verdict)
+                        })
+                        .collect(),
+                };
+                self.own
+                    .create(
+                        &validation_key("clicks", b.partition, &b.batch, side),
+                        v.encode(&self.signers[usize::from(side)]).unwrap(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            let states = VerifyStates {
+                aggregation: "clicks".into(),
+                batch_id: b.batch.clone(),
+                facilitator: 1,
+                states: ids.iter().map(|_| None).collect(),
+            };
+            self.own
+                .create(
+                    &states_key("clicks", b.partition, &b.batch),
+                    states.encode(&self.signers[1]).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    fn permanent(r: Result<SumPart, TaskError>) -> String {
+        match r {
+            Err(TaskError::Permanent(m)) => m,
+            other => panic!("expected a permanent error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_naming_no_manifest_is_refused_by_name() {
+        let f = fixture();
+        let err = permanent(f.worker.aggregate(&f.task(0)).await);
+        assert!(err.contains(&manifest_key("clicks", f.window, 0)), "{err}");
+        assert!(err.contains("names no window manifest"), "{err}");
+        assert!(f.collector.list("sums/").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_manifest_not_signed_by_the_leader_or_about_another_generation_is_refused() {
+        let f = fixture();
+        f.put_manifest(0, &f.manifest(0, Vec::new()), 1).await;
+        let err = permanent(f.worker.aggregate(&f.task(0)).await);
+        assert!(
+            err.contains("signed by \"beta\", not by the leader \"alpha\""),
+            "{err}"
+        );
+        f.put_manifest(1, &f.manifest(2, Vec::new()), 0).await;
+        let err = permanent(f.worker.aggregate(&f.task(1)).await);
+        assert!(err.contains("generation 2"), "{err}");
+        f.own
+            .create(&manifest_key("clicks", f.window, 3), b"junk".to_vec())
+            .await
+            .unwrap();
+        let err = permanent(f.worker.aggregate(&f.task(3)).await);
+        assert!(err.contains(&manifest_key("clicks", f.window, 3)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_inputs_wait_and_unreadable_ones_are_refused_naming_the_manifest() {
+        let f = fixture();
+        let b1 = batch("b1");
+        f.put_manifest(0, &f.manifest(0, vec![b1.clone()]), 0).await;
+        let mkey = manifest_key("clicks", f.window, 0);
+        match f.worker.aggregate(&f.task(0)).await {
+            Err(TaskError::Transient(m)) => {
+                assert!(m.contains(&states_key("clicks", b1.partition, "b1")), "{m}");
+                assert!(m.contains(&mkey), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        f.own
+            .create(
+                &states_key("clicks", b1.partition, "b1"),
+                b"not a verify-state batch".to_vec(),
+            )
+            .await
+            .unwrap();
+        let err = permanent(f.worker.aggregate(&f.task(0)).await);
+        assert!(err.contains("lists a batch it cannot read"), "{err}");
+        assert!(err.contains(&mkey) && err.contains("b1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn batches_are_folded_one_at_a_time_in_manifest_order_and_announced_with_the_generation()
+    {
+        let f = fixture();
+        let (b1, b2) = (batch("b1"), batch("b2"));
+        f.put_inputs(&b1, &[1, 2]).await;
+        // Report id 1 again, in a later batch: dropped, counted invalid.
+        f.put_inputs(&b2, &[1, 3]).await;
+        let manifest = f.manifest(4, vec![b1, b2]);
+        f.put_manifest(4, &manifest, 0).await;
+        let mut sub = f
+            .bus
+            .subscribe(&topics::collect("t"), SubscribeOptions::new("test"))
+            .await
+            .unwrap();
+        let part = f.worker.aggregate(&f.task(4)).await.unwrap();
+        assert_eq!(part.generation, 4);
+        assert_eq!(part.manifest_digest, manifest.digest());
+        assert_eq!(part.batches, vec!["b1".to_string(), "b2".to_string()]);
+        assert_eq!((part.report_count, part.invalid_count), (0, 4));
+        assert!(f
+            .collector
+            .exists(&sum_part_key("clicks", f.window, 4, 1))
+            .await
+            .unwrap());
+        let ready = SumPartReady::from_json(&sub.next().await.unwrap().body).unwrap();
+        assert_eq!((ready.generation, ready.facilitator), (4, 1));
+        // A redelivery re-announces the same part.
+        assert_eq!(f.worker.aggregate(&f.task(4)).await.unwrap(), part);
     }
 }

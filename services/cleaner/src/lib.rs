@@ -18,13 +18,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::formats::{ExclusionReason, WindowManifest};
-use millrace_protocol::results::{BatchExclusion, EXCLUSION_VERSION};
 use millrace_protocol::layout::{
     computation_key, exclusion_key, manifest_key, parse_ingestion_key, parse_manifest_key,
-    parse_settled_key, result_key,
-    result_marker_key, sum_parts_prefix, waiting_key, Partition, Window,
+    parse_settled_key, result_key, result_marker_key, sum_parts_prefix, waiting_key, Partition,
+    Window,
 };
 use millrace_protocol::results::Computation;
+use millrace_protocol::results::{BatchExclusion, EXCLUSION_VERSION};
 use millrace_runtime::Shutdown;
 use millrace_store::markers;
 use millrace_store::{ObjectInfo, Store, StoreError};
@@ -334,8 +334,14 @@ impl Cleaner {
         for o in self.store.list(&format!("manifests/{agg}/")).await? {
             if let Some((w, _)) = parse_manifest_key(agg, &o.key) {
                 if window_gone(w, &o) {
-                    self.delete(&o.key, "ttl: every batch of this window is gone", now, Some(o.last_modified), report)
-                        .await?;
+                    self.delete(
+                        &o.key,
+                        "ttl: every batch of this window is gone",
+                        now,
+                        Some(o.last_modified),
+                        report,
+                    )
+                    .await?;
                 }
             }
         }
@@ -344,8 +350,14 @@ impl Cleaner {
                 let name = o.key[prefix.len()..].split(['/', '.']).next().unwrap_or("");
                 if let Ok(w) = Window::parse(name) {
                     if window_gone(w, &o) {
-                        self.delete(&o.key, "ttl: every batch of this window is gone", now, Some(o.last_modified), report)
-                            .await?;
+                        self.delete(
+                            &o.key,
+                            "ttl: every batch of this window is gone",
+                            now,
+                            Some(o.last_modified),
+                            report,
+                        )
+                        .await?;
                     }
                 }
             }
@@ -391,8 +403,14 @@ impl Cleaner {
         for o in self.store.list(&format!("markers/{agg}/settled/")).await? {
             if let Some(p) = parse_settled_key(agg, &o.key) {
                 if window_gone(window_of_partition(p), &o) {
-                    self.delete(&o.key, "ttl: every batch of this partition's window is gone", now, Some(o.last_modified), report)
-                        .await?;
+                    self.delete(
+                        &o.key,
+                        "ttl: every batch of this partition's window is gone",
+                        now,
+                        Some(o.last_modified),
+                        report,
+                    )
+                    .await?;
                 }
             }
         }

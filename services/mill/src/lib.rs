@@ -1,18 +1,35 @@
 //! mill: joins both facilitators' sum parts of a window into the result.
 //!
-//! On `sum-part-ready` it looks for both parts in the collector's store. If one is missing it
-//! records the computation as waiting and re-queues the message with backoff — it never sleeps
-//! holding a slot. With both parts it refuses to unshard unless their report counts, report-id
-//! digests and batch lists agree (both facilitators must have aggregated exactly the same
-//! reports), enforces the aggregation's minimum report count, unshards, writes
-//! `results/{agg}/{window}.result.json`, publishes `result-ready` and marks the computation
-//! SUCCEEDED.
+//! Each facilitator aggregates one generation of the window's manifest and announces its part
+//! with `sum-part-ready` naming that generation. On such a message the mill looks for both parts
+//! of the generation (`sums/{agg}/{window}/{generation}.sum.{0,1}`) in the collector's store.
+//!
+//! **Waiting is not failing.** If one part is missing, the mill records the computation as
+//! WAITING_FOR_PARTS (with `since`, kept across messages of the same generation), adds the window
+//! to its waiting index (`waiting/{agg}/{window}`) and acknowledges the message: nothing is
+//! re-queued, and no delivery attempts are spent. A part is written before its message is
+//! published, so the message of whichever part comes second always finds both, and that one does
+//! the join. If that message is lost, the sweep ([`Mill::run_sweeps`], every `--sweep-interval`)
+//! walks the waiting index and tries the join again. A window still missing a part
+//! `wait_deadline` after `since` is recorded FAILED. The detail names the part that never came,
+//! and `millrace_windows_failed_total` counts the window. A message for a generation that has
+//! already FAILED (or an older one) is acknowledged as [`MillOutcome::Stale`]. Only
+//! `millrace replay window --reaggregate`, which writes a new manifest generation, starts the
+//! window again.
+//!
+//! With both parts the mill refuses to unshard unless they aggregate the same window manifest
+//! (equal manifest digests) and their report counts, report-id digests and batch lists agree. Both
+//! facilitators must have aggregated exactly the same reports. The mill then enforces the
+//! aggregation's minimum report count, unshards, and writes `results/{agg}/{window}.result.json`
+//! (naming the generation). It publishes `result-ready`, marks the computation SUCCEEDED and
+//! drops the window from the waiting index. A refusal is recorded as FAILED with its reason.
 //!
 //! Both parts' messages of a window can be handled at the same moment (by one mill or by two), and
 //! both then find both parts. The result itself is deterministic and written create-only, so both
-//! writes agree; announcing it goes through an idempotency marker
+//! writes agree. A result of another generation that was written first wins: the later join
+//! stops there. Announcing the result goes through an idempotency marker
 //! (`markers/{agg}/results/{window}`, the same claim → publish → mark protocol the
-//! workflow-manager uses), so `result-ready` is published, and the window counted in
+//! workflow-manager uses). So `result-ready` is published, and the window counted in
 //! `millrace_windows_succeeded_total`, once. A window whose marker says it was announced is done:
 //! later messages for it are acknowledged as is.
 
@@ -22,19 +39,20 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use millrace_bus::{Bus, Message};
-use millrace_protocol::config::Config;
+use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::crypto::KeyRing;
 use millrace_protocol::formats::SumPart;
 use millrace_protocol::layout::{
-    computation_key, result_key, result_marker_key, sum_part_key, Window,
+    computation_key, result_key, result_marker_key, sum_part_key, waiting_key, waiting_prefix,
+    Window,
 };
 use millrace_protocol::results::{
     AggregationResult, Computation, ComputationState, COMPUTATION_VERSION, RESULT_VERSION,
 };
 use millrace_protocol::tasks::{topics, ResultReady, SumPartReady, TaskMessage, TASK_VERSION};
-use millrace_runtime::{Handler, Task, TaskError};
+use millrace_runtime::{Handler, Shutdown, Task, TaskError};
 use millrace_store::markers::{self, Claim};
-use millrace_store::Store;
+use millrace_store::{Store, StoreError};
 
 /// A claim to announce a result older than this is taken over (its holder is presumed dead).
 /// Announcing is one publish, which a backend retries for at most about 30 s.
@@ -60,6 +78,81 @@ pub enum MillOutcome {
     AlreadyDone,
     /// Refused by policy (too few reports); recorded as FAILED, nothing to retry.
     Refused(String),
+    /// The sum part of facilitator `missing` (of the message's generation) is not in the
+    /// collector's store yet. The window is recorded as waiting and the message is acknowledged:
+    /// that part's own `sum-part-ready` does the join, or else the sweep does.
+    Waiting {
+        missing: u8,
+    },
+    /// The message's generation of the window has already FAILED (or a newer generation has).
+    /// Acknowledged; nothing is retried. The reason says so and names the way out.
+    Stale(String),
+}
+
+/// What one pass of [`Mill::expire_waiting`] did with the windows in the waiting index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Windows joined by the sweep, or found done already (result announced).
+    pub joined: usize,
+    /// Windows whose missing part did not come by the wait deadline: now FAILED.
+    pub failed: usize,
+    /// Windows whose parts were both there but refused (mismatch or policy): now FAILED.
+    pub refused: usize,
+    /// Windows still waiting within their deadline.
+    pub waiting: usize,
+    /// Index entries removed because their window has no record or a finished one.
+    pub cleared: usize,
+    /// Entries (or aggregations) that could not be handled in this pass; logged, tried again
+    /// in the next.
+    pub errors: usize,
+}
+
+impl SweepReport {
+    fn is_empty(&self) -> bool {
+        *self == SweepReport::default()
+    }
+}
+
+/// The join of one generation, before the caller decides what a missing part means.
+enum Joined {
+    /// Finished one way or another (succeeded, done already, refused by policy).
+    Done(MillOutcome),
+    /// The parts disagree; recorded FAILED. The reason names the window.
+    Mismatch(String),
+    /// The part of this facilitator is not there.
+    Missing(u8),
+}
+
+/// One waiting-index entry's fate in a sweep.
+enum Swept {
+    Joined,
+    Failed,
+    Refused,
+    Waiting,
+    Cleared,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// `2026-11-23T12:00:00Z`.
+fn timestamp(t: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// A config duration as people write it: `1h`, `90m`, `45s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s > 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s > 0 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 impl Mill {
@@ -89,7 +182,9 @@ impl Mill {
         &self,
         agg: &str,
         window: Window,
+        generation: u32,
         state: ComputationState,
+        since: Option<i64>,
         detail: Option<String>,
     ) -> Result<(), TaskError> {
         let c = Computation {
@@ -97,7 +192,9 @@ impl Mill {
             aggregation: agg.to_string(),
             window: window.name(),
             state,
-            updated_at: chrono::Utc::now().timestamp(),
+            generation,
+            updated_at: now(),
+            since,
             detail,
         };
         self.collector
@@ -106,8 +203,82 @@ impl Mill {
             .map_err(TaskError::from)
     }
 
-    async fn part(&self, agg: &str, window: Window, f: u8) -> Result<Option<SumPart>, TaskError> {
-        let key = sum_part_key(agg, window, f);
+    /// The computation record, if there is one that can be read. An unreadable one is logged
+    /// and treated as absent (it is overwritten by the next record).
+    async fn read_record(
+        &self,
+        agg: &str,
+        window: Window,
+    ) -> Result<Option<Computation>, StoreError> {
+        let key = computation_key(agg, window);
+        let Some(bytes) = self.collector.get(&key).await? else {
+            return Ok(None);
+        };
+        match Computation::from_json(&bytes) {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => {
+                tracing::warn!(record = %key, error = %e, "ignoring an unreadable computation record");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops a window from the waiting index. A failure is only logged: the sweep clears an
+    /// entry whose window is finished.
+    async fn unindex(&self, agg: &str, window: Window) {
+        let key = waiting_key(agg, window);
+        if let Err(e) = self.collector.delete(&key).await {
+            tracing::warn!(index = %key, error = %e, "could not remove the waiting-index entry; the sweep will");
+        }
+    }
+
+    async fn is_announced(&self, agg: &str, window: Window) -> Result<bool, TaskError> {
+        markers::is_published(&self.collector, &result_marker_key(agg, window))
+            .await
+            .map_err(TaskError::from)
+    }
+
+    /// The window's result is announced: makes its record say SUCCEEDED (with the generation of
+    /// the result written) and drops it from the waiting index. Used where a waiting record may
+    /// have been written over the join's SUCCEEDED.
+    async fn settle_announced(
+        &self,
+        agg: &str,
+        window: Window,
+        fallback_generation: u32,
+    ) -> Result<(), TaskError> {
+        let rkey = result_key(agg, window);
+        let generation = match self.collector.get(&rkey).await.map_err(TaskError::from)? {
+            Some(bytes) => match AggregationResult::from_json(&bytes) {
+                Ok(r) => r.generation,
+                Err(e) => {
+                    tracing::warn!(result = %rkey, error = %e, "cannot read the announced result");
+                    fallback_generation
+                }
+            },
+            None => fallback_generation,
+        };
+        self.record(
+            agg,
+            window,
+            generation,
+            ComputationState::Succeeded,
+            None,
+            None,
+        )
+        .await?;
+        self.unindex(agg, window).await;
+        Ok(())
+    }
+
+    async fn part(
+        &self,
+        agg: &str,
+        window: Window,
+        generation: u32,
+        f: u8,
+    ) -> Result<Option<SumPart>, TaskError> {
+        let key = sum_part_key(agg, window, generation, f);
         let Some(bytes) = self.collector.get(&key).await.map_err(TaskError::from)? else {
             return Ok(None);
         };
@@ -122,46 +293,138 @@ impl Mill {
             || part.aggregation != agg
             || part.window_start != window.start
             || part.window_end != window.end
+            || part.generation != generation
         {
             return Err(TaskError::Permanent(format!(
-                "{key}: signed by {signer:?} for {} facilitator {}, expected {expected:?}",
-                part.aggregation, part.facilitator
+                "{key}: signed by {signer:?} for {} facilitator {} generation {}, expected \
+                 {expected:?} for {agg}/{} facilitator {f} generation {generation}",
+                part.aggregation,
+                part.facilitator,
+                part.generation,
+                window.name()
             )));
         }
         Ok(Some(part))
     }
 
+    fn aggregation(&self, id: &str) -> Result<&Aggregation, TaskError> {
+        self.config
+            .aggregation(id)
+            .ok_or_else(|| TaskError::Permanent(format!("aggregation {id:?} is not configured")))
+    }
+
     pub async fn join(&self, msg: &SumPartReady) -> Result<MillOutcome, TaskError> {
-        let agg = self.config.aggregation(&msg.aggregation).ok_or_else(|| {
-            TaskError::Permanent(format!(
-                "aggregation {:?} is not configured",
-                msg.aggregation
-            ))
-        })?;
+        let agg = self.aggregation(&msg.aggregation)?;
         let window = Window::parse(&msg.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
-        let rkey = result_key(&agg.id, window);
-        let announced = result_marker_key(&agg.id, window);
-        if markers::is_published(&self.collector, &announced)
-            .await
-            .map_err(TaskError::from)?
-        {
+        if self.is_announced(&agg.id, window).await? {
             return Ok(MillOutcome::AlreadyDone);
         }
-        let p0 = self.part(&agg.id, window, 0).await?;
-        let p1 = self.part(&agg.id, window, 1).await?;
+        let record = self
+            .read_record(&agg.id, window)
+            .await
+            .map_err(TaskError::from)?;
+        if let Some(c) = &record {
+            if c.state == ComputationState::Failed && c.generation >= msg.generation {
+                let reason = format!(
+                    "{}/{}: generation {} already failed; the sum part of facilitator {} for \
+                     generation {} is not joined (`millrace replay window --reaggregate` starts \
+                     a new generation)",
+                    agg.id, msg.window, c.generation, msg.facilitator, msg.generation
+                );
+                tracing::info!(
+                    aggregation = %agg.id,
+                    window = %msg.window,
+                    failed_generation = c.generation,
+                    generation = msg.generation,
+                    "generation {} already failed; `millrace replay window --reaggregate` starts a new one",
+                    c.generation
+                );
+                return Ok(MillOutcome::Stale(reason));
+            }
+        }
+        match self.try_join(agg, window, msg.generation).await? {
+            Joined::Done(outcome) => Ok(outcome),
+            Joined::Mismatch(reason) => Err(TaskError::Permanent(reason)),
+            Joined::Missing(missing) => {
+                self.wait(agg, window, msg.generation, missing, record.as_ref())
+                    .await
+            }
+        }
+    }
+
+    /// Records that `generation` of the window waits for the part of facilitator `missing`.
+    async fn wait(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        generation: u32,
+        missing: u8,
+        record: Option<&Computation>,
+    ) -> Result<MillOutcome, TaskError> {
+        let name = window.name();
+        let since = match record {
+            Some(c) if c.state == ComputationState::Succeeded => {
+                // Never overwritten: the window is done (its marker check raced with the join).
+                return Ok(MillOutcome::Waiting { missing });
+            }
+            Some(c) if !c.state.is_terminal() && c.generation > generation => {
+                // A newer generation is being waited on; an older one does not take its place.
+                tracing::info!(aggregation = %agg.id, window = %name, generation, waiting_generation = c.generation, missing, "a part of an older generation is missing; the record stays on the newer one");
+                return Ok(MillOutcome::Waiting { missing });
+            }
+            Some(c)
+                if c.state == ComputationState::WaitingForParts && c.generation == generation =>
+            {
+                c.since.unwrap_or(c.updated_at)
+            }
+            _ => now(),
+        };
+        self.record(
+            &agg.id,
+            window,
+            generation,
+            ComputationState::WaitingForParts,
+            Some(since),
+            None,
+        )
+        .await?;
+        self.collector
+            .overwrite(
+                &waiting_key(&agg.id, window),
+                format!("{generation}\n").into_bytes(),
+            )
+            .await
+            .map_err(TaskError::from)?;
+        // The join of the other part's message may have finished between our look at the parts
+        // and the record we just wrote over its SUCCEEDED: put it back.
+        if self.is_announced(&agg.id, window).await? {
+            self.settle_announced(&agg.id, window, generation).await?;
+            return Ok(MillOutcome::AlreadyDone);
+        }
+        tracing::info!(aggregation = %agg.id, window = %name, generation, missing, "waiting for the other sum part");
+        Ok(MillOutcome::Waiting { missing })
+    }
+
+    /// Joins both parts of `generation` if both are there.
+    async fn try_join(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        generation: u32,
+    ) -> Result<Joined, TaskError> {
+        let name = window.name();
+        let rkey = result_key(&agg.id, window);
+        let announced = result_marker_key(&agg.id, window);
+        let p0 = self.part(&agg.id, window, generation, 0).await?;
+        let p1 = self.part(&agg.id, window, generation, 1).await?;
         let (p0, p1) = match (p0, p1) {
             (Some(a), Some(b)) => (a, b),
-            (a, _) => {
-                let missing = if a.is_none() { 0 } else { 1 };
-                self.record(&agg.id, window, ComputationState::WaitingForParts, None)
-                    .await?;
-                return Err(TaskError::Transient(format!(
-                    "{}/{}: waiting for the sum part of facilitator {missing}",
-                    agg.id, msg.window
-                )));
-            }
+            (None, _) => return Ok(Joined::Missing(0)),
+            (Some(_), None) => return Ok(Joined::Missing(1)),
         };
-        let mismatch = if p0.report_count != p1.report_count {
+        let mismatch = if p0.manifest_digest != p1.manifest_digest {
+            Some("the parts aggregate different window manifests".to_string())
+        } else if p0.report_count != p1.report_count {
             Some(format!(
                 "report counts differ: facilitator 0 has {}, facilitator 1 has {}",
                 p0.report_count, p1.report_count
@@ -177,43 +440,57 @@ impl Mill {
             None
         };
         if let Some(reason) = mismatch {
-            let reason = format!("{}/{}: refusing to unshard: {reason}", agg.id, msg.window);
+            let reason = format!(
+                "{}/{name} generation {generation}: refusing to unshard: {reason}",
+                agg.id
+            );
+            tracing::warn!(aggregation = %agg.id, window = %name, generation, %reason, "window failed");
             self.record(
                 &agg.id,
                 window,
+                generation,
                 ComputationState::Failed,
+                None,
                 Some(reason.clone()),
             )
             .await?;
+            self.unindex(&agg.id, window).await;
             metrics::counter!("millrace_windows_failed_total", "aggregation" => agg.id.clone())
                 .increment(1);
-            return Err(TaskError::Permanent(reason));
+            return Ok(Joined::Mismatch(reason));
         }
         if p0.report_count < agg.min_reports {
             let reason = format!(
-                "{}/{}: only {} valid reports, the policy requires at least {}",
-                agg.id, msg.window, p0.report_count, agg.min_reports
+                "{}/{name} generation {generation}: only {} valid reports, the policy requires \
+                 at least {}",
+                agg.id, p0.report_count, agg.min_reports
             );
-            tracing::warn!(aggregation = %agg.id, window = %msg.window, reports = p0.report_count, min = agg.min_reports, "window refused by policy");
+            tracing::warn!(aggregation = %agg.id, window = %name, generation, reports = p0.report_count, min = agg.min_reports, "window refused by policy");
             self.record(
                 &agg.id,
                 window,
+                generation,
                 ComputationState::Failed,
+                None,
                 Some(reason.clone()),
             )
             .await?;
-            return Ok(MillOutcome::Refused(reason));
+            self.unindex(&agg.id, window).await;
+            return Ok(Joined::Done(MillOutcome::Refused(reason)));
         }
         let value = agg
             .vdaf
             .unshard([&p0.aggregate_share, &p1.aggregate_share], p0.report_count)
-            .map_err(|e| TaskError::Permanent(format!("{}/{}: {e}", agg.id, msg.window)))?;
+            .map_err(|e| {
+                TaskError::Permanent(format!("{}/{name} generation {generation}: {e}", agg.id))
+            })?;
         let result = AggregationResult {
             version: RESULT_VERSION,
             aggregation: agg.id.clone(),
-            window: window.name(),
+            window: name.clone(),
             window_start: Window::rfc3339(window.start),
             window_end: Window::rfc3339(window.end),
+            generation,
             vdaf: agg.vdaf.spec().clone(),
             result: value,
             report_count: p0.report_count,
@@ -221,28 +498,32 @@ impl Mill {
             report_digest: hex_digest(&p0.report_digest),
             batches: p0.batches.clone(),
         };
-        // Deterministic bytes: a second join of the same window writes nothing new.
-        self.collector
-            .create(&rkey, result.to_json())
-            .await
-            .map_err(TaskError::from)?;
+        // Deterministic bytes: a second join of the same generation writes nothing new.
+        match self.collector.create(&rkey, result.to_json()).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => {
+                tracing::warn!(aggregation = %agg.id, window = %name, generation, result = %rkey, "a result of another generation was released first; this generation's join stops here");
+                return Ok(Joined::Done(MillOutcome::AlreadyDone));
+            }
+            Err(e) => return Err(TaskError::from(e)),
+        }
         let me = format!(
             "{}-{}",
             self.instance,
             self.joins.fetch_add(1, Ordering::Relaxed)
         );
-        let generation =
+        let claim_generation =
             match markers::claim(&self.collector, &announced, &me, ANNOUNCE_CLAIM_TIMEOUT)
                 .await
                 .map_err(TaskError::from)?
             {
                 Claim::Won { generation, .. } => generation,
-                Claim::AlreadyPublished => return Ok(MillOutcome::AlreadyDone),
+                Claim::AlreadyPublished => return Ok(Joined::Done(MillOutcome::AlreadyDone)),
                 Claim::HeldByOther { by, .. } => {
                     // Another join is announcing it right now; by the retry it will have.
                     return Err(TaskError::Transient(format!(
-                        "{}/{}: the result is being announced by {by}",
-                        agg.id, msg.window
+                        "{}/{name}: the result is being announced by {by}",
+                        agg.id
                     )));
                 }
             };
@@ -254,7 +535,7 @@ impl Mill {
                     ResultReady {
                         version: TASK_VERSION,
                         aggregation: agg.id.clone(),
-                        window: window.name(),
+                        window: name.clone(),
                         result_key: rkey.clone(),
                     }
                     .to_json(),
@@ -267,22 +548,209 @@ impl Mill {
                 // Give the claim up at once, so the retry (ours or another mill's) need not wait
                 // for the claim timeout.
                 if let Err(release) =
-                    markers::release(&self.collector, &announced, &me, generation).await
+                    markers::release(&self.collector, &announced, &me, claim_generation).await
                 {
                     tracing::warn!(marker = %announced, error = %release, "could not release the announce claim; it times out instead");
                 }
                 return Err(TaskError::Transient(e.to_string()));
             }
         };
-        markers::mark_published(&self.collector, &announced, &me, generation, &message_id)
-            .await
-            .map_err(TaskError::from)?;
-        self.record(&agg.id, window, ComputationState::Succeeded, None)
-            .await?;
+        markers::mark_published(
+            &self.collector,
+            &announced,
+            &me,
+            claim_generation,
+            &message_id,
+        )
+        .await
+        .map_err(TaskError::from)?;
+        self.record(
+            &agg.id,
+            window,
+            generation,
+            ComputationState::Succeeded,
+            None,
+            None,
+        )
+        .await?;
+        self.unindex(&agg.id, window).await;
         metrics::counter!("millrace_windows_succeeded_total", "aggregation" => agg.id.clone())
             .increment(1);
-        tracing::info!(aggregation = %agg.id, window = %msg.window, reports = result.report_count, "result written");
-        Ok(MillOutcome::Succeeded(result))
+        tracing::info!(aggregation = %agg.id, window = %name, generation, reports = result.report_count, "result written");
+        Ok(Joined::Done(MillOutcome::Succeeded(result)))
+    }
+
+    /// One pass over the waiting index of every aggregation, as of `now` (unix seconds). For each
+    /// window waited on it tries the join again (both parts may be there now, say after a lost
+    /// message); a window still missing a part `wait_deadline` after it started waiting is
+    /// recorded FAILED. Entries whose window has no record or a finished one are removed. A bad
+    /// entry is logged and counted in [`SweepReport::errors`], and the pass goes on; the error
+    /// returned, if any, is the first aggregation whose index could not be listed (after the
+    /// others were swept).
+    pub async fn expire_waiting(&self, now: i64) -> Result<SweepReport, StoreError> {
+        self.sweep(now, None).await
+    }
+
+    async fn sweep(
+        &self,
+        now: i64,
+        shutdown: Option<&Shutdown>,
+    ) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        let mut first_error = None;
+        for agg in &self.config.aggregations {
+            let prefix = waiting_prefix(&agg.id);
+            let entries = match self.collector.list(&prefix).await {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::warn!(aggregation = %agg.id, index = %prefix, error = %e, "cannot list the waiting index");
+                    report.errors += 1;
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            for entry in entries {
+                if shutdown.is_some_and(Shutdown::is_triggered) {
+                    return Ok(report);
+                }
+                let Some(window) = entry
+                    .key
+                    .strip_prefix(&prefix)
+                    .and_then(|name| Window::parse(name).ok())
+                else {
+                    tracing::warn!(aggregation = %agg.id, key = %entry.key, "skipping a waiting-index entry that names no window");
+                    report.errors += 1;
+                    continue;
+                };
+                match self.sweep_one(agg, window, now).await {
+                    Ok(Swept::Joined) => report.joined += 1,
+                    Ok(Swept::Failed) => report.failed += 1,
+                    Ok(Swept::Refused) => report.refused += 1,
+                    Ok(Swept::Waiting) => report.waiting += 1,
+                    Ok(Swept::Cleared) => report.cleared += 1,
+                    Err(e) => {
+                        tracing::warn!(aggregation = %agg.id, window = %window.name(), error = %e, "sweep: cannot handle the waiting window; trying again in the next sweep");
+                        report.errors += 1;
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(e) => {
+                tracing::warn!(?report, "sweep incomplete");
+                Err(e)
+            }
+            None => Ok(report),
+        }
+    }
+
+    async fn sweep_one(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        now: i64,
+    ) -> Result<Swept, TaskError> {
+        let name = window.name();
+        let record = self
+            .read_record(&agg.id, window)
+            .await
+            .map_err(TaskError::from)?;
+        let Some(record) = record.filter(|c| !c.state.is_terminal()) else {
+            self.collector
+                .delete(&waiting_key(&agg.id, window))
+                .await
+                .map_err(TaskError::from)?;
+            return Ok(Swept::Cleared);
+        };
+        let generation = record.generation;
+        if self.is_announced(&agg.id, window).await? {
+            self.settle_announced(&agg.id, window, generation).await?;
+            return Ok(Swept::Joined);
+        }
+        let since = record.since.unwrap_or(record.updated_at);
+        let deadline =
+            since.saturating_add(i64::try_from(agg.wait_deadline.as_secs()).unwrap_or(i64::MAX));
+        let why = match self.try_join(agg, window, generation).await {
+            Ok(Joined::Done(MillOutcome::Refused(_))) => return Ok(Swept::Refused),
+            Ok(Joined::Done(_)) => {
+                if self.is_announced(&agg.id, window).await? {
+                    self.settle_announced(&agg.id, window, generation).await?;
+                } else {
+                    // Another generation's result was written first; its join announces it.
+                    self.unindex(&agg.id, window).await;
+                }
+                return Ok(Swept::Joined);
+            }
+            Ok(Joined::Mismatch(_)) => return Ok(Swept::Refused),
+            Ok(Joined::Missing(missing)) => {
+                let who = self
+                    .config
+                    .facilitator_name(missing)
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default();
+                format!("sum part of facilitator {missing}{who} never came")
+            }
+            // The parts are there but cannot be joined (unreadable, wrongly signed): that will
+            // not mend itself, but an operator may, so it fails only at the deadline.
+            Err(TaskError::Permanent(e)) if now >= deadline => {
+                format!("the sum parts could not be joined ({e})")
+            }
+            Err(e) => return Err(e),
+        };
+        if now < deadline {
+            return Ok(Swept::Waiting);
+        }
+        let detail = format!(
+            "{}/{name} generation {generation}: {why}: waited since {}, the aggregation's \
+             wait_deadline is {}",
+            agg.id,
+            timestamp(since),
+            human(agg.wait_deadline)
+        );
+        self.record(
+            &agg.id,
+            window,
+            generation,
+            ComputationState::Failed,
+            Some(since),
+            Some(detail.clone()),
+        )
+        .await?;
+        // A join that finished while we decided: its SUCCEEDED wins over our FAILED.
+        if self.is_announced(&agg.id, window).await? {
+            self.settle_announced(&agg.id, window, generation).await?;
+            return Ok(Swept::Joined);
+        }
+        metrics::counter!("millrace_windows_failed_total", "aggregation" => agg.id.clone())
+            .increment(1);
+        tracing::warn!(aggregation = %agg.id, window = %name, generation, %detail, "window failed: the wait deadline passed");
+        self.unindex(&agg.id, window).await;
+        Ok(Swept::Failed)
+    }
+
+    /// Runs [`Mill::expire_waiting`] every `interval` until `shutdown`. A pass under way when
+    /// shutdown starts stops before its next window.
+    pub async fn run_sweeps(&self, interval: Duration, shutdown: Shutdown) {
+        loop {
+            if shutdown.is_triggered() {
+                break;
+            }
+            match self.sweep(now(), Some(&shutdown)).await {
+                Ok(report) if report.is_empty() => {}
+                Ok(report)
+                    if report.failed + report.joined + report.refused + report.errors > 0 =>
+                {
+                    tracing::info!(?report, "sweep of waiting windows");
+                }
+                Ok(report) => tracing::debug!(?report, "sweep of waiting windows"),
+                Err(e) => tracing::warn!(error = %e, "sweep of waiting windows incomplete"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait() => break,
+            }
+        }
+        tracing::info!("mill sweeps stopped");
     }
 }
 
@@ -296,5 +764,281 @@ impl Handler for Mill {
         let msg = SumPartReady::from_json(&task.body)
             .map_err(|e| TaskError::Permanent(format!("message {}: {e}", task.message_id)))?;
         self.join(&msg).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use millrace_bus::memory::MemoryBus;
+    use millrace_protocol::crypto::Signer25519;
+    use millrace_protocol::tasks::SUM_PART_READY_VERSION;
+
+    use super::*;
+
+    const T0: i64 = 1_795_000_000;
+
+    struct Fixture {
+        mill: Mill,
+        collector: Store,
+        config: Arc<Config>,
+        signers: [Signer25519; 2],
+        window: Window,
+    }
+
+    fn fixture() -> Fixture {
+        let signers = [
+            Signer25519::generate("alpha"),
+            Signer25519::generate("beta"),
+        ];
+        let text = format!(
+            r#"
+[[facilitator]]
+index = 0
+name = "alpha"
+signing_public_key = "{}"
+hpke_public_key = "00"
+
+[[facilitator]]
+index = 1
+name = "beta"
+signing_public_key = "{}"
+hpke_public_key = "00"
+
+[[aggregation]]
+id = "clicks"
+vdaf = {{ type = "count" }}
+window = "1h"
+grace = "5m"
+max_age = "1day"
+min_reports = 0
+wait_deadline = "1h"
+verify_key = "env:MILLRACE_UNUSED"
+ingestors = []
+"#,
+            signers[0].public_hex(),
+            signers[1].public_hex()
+        );
+        let config = Arc::new(Config::parse(&text, Path::new("m.toml"), Path::new(".")).unwrap());
+        let collector = Store::memory();
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let mill = Mill::new(config.clone(), collector.clone(), bus, "t").unwrap();
+        Fixture {
+            mill,
+            collector,
+            config,
+            signers,
+            window: Window::containing(T0, 3600),
+        }
+    }
+
+    impl Fixture {
+        async fn put_part(&self, facilitator: u8, generation: u32, manifest_byte: u8) {
+            let agg = self.config.aggregation("clicks").unwrap();
+            let share = agg
+                .vdaf
+                .encode_accumulator(&agg.vdaf.accumulator())
+                .unwrap();
+            let part = SumPart {
+                aggregation: "clicks".into(),
+                window_start: self.window.start,
+                window_end: self.window.end,
+                generation,
+                manifest_digest: [manifest_byte; 32],
+                facilitator,
+                report_count: 0,
+                invalid_count: 0,
+                report_digest: [0; 32],
+                batches: vec!["b1".into()],
+                aggregate_share: share,
+            };
+            let bytes = part
+                .encode(&self.signers[usize::from(facilitator)])
+                .unwrap();
+            self.collector
+                .create(
+                    &sum_part_key("clicks", self.window, generation, facilitator),
+                    bytes,
+                )
+                .await
+                .unwrap();
+        }
+
+        fn msg(&self, facilitator: u8, generation: u32) -> SumPartReady {
+            SumPartReady {
+                version: SUM_PART_READY_VERSION,
+                aggregation: "clicks".into(),
+                window: self.window.name(),
+                generation,
+                facilitator,
+            }
+        }
+
+        async fn record(&self) -> Computation {
+            Computation::from_json(
+                &self
+                    .collector
+                    .get_required(&computation_key("clicks", self.window))
+                    .await
+                    .unwrap(),
+            )
+            .unwrap()
+        }
+
+        async fn indexed(&self) -> bool {
+            self.collector
+                .exists(&waiting_key("clicks", self.window))
+                .await
+                .unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_part_waits_without_failing_and_the_second_joins() {
+        let f = fixture();
+        f.put_part(0, 0, 7).await;
+        assert_eq!(
+            f.mill.join(&f.msg(0, 0)).await.unwrap(),
+            MillOutcome::Waiting { missing: 1 }
+        );
+        let waiting = f.record().await;
+        assert_eq!(waiting.state, ComputationState::WaitingForParts);
+        assert_eq!(waiting.generation, 0);
+        let since = waiting.since.unwrap();
+        assert!(f.indexed().await);
+        // A redelivery keeps `since`.
+        assert_eq!(
+            f.mill.join(&f.msg(0, 0)).await.unwrap(),
+            MillOutcome::Waiting { missing: 1 }
+        );
+        assert_eq!(f.record().await.since, Some(since));
+
+        f.put_part(1, 0, 7).await;
+        let MillOutcome::Succeeded(result) = f.mill.join(&f.msg(1, 0)).await.unwrap() else {
+            panic!("not joined");
+        };
+        assert_eq!(result.generation, 0);
+        let done = f.record().await;
+        assert_eq!(
+            (done.state, done.generation),
+            (ComputationState::Succeeded, 0)
+        );
+        assert!(!f.indexed().await);
+        assert_eq!(
+            f.mill.join(&f.msg(0, 0)).await.unwrap(),
+            MillOutcome::AlreadyDone
+        );
+    }
+
+    #[tokio::test]
+    async fn parts_of_different_manifests_are_refused() {
+        let f = fixture();
+        f.put_part(0, 0, 1).await;
+        f.put_part(1, 0, 2).await;
+        let Err(TaskError::Permanent(reason)) = f.mill.join(&f.msg(1, 0)).await else {
+            panic!("joined parts of different manifests");
+        };
+        assert!(
+            reason.contains("the parts aggregate different window manifests"),
+            "{reason}"
+        );
+        assert_eq!(f.record().await.state, ComputationState::Failed);
+        // The other part's message is stale now.
+        assert!(matches!(
+            f.mill.join(&f.msg(0, 0)).await.unwrap(),
+            MillOutcome::Stale(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_sweep_joins_a_window_whose_message_was_lost() {
+        let f = fixture();
+        f.put_part(1, 0, 7).await;
+        f.mill.join(&f.msg(1, 0)).await.unwrap();
+        // Facilitator 0's part arrives, but its message never does.
+        f.put_part(0, 0, 7).await;
+        let report = f.mill.expire_waiting(now()).await.unwrap();
+        assert_eq!(
+            report,
+            SweepReport {
+                joined: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(f.record().await.state, ComputationState::Succeeded);
+        assert!(!f.indexed().await);
+        assert!(f
+            .collector
+            .exists(&result_key("clicks", f.window))
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_sweep_fails_a_window_past_its_wait_deadline_and_names_the_missing_part() {
+        let f = fixture();
+        f.put_part(0, 0, 7).await;
+        f.mill.join(&f.msg(0, 0)).await.unwrap();
+        // Garbage in the index does not stop the sweep.
+        f.collector
+            .overwrite("waiting/clicks/not-a-window", b"0\n".to_vec())
+            .await
+            .unwrap();
+        let since = f.record().await.since.unwrap();
+        let report = f.mill.expire_waiting(since + 60).await.unwrap();
+        assert_eq!((report.waiting, report.errors), (1, 1), "{report:?}");
+        assert_eq!(f.record().await.state, ComputationState::WaitingForParts);
+
+        let report = f.mill.expire_waiting(since + 3600).await.unwrap();
+        assert_eq!((report.failed, report.errors), (1, 1), "{report:?}");
+        let failed = f.record().await;
+        assert_eq!(failed.state, ComputationState::Failed);
+        let detail = failed.detail.unwrap();
+        assert!(
+            detail.contains("sum part of facilitator 1 (beta) never came"),
+            "{detail}"
+        );
+        assert!(detail.contains("wait_deadline is 1h"), "{detail}");
+        assert!(detail.contains(&timestamp(since)), "{detail}");
+        assert!(!f.indexed().await);
+
+        // The late part is acknowledged as stale, and a new generation starts afresh.
+        f.put_part(1, 0, 7).await;
+        assert!(matches!(
+            f.mill.join(&f.msg(1, 0)).await.unwrap(),
+            MillOutcome::Stale(_)
+        ));
+        f.put_part(0, 1, 8).await;
+        assert_eq!(
+            f.mill.join(&f.msg(0, 1)).await.unwrap(),
+            MillOutcome::Waiting { missing: 1 }
+        );
+        let waiting = f.record().await;
+        assert_eq!(
+            (waiting.state, waiting.generation),
+            (ComputationState::WaitingForParts, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sweep_clears_entries_of_finished_windows_and_stops_on_shutdown() {
+        let f = fixture();
+        f.collector
+            .overwrite(&waiting_key("clicks", f.window), b"0\n".to_vec())
+            .await
+            .unwrap();
+        let report = f.mill.expire_waiting(now()).await.unwrap();
+        assert_eq!(report.cleared, 1, "{report:?}");
+        assert!(!f.indexed().await);
+
+        let shutdown = Shutdown::new();
+        shutdown.trigger();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            f.mill.run_sweeps(Duration::from_secs(3600), shutdown),
+        )
+        .await
+        .unwrap();
     }
 }

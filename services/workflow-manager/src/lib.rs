@@ -240,7 +240,9 @@ impl WorkflowManager {
     pub fn new(config: Arc<Config>, store: Store, bus: Arc<dyn Bus>, settings: Settings) -> Self {
         let signer = (settings.facilitator == windows::LEADER).then(|| {
             config.facilitator_signer(windows::LEADER).map_err(|e| {
-                format!("the leader signs window manifests, but its signing key cannot be loaded: {e}")
+                format!(
+                    "the leader signs window manifests, but its signing key cannot be loaded: {e}"
+                )
             })
         });
         WorkflowManager {

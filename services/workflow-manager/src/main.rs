@@ -64,6 +64,13 @@ async fn main() -> anyhow::Result<()> {
         ),
         (None, _) => None,
     };
+    if args.me.facilitator == 0 {
+        // The leader signs window manifests: a missing or unreadable key is a start-up error,
+        // not a failure of every window later.
+        config.facilitator_signer(0).map_err(|e| {
+            anyhow::anyhow!("facilitator 0 is the leader and signs window manifests: {e}")
+        })?;
+    }
     let mut wm = WorkflowManager::new(
         config,
         Store::open(&args.me.store)?,

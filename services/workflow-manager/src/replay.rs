@@ -27,7 +27,7 @@ use millrace_protocol::formats::{ExcludedBatch, ExclusionReason, WindowBatch, Wi
 use millrace_protocol::layout::{
     aggregate_marker_key, ingestion_prefix, intake_marker_key, manifest_key,
     manifest_window_prefix, parse_ingestion_key, parse_manifest_key, parse_validation_key,
-    result_key, validation_prefix, Partition, Window,
+    result_key, settled_marker_key, validation_prefix, Partition, Window,
 };
 use millrace_protocol::tasks::{
     topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, TASK_VERSION,
@@ -335,10 +335,7 @@ impl WorkflowManager {
         }
         // The next generation after every one present, valid or not (so a forged or damaged
         // manifest cannot block the write).
-        let listed = self
-            .store
-            .list(&manifest_window_prefix(&agg.id, w))
-            .await?;
+        let listed = self.store.list(&manifest_window_prefix(&agg.id, w)).await?;
         let previous = listed
             .iter()
             .filter_map(|o| parse_manifest_key(&agg.id, &o.key))
@@ -409,6 +406,15 @@ impl WorkflowManager {
             return Err(ReplayError::Refused(format!(
                 "another re-aggregation of window {window} wrote generation {generation} first"
             )));
+        }
+        // The window's partitions are listed again by both sides' next passes (settled markers
+        // only save listings; the helper must see the new generation, and both re-settle).
+        for p in Partition::range(w.start, w.end) {
+            let key = settled_marker_key(&agg.id, p);
+            self.store.delete(&key).await?;
+            if let Some(peer) = &self.peer {
+                peer.delete(&key).await?;
+            }
         }
         tracing::warn!(target: "millrace::audit", action = "reaggregate", aggregation = %agg.id, window = %w.name(), generation, previous, by = %me, reason, "window re-aggregated under a new manifest generation");
         if !manifest.batches.is_empty() {

@@ -9,8 +9,8 @@ use millrace_protocol::formats::{ExcludedBatch, ExclusionReason, WindowBatch, Wi
 use millrace_protocol::layout::{
     aggregate_marker_key, computation_key, exclusion_key, ingestion_prefix, intake_marker_key,
     manifest_key, manifest_window_prefix, parse_ingestion_key, parse_manifest_key,
-    parse_settled_key, parse_validation_key, settled_marker_key, settled_prefix,
-    validation_prefix, Partition, Window,
+    parse_settled_key, parse_validation_key, settled_marker_key, settled_prefix, validation_prefix,
+    Partition, Window,
 };
 use millrace_protocol::results::{
     BatchExclusion, Computation, ComputationState, COMPUTATION_VERSION, EXCLUSION_VERSION,
@@ -416,7 +416,10 @@ impl WorkflowManager {
                 .iter()
                 .filter(|s| matches!(s, Pending::PeerMissing { .. }))
                 .count();
-            if let Some(passes) = self.waiting_log.hit(&format!("{}/{}", agg.id, window.name()), 1) {
+            if let Some(passes) = self
+                .waiting_log
+                .hit(&format!("{}/{}", agg.id, window.name()), 1)
+            {
                 tracing::info!(
                     aggregation = %agg.id,
                     window = %window.name(),
@@ -685,10 +688,16 @@ impl WorkflowManager {
     ) -> Result<(), PassError> {
         let written_by = window.end + agg.max_age.as_secs() as i64;
         let deadline = written_by + agg.wait_deadline.as_secs() as i64;
-        let leader = self.config.facilitator_name(LEADER).unwrap_or("facilitator 0");
+        let leader = self
+            .config
+            .facilitator_name(LEADER)
+            .unwrap_or("facilitator 0");
         if now < deadline {
             report.windows_waiting += 1;
-            if let Some(passes) = self.waiting_log.hit(&format!("{}/{}", agg.id, window.name()), 1) {
+            if let Some(passes) = self
+                .waiting_log
+                .hit(&format!("{}/{}", agg.id, window.name()), 1)
+            {
                 tracing::info!(aggregation = %agg.id, window = %window.name(), leader, deadline = %Window::rfc3339(deadline), passes, "window waiting for the leader's manifest (logged once a minute per window)");
             }
             return Ok(());

@@ -384,7 +384,10 @@ ingestors = ["ing"]
             ),
             (GOOD.replace("grace = \"5m\"", "grace = \"soon\""), "grace"),
             (
-                GOOD.replace("grace = \"5m\"", "grace = \"5m\"\npeer_deadline = \"later\""),
+                GOOD.replace(
+                    "grace = \"5m\"",
+                    "grace = \"5m\"\npeer_deadline = \"later\"",
+                ),
                 "peer_deadline",
             ),
         ];

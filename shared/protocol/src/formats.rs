@@ -909,10 +909,18 @@ mod tests {
         assert!(err.to_string().contains("not by the leader"), "{err}");
         for (agg, w, g) in [
             ("other", window, 1),
-            ("clicks", Window { start: 0, end: 7200 }, 1),
+            (
+                "clicks",
+                Window {
+                    start: 0,
+                    end: 7200,
+                },
+                1,
+            ),
             ("clicks", window, 0),
         ] {
-            let err = WindowManifest::decode_leaders(&keys, "alpha", agg, w, g, &bytes).unwrap_err();
+            let err =
+                WindowManifest::decode_leaders(&keys, "alpha", agg, w, g, &bytes).unwrap_err();
             assert!(err.to_string().contains("window manifest is for"), "{err}");
         }
     }

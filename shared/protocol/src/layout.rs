@@ -6,7 +6,7 @@
 //! ingestion/{agg}/{YYYY}/{MM}/{DD}/{HH}/{batch}.batch             written by ingestors
 //! validation/{agg}/{YYYY}/{MM}/{DD}/{HH}/{batch}.validation.{i}    by facilitator i (own and peer)
 //! states/{agg}/{YYYY}/{MM}/{DD}/{HH}/{batch}.states                own verify states (private)
-//! manifests/{agg}/{window}.manifest.{generation}                   the leader's window manifest (both stores)
+//! manifests/{agg}/{window}/{generation}.manifest                   the leader's window manifest (both stores)
 //! excluded/{agg}/{window}/{batch}.json                             a batch left out of a window, and why
 //! computations/{agg}/{window}.json                                 this facilitator's record of a window it gave up on
 //! markers/{agg}/intake/{YYYY}/{MM}/{DD}/{HH}/{batch}                workflow-manager markers
@@ -17,7 +17,7 @@
 //! The collector's store:
 //!
 //! ```text
-//! sums/{agg}/{window}.{generation}.sum.{i}
+//! sums/{agg}/{window}/{generation}.sum.{i}
 //! results/{agg}/{window}.result.json
 //! computations/{agg}/{window}.json                                 the mill's record of the window
 //! waiting/{agg}/{window}                                           windows the mill waits on (an index)
@@ -191,16 +191,17 @@ pub fn aggregate_marker_key(agg: &str, w: Window, generation: u32) -> String {
 }
 /// Generation `generation` of a window's manifest (written by the leader to both stores).
 pub fn manifest_key(agg: &str, w: Window, generation: u32) -> String {
-    format!("manifests/{agg}/{}.manifest.{generation}", w.name())
+    format!("manifests/{agg}/{}/{generation}.manifest", w.name())
 }
-/// Every generation of one window's manifest.
+/// Every generation of one window's manifest (a listing prefix).
 pub fn manifest_window_prefix(agg: &str, w: Window) -> String {
-    format!("manifests/{agg}/{}.manifest.", w.name())
+    format!("manifests/{agg}/{}/", w.name())
 }
 /// Parses a manifest key into (window, generation).
 pub fn parse_manifest_key(agg: &str, key: &str) -> Option<(Window, u32)> {
     let rest = key.strip_prefix(&format!("manifests/{agg}/"))?;
-    let (window, generation) = rest.split_once(".manifest.")?;
+    let (window, file) = rest.split_once('/')?;
+    let generation = file.strip_suffix(".manifest")?;
     Some((Window::parse(window).ok()?, parse_generation(generation)?))
 }
 /// The record of a batch left out of a window (late, lacking on one side, past max age).
@@ -241,11 +242,11 @@ pub fn result_marker_key(agg: &str, w: Window) -> String {
     format!("markers/{agg}/results/{}", w.name())
 }
 pub fn sum_part_key(agg: &str, w: Window, generation: u32, facilitator: u8) -> String {
-    format!("sums/{agg}/{}.{generation}.sum.{facilitator}", w.name())
+    format!("sums/{agg}/{}/{generation}.sum.{facilitator}", w.name())
 }
-/// Every generation's sum parts of one window.
+/// Every generation's sum parts of one window (a listing prefix).
 pub fn sum_parts_prefix(agg: &str, w: Window) -> String {
-    format!("sums/{agg}/{}.", w.name())
+    format!("sums/{agg}/{}/", w.name())
 }
 pub fn result_key(agg: &str, w: Window) -> String {
     format!("results/{agg}/{}.result.json", w.name())
@@ -331,7 +332,7 @@ mod tests {
         );
         assert!(manifest_key("clicks", w, 3).starts_with(&manifest_window_prefix("clicks", w)));
         for bad in ["01", "-1", "", "1x", "99999999999"] {
-            let key = format!("manifests/clicks/{}.manifest.{bad}", w.name());
+            let key = format!("manifests/clicks/{}/{bad}.manifest", w.name());
             assert_eq!(parse_manifest_key("clicks", &key), None, "{key}");
         }
         assert_eq!(

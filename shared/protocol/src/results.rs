@@ -121,7 +121,12 @@ impl BatchExclusion {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
     pub fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
-        let doc: Self = from_json("batch exclusion", EXCLUSION_VERSION, |d: &Self| d.version, bytes)?;
+        let doc: Self = from_json(
+            "batch exclusion",
+            EXCLUSION_VERSION,
+            |d: &Self| d.version,
+            bytes,
+        )?;
         if crate::formats::ExclusionReason::parse(&doc.reason).is_none() {
             return Err(FormatError::Invalid(format!(
                 "batch exclusion: unknown reason {:?}",

@@ -26,7 +26,7 @@ pub struct IntakeTask {
 }
 
 /// One window to aggregate: exactly the batches of generation `generation` of the window's
-/// manifest (`manifests/{agg}/{window}.manifest.{generation}` in the facilitator's own store,
+/// manifest (`manifests/{agg}/{window}/{generation}.manifest` in the facilitator's own store,
 /// signed by the leader). The task names the manifest rather than listing batches, so its body
 /// stays small whatever the window's size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
