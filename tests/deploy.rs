@@ -253,8 +253,15 @@ fn cli_for(inv: &Invocation) -> Cli {
     cli(&inv.binary, inv.sub())
 }
 
+/// The binaries every deployment gives the peer facilitator's store (`--peer-store`). The
+/// intake-worker's `--help` marks it required; the workflow-manager needs it only as facilitator
+/// 0, the leader, which writes each window's manifest to both stores (something `--help` cannot
+/// say), and the deployments give it to both facilitators alike.
+const PEER_STORE_USERS: [&str; 2] = ["intake-worker", "workflow-manager"];
+
 /// Every flag and `MILLRACE_*` variable is one the binary accepts, and every required flag is
-/// given (as a flag or through its variable).
+/// given (as a flag or through its variable), the peer store included where
+/// [`PEER_STORE_USERS`] says so.
 fn check_invocation(inv: &Invocation, cli: &Cli) -> Vec<String> {
     let mut problems = Vec::new();
     let what = match inv.sub() {
@@ -291,6 +298,17 @@ fn check_invocation(inv: &Invocation, cli: &Cli) -> Vec<String> {
                     .unwrap_or_default()
             ));
         }
+    }
+    if PEER_STORE_USERS.contains(&inv.binary.as_str())
+        && !cli.required.contains("--peer-store")
+        && inv.setting(cli, "--peer-store").is_none()
+    {
+        problems.push(format!(
+            "{}: `{what}` needs --peer-store (or MILLRACE_PEER_STORE) and gets neither: \
+             facilitator 0's, the leader's, refuses to start without it, and both facilitators \
+             get it alike",
+            inv.who
+        ));
     }
     problems
 }
@@ -979,6 +997,25 @@ fn a_flag_or_variable_the_binary_lacks_is_caught() {
         problems.iter().any(|p| p.contains("--peer-store")),
         "{problems:?}"
     );
+
+    // The workflow-manager's --help cannot require the peer store (only the leader needs it),
+    // but every deployment gives it one, on either facilitator.
+    let wm = fresh_invocation("workflow-manager", &["--interval", "10s"], &env);
+    assert_eq!(check_invocation(&wm, &cli_for(&wm)), Vec::<String>::new());
+    for f in ["0", "1"] {
+        let mut missing = wm.clone();
+        missing.env.remove("MILLRACE_PEER_STORE");
+        missing
+            .env
+            .insert("MILLRACE_FACILITATOR".to_string(), f.to_string());
+        let problems = check_invocation(&missing, &cli_for(&missing));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("`workflow-manager` needs --peer-store")),
+            "facilitator {f}: {problems:?}"
+        );
+    }
 }
 
 #[test]
@@ -1108,6 +1145,23 @@ fn a_broken_compose_file_is_caught() {
             }
         }),
         "profile kafka: 1 workflow-manager service(s), expected 2",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            if let Some(env) =
+                d["services"]["aws-workflow-manager-0"]["environment"].as_mapping_mut()
+            {
+                env.remove("MILLRACE_PEER_STORE");
+            }
+        }),
+        "aws-workflow-manager-0: `workflow-manager` needs --peer-store",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["nats-workflow-manager-0"]["environment"]["MILLRACE_PEER_STORE"] =
+                Value::String("file:///srv/elsewhere".to_string());
+        }),
+        "store \"file:///srv/elsewhere\" is not inside a mounted volume",
     );
     expect_problem(
         &problems_after(|d| {
@@ -2124,6 +2178,16 @@ fn a_broken_rendering_is_caught() {
             }
         }),
         "reads no environment variable MILLRACE_PEER_STORE",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let c = &mut doc_mut(d, "CronJob", "workflow-manager")["spec"]["jobTemplate"]["spec"]
+                ["template"]["spec"]["containers"][0];
+            if let Some(env) = c["env"].as_sequence_mut() {
+                env.retain(|e| str_of(&e["name"]).as_deref() != Some("MILLRACE_PEER_STORE"));
+            }
+        }),
+        "`workflow-manager` needs --peer-store",
     );
     expect_problem(
         &rendering_problems_after(|d| {

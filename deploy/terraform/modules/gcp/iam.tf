@@ -1,7 +1,9 @@
 # One Google service account per service, bound to exactly one Kubernetes ServiceAccount through
 # workload identity, with only what that service does (see deploy/README.md, "Least privilege"):
 #
-#   workflow-manager  list its store; read and create markers/; publish intake + aggregate tasks
+#   workflow-manager  list its store; read and create markers/; publish intake + aggregate tasks;
+#                     facilitator 0's (the leader's) also reads and creates manifests/ in its
+#                     store and in the peer's store
 #   intake-worker     consume intake; read ingestion/; write validation/ + states/ in its store
 #                     and validation/ in the peer's store
 #   aggregate-worker  consume aggregate; read validation/ + states/; write sums/ in the
@@ -34,7 +36,11 @@ locals {
         checks          = ["${local.p}.${f}.intake=intake-worker-${f}", "${local.p}.${f}.aggregate=aggregate-worker-${f}"]
         publish         = ["${local.p}.${f}.intake", "${local.p}.${f}.aggregate"]
         consume         = []
-        storage = [
+        # Facilitator 0, the leader, also writes each window's manifest to both stores.
+        storage = f == "0" ? [
+          { bucket = "fac-${f}", read = ["markers/", "manifests/"], write = ["markers/", "manifests/"], delete = [] },
+          { bucket = "fac-${1 - tonumber(f)}", read = ["manifests/"], write = ["manifests/"], delete = [] },
+          ] : [
           { bucket = "fac-${f}", read = ["markers/"], write = ["markers/"], delete = [] },
         ]
       }
