@@ -1799,7 +1799,8 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
                             .collect(),
                         Vec::new(),
                     ),
-                    "aggregate-worker" => (vec![signing], vec![hpke]),
+                    // The workflow-manager of the leader signs window manifests.
+                    "aggregate-worker" | "workflow-manager" => (vec![signing], vec![hpke]),
                     _ => (Vec::new(), vec![signing, hpke]),
                 };
             let file_of = |reference: &str| -> Option<String> {
@@ -1858,10 +1859,12 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             } else if files.values().any(bus_credentials) {
                 problems.push(format!("{who}: uses no bus, but mounts its credentials"));
             }
-            if !matches!(binary.as_str(), "intake-worker" | "aggregate-worker")
-                && files
-                    .values()
-                    .any(|from| from.starts_with("Secret") && !bus_credentials(from))
+            if !matches!(
+                binary.as_str(),
+                "intake-worker" | "aggregate-worker" | "workflow-manager"
+            ) && files
+                .values()
+                .any(|from| from.starts_with("Secret") && !bus_credentials(from))
             {
                 problems.push(format!("{who}: reads no secret, but mounts one"));
             }

@@ -11,6 +11,7 @@
 //! is SUCCEEDED or FAILED and older than the TTL; the computation record goes last. Every deletion (or, with `--dry-run`, every deletion it would
 //! make) is one structured audit line on the `millrace::audit` target.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,7 +177,7 @@ impl Cleaner {
             }
             let (reason, generation, detail) = match latest.get(&w) {
                 Some(&g) => {
-                    if !manifests.contains_key(&w) {
+                    if let Entry::Vacant(slot) = manifests.entry(w) {
                         let m = match self.store.get(&manifest_key(id, w, g)).await? {
                             Some(bytes) => {
                                 match WindowManifest::decode_leaders(&keys, leader, id, w, g, &bytes) {
@@ -189,7 +190,7 @@ impl Cleaner {
                             }
                             None => None,
                         };
-                        manifests.insert(w, m);
+                        slot.insert(m);
                     }
                     match manifests.get(&w) {
                         Some(Some(m)) if !m.mentions(&batch) => (

@@ -1,15 +1,19 @@
 # One IAM role per service, assumed through IRSA by exactly one Kubernetes ServiceAccount, with
 # only what that service does (see deploy/README.md, "Least privilege"):
 #
-#   workflow-manager  list its store; read and create markers/; publish intake + aggregate tasks;
-#                     facilitator 0's (the leader's) also reads and creates manifests/ in its
-#                     store and in the peer's store
+#   workflow-manager  list its store; read and create markers/ and excluded/ (batches left out of
+#                     a window); read manifests/; publish intake + aggregate tasks. Facilitator 0's
+#                     (the leader's) also creates manifests/ in its store and in the peer's;
+#                     facilitator 1's records windows it gave up on in computations/
 #   intake-worker     consume intake; read ingestion/; write validation/ + states/ in its store
 #                     and validation/ in the peer's store
-#   aggregate-worker  consume aggregate; read validation/ + states/; write sums/ in the
+#   aggregate-worker  consume aggregate; read manifests/ + validation/ + states/; write sums/ in the
 #                     collector's store; publish sum-part-ready on collect
-#   mill              consume collect; read sums/; write results/ + computations/; publish results
-#   cleaner           list its store, read markers/ (is a batch's window settled?), delete; no bus
+#   mill              consume collect; read sums/; write results/ + computations/ + waiting/ (its
+#                     index of windows waiting for a part, deleted when they end); publish results
+#   cleaner           list its store, read markers/ + manifests/ (is a batch's window settled? is a
+#                     batch in its window's manifest?), record late batches in excluded/, delete;
+#                     no bus
 #
 # Every bus user may also look up the topics and queues it checks at start-up (each with its
 # .dead and .rejected companions) and publish to the companions of what it consumes (the worker
@@ -33,10 +37,10 @@ locals {
         consume         = []
         # Facilitator 0, the leader, also writes each window's manifest to both stores.
         s3 = f == "0" ? [
-          { bucket = "fac-${f}", read = ["markers/", "manifests/"], write = ["markers/", "manifests/"], delete = [] },
+          { bucket = "fac-${f}", read = ["markers/", "manifests/", "excluded/"], write = ["markers/", "manifests/", "excluded/"], delete = [] },
           { bucket = "fac-${1 - tonumber(f)}", read = ["manifests/"], write = ["manifests/"], delete = [] },
           ] : [
-          { bucket = "fac-${f}", read = ["markers/"], write = ["markers/"], delete = [] },
+          { bucket = "fac-${f}", read = ["markers/", "manifests/", "excluded/", "computations/"], write = ["markers/", "excluded/", "computations/"], delete = [] },
         ]
       }
       "fac-${f}-intake-worker" = {
@@ -57,7 +61,7 @@ locals {
         publish         = ["${local.p}.${f}.aggregate.dead", "${local.p}.${f}.aggregate.rejected", "${local.p}.collect"]
         consume         = ["${local.p}.${f}.aggregate=aggregate-worker-${f}"]
         s3 = [
-          { bucket = "fac-${f}", read = ["validation/", "states/"], write = [], delete = [] },
+          { bucket = "fac-${f}", read = ["manifests/", "validation/", "states/"], write = [], delete = [] },
           { bucket = "collector", read = ["sums/"], write = ["sums/"], delete = [] },
         ]
       }
@@ -68,7 +72,7 @@ locals {
         publish         = []
         consume         = []
         s3 = [
-          { bucket = "fac-${f}", read = ["markers/"], write = [], delete = ["ingestion/", "validation/", "states/", "markers/"] },
+          { bucket = "fac-${f}", read = ["markers/", "manifests/", "excluded/", "computations/"], write = ["excluded/"], delete = ["ingestion/", "validation/", "states/", "markers/", "manifests/", "excluded/", "computations/"] },
         ]
       }
     }
@@ -82,7 +86,7 @@ locals {
       publish         = ["${local.p}.collect.dead", "${local.p}.collect.rejected", "${local.p}.results"]
       consume         = ["${local.p}.collect=mill"]
       s3 = [
-        { bucket = "collector", read = ["sums/", "results/", "computations/"], write = ["results/", "computations/"], delete = [] },
+        { bucket = "collector", read = ["sums/", "results/", "computations/", "waiting/"], write = ["results/", "computations/", "waiting/"], delete = ["waiting/"] },
       ]
     }
     "cleaner-collector" = {
@@ -92,7 +96,7 @@ locals {
       publish         = []
       consume         = []
       s3 = [
-        { bucket = "collector", read = ["computations/"], write = [], delete = ["sums/", "results/", "computations/"] },
+        { bucket = "collector", read = ["computations/", "waiting/"], write = [], delete = ["sums/", "results/", "computations/", "waiting/"] },
       ]
     }
   } : {}
