@@ -344,6 +344,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = need(common.store, "store")?;
             let bus_url = need(common.bus, "bus")?;
             let reason = need(common.reason, "reason")?;
+            let request = millrace::replay::ReplayRequest {
+                config: Arc::new(Config::load(&config_path)?),
+                facilitator,
+                store: Store::open(&store)?,
+                bus: millrace_bus::connect(&bus_url).await.with_context(|| {
+                    format!("opening the bus {}", millrace_secrets::redact(&bus_url))
+                })?,
+                topic_prefix: common.topic_prefix,
+                by: common.by.unwrap_or_else(millrace::replay::default_operator),
+                reason,
+                dry_run: common.dry_run,
+            };
             if let ReplayCommand::Window {
                 aggregation,
                 window,
@@ -352,18 +364,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 collector_store,
             } = &what
             {
-                let request = millrace::replay::ReplayRequest {
-                    config: Arc::new(Config::load(&config_path)?),
-                    facilitator,
-                    store: Store::open(&store)?,
-                    bus: millrace_bus::connect(&bus_url).await.with_context(|| {
-                        format!("opening the bus {}", millrace_secrets::redact(&bus_url))
-                    })?,
-                    topic_prefix: common.topic_prefix,
-                    by: common.by.unwrap_or_else(millrace::replay::default_operator),
-                    reason,
-                    dry_run: common.dry_run,
-                };
                 let peer = Store::open(&need(peer_store.clone(), "peer-store")?)?;
                 let collector = Store::open(&need(collector_store.clone(), "collector-store")?)?;
                 let done =
@@ -390,18 +390,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     aggregation,
                     window,
                 },
-            };
-            let request = millrace::replay::ReplayRequest {
-                config: Arc::new(Config::load(&config_path)?),
-                facilitator,
-                store: Store::open(&store)?,
-                bus: millrace_bus::connect(&bus_url).await.with_context(|| {
-                    format!("opening the bus {}", millrace_secrets::redact(&bus_url))
-                })?,
-                topic_prefix: common.topic_prefix,
-                by: common.by.unwrap_or_else(millrace::replay::default_operator),
-                reason,
-                dry_run: common.dry_run,
             };
             let done = millrace::replay::replay(request, &target).await?;
             print!("{}", millrace::replay::describe(&done));

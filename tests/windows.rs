@@ -115,15 +115,19 @@ async fn aggregate_and_join(h: &Harness, tasks: &[(u8, AggregateTask)]) {
     }
 }
 
+/// The leader's tasks and the helper's, each with the facilitator that runs it.
+fn both(t0: Vec<AggregateTask>, t1: Vec<AggregateTask>) -> Vec<(u8, AggregateTask)> {
+    t0.into_iter()
+        .map(|t| (0, t))
+        .chain(t1.into_iter().map(|t| (1, t)))
+        .collect()
+}
+
 /// The leader's pass, then the helper's, at `now`; every task aggregated and joined.
 async fn complete(h: &Harness, now: i64) -> [PassReport; 2] {
     let (r0, t0) = pass(h, 0, now).await;
     let (r1, t1) = pass(h, 1, now).await;
-    let tasks: Vec<(u8, AggregateTask)> = t0
-        .into_iter()
-        .map(|t| (0, t))
-        .chain(t1.into_iter().map(|t| (1, t)))
-        .collect();
+    let tasks = both(t0, t1);
     aggregate_and_join(h, &tasks).await;
     [r0, r1]
 }
@@ -198,11 +202,7 @@ async fn the_helper_publishes_only_after_the_leaders_manifest_and_both_cover_the
     assert!(t0
         .iter()
         .all(|t| t.to_json().len() < 160 && t.version == AGGREGATE_TASK_VERSION));
-    let tasks: Vec<(u8, AggregateTask)> = t0
-        .into_iter()
-        .map(|t| (0, t))
-        .chain(t1.into_iter().map(|t| (1, t)))
-        .collect();
+    let tasks = both(t0, t1);
     aggregate_and_join(&h, &tasks).await;
     assert_exact(&h).await;
 }
@@ -234,11 +234,7 @@ async fn a_batch_reaching_the_helper_after_the_manifest_is_late_on_record_and_th
         ),
         ("late", p.path().as_str(), Some(0))
     );
-    let tasks: Vec<(u8, AggregateTask)> = t0
-        .into_iter()
-        .map(|t| (0, t))
-        .chain(t1.into_iter().map(|t| (1, t)))
-        .collect();
+    let tasks = both(t0, t1);
     aggregate_and_join(&h, &tasks).await;
     assert_exact(&h).await;
     // A second pass records it once only.
@@ -526,11 +522,7 @@ async fn forged_manifests_and_tasks_are_refused_by_name() {
             .unwrap(),
         real_bytes
     );
-    let tasks: Vec<(u8, AggregateTask)> = t0
-        .into_iter()
-        .map(|t| (0, t))
-        .chain(t1.into_iter().map(|t| (1, t)))
-        .collect();
+    let tasks = both(t0, t1);
     aggregate_and_join(&h, &tasks).await;
     assert_exact(&h).await;
 }
@@ -579,10 +571,10 @@ async fn batches_one_side_lacks_are_left_out_after_the_peer_deadline() {
         .all(|(_, r)| *r == ExclusionReason::PeerMissing));
 }
 
-/// Grace: nothing is decided before `end + grace`. Max age: a batch this side never validated
-/// holds the window until max age, then is left out. `windows_waiting` counts both waits.
+/// Grace: nothing is decided before `end + grace`. Max age: a batch the leader has but never
+/// validated holds the window (counted in `windows_waiting`) until max age, then is left out.
 #[tokio::test]
-async fn grace_max_age_and_waiting_windows() {
+async fn grace_holds_a_window_open_and_max_age_ends_the_wait() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
     validate_all(&h, t).await;
@@ -619,8 +611,13 @@ async fn grace_max_age_and_waiting_windows() {
     assert_exact(&h).await;
     let e = exclusion(&h, 0, &agg, w, &stuck).await;
     assert_eq!(e.reason, "max-age");
+}
 
-    // The helper, without a manifest, waits; past max age + the wait deadline it records FAILED.
+/// The helper without a manifest: counted in `windows_waiting` until max age + the wait
+/// deadline, then the window is recorded FAILED in its store, naming what never came.
+#[tokio::test]
+async fn a_helper_without_a_manifest_waits_then_records_the_window_failed() {
+    let t = now();
     let fresh = harness(100, 0.0, 50).await;
     let other = &fresh.expectations.windows[0];
     let ow = Window::parse(&other.window).unwrap();
@@ -629,6 +626,12 @@ async fn grace_max_age_and_waiting_windows() {
     assert!(r.windows_waiting > 0 && r.windows_failed == 0, "{r:?}");
     let oa = fresh.config.aggregation(&other.aggregation).unwrap();
     let deadline = ow.end + oa.max_age.as_secs() as i64 + oa.wait_deadline.as_secs() as i64;
+    let (r, _) = pass(&fresh, 1, deadline - 1).await;
+    assert!(r.windows_waiting > 0 && r.windows_failed == 0, "{r:?}");
+    assert!(!fresh.stores[1]
+        .exists(&computation_key(&other.aggregation, ow))
+        .await
+        .unwrap());
     let (r, _) = pass(&fresh, 1, deadline).await;
     assert!(r.windows_failed > 0, "{r:?}");
     let c = Computation::from_json(

@@ -124,43 +124,24 @@ impl AggregateWorker {
                     task.aggregation, task.window, task.generation
                 ))
             })?;
-        let (manifest, signer) =
-            WindowManifest::decode(&self.facilitator_keys, &bytes).map_err(|e| {
-                TaskError::Permanent(format!(
-                    "{}; refusing to aggregate {}/{} generation {}",
-                    e.in_object(&key),
-                    task.aggregation,
-                    task.window,
-                    task.generation
-                ))
-            })?;
         let leader = self.facilitator_name(0)?;
-        if signer != leader {
-            return Err(TaskError::Permanent(format!(
-                "{key}: the window manifest is signed by {signer:?}, not by the leader \
-                 {leader:?}; refusing to aggregate it"
-            )));
-        }
-        if manifest.aggregation != task.aggregation
-            || manifest.window_start != window.start
-            || manifest.window_end != window.end
-            || manifest.generation != task.generation
-        {
-            return Err(TaskError::Permanent(format!(
-                "{key}: the window manifest is about {}/{} generation {}, but the task names \
-                 {}/{} generation {}; refusing to aggregate it",
-                manifest.aggregation,
-                Window {
-                    start: manifest.window_start,
-                    end: manifest.window_end
-                }
-                .name(),
-                manifest.generation,
+        let manifest = WindowManifest::decode_leaders(
+            &self.facilitator_keys,
+            leader,
+            &task.aggregation,
+            window,
+            task.generation,
+            &bytes,
+        )
+        .map_err(|e| {
+            TaskError::Permanent(format!(
+                "{}; refusing to aggregate {}/{} generation {}",
+                e.in_object(&key),
                 task.aggregation,
                 task.window,
                 task.generation
-            )));
-        }
+            ))
+        })?;
         Ok((manifest, key))
     }
 

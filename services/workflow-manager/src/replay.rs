@@ -295,13 +295,7 @@ impl WorkflowManager {
             }
             for obj in self.store.list(&validation_prefix(&agg.id, p)).await? {
                 if let Some((_, batch, by)) = parse_validation_key(&agg.id, &obj.key) {
-                    view.validated
-                        .entry(WindowBatch {
-                            batch,
-                            partition: p,
-                        })
-                        .or_default()
-                        .add(by, obj.last_modified.timestamp());
+                    view.add_validation(batch, p, by, obj.last_modified.timestamp());
                 }
             }
         }

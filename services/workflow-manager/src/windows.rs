@@ -53,6 +53,14 @@ impl Validated {
 }
 
 impl WindowView {
+    /// Notes that facilitator `by` validated `batch` (the object written at `at`).
+    pub(crate) fn add_validation(&mut self, batch: String, partition: Partition, by: u8, at: i64) {
+        self.validated
+            .entry(WindowBatch { batch, partition })
+            .or_default()
+            .add(by, at);
+    }
+
     /// Every batch seen (own or validated by either side), with who validated it.
     pub(crate) fn batches(&self) -> BTreeMap<WindowBatch, Validated> {
         let mut all = self.validated.clone();
@@ -230,13 +238,7 @@ impl WorkflowManager {
             for obj in &validations {
                 match parse_validation_key(&agg.id, &obj.key) {
                     Some((_, batch, by)) => {
-                        view.validated
-                            .entry(WindowBatch {
-                                batch,
-                                partition: p,
-                            })
-                            .or_default()
-                            .add(by, obj.last_modified.timestamp());
+                        view.add_validation(batch, p, by, obj.last_modified.timestamp())
                     }
                     None => self.ignore_object(&agg.id, "validation", &vprefix, &obj.key),
                 }
