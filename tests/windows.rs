@@ -707,3 +707,44 @@ async fn settled_partitions_are_not_listed_again() {
     let report = cleaner.run_once(chrono::Utc::now()).await.unwrap();
     assert!(report.batches_recorded.is_empty());
 }
+
+/// One window whose manifest cannot be written (an object of someone else's is in the way in the
+/// helper's store) fails alone: it is named in the pass report and retried next pass, while every
+/// other window is decided and published.
+#[tokio::test]
+async fn a_window_whose_manifest_cannot_be_written_fails_alone_and_is_retried() {
+    let h = harness(400, 0.0, 50).await;
+    let t = now();
+    validate_all(&h, t).await;
+    let (agg, w) = first_window(&h);
+    let key = manifest_key(&agg, w, 0);
+    h.stores[1]
+        .create(&key, b"not the leader's manifest".to_vec())
+        .await
+        .unwrap();
+    let incomplete = h.wm(0, "wm-0").run_once(t).await.unwrap_err();
+    let report = &incomplete.report;
+    assert_eq!(report.failed_windows.len(), 1, "{report:?}");
+    assert_eq!(report.failed_windows[0].window, w.name());
+    assert!(
+        report.failed_windows[0].error.contains(&key),
+        "names the object: {:?}",
+        report.failed_windows[0].error
+    );
+    let windows = h.expectations.windows.len();
+    assert_eq!(report.aggregate_published, windows - 1, "{report:?}");
+    let mut leader = Vec::new();
+    for d in h.drain(&topics::aggregate(PREFIX, 0)).await {
+        leader.push(AggregateTask::from_json(&d.body).unwrap());
+        d.ack().await.unwrap();
+    }
+    // The operator removes the stray object; the next pass finishes the window.
+    h.stores[1].delete(&key).await.unwrap();
+    let (r, more) = pass(&h, 0, t).await;
+    assert!(r.failed_windows.is_empty(), "{r:?}");
+    assert_eq!(more.len(), 1, "{r:?} {more:?}");
+    leader.extend(more);
+    let (_, helper) = pass(&h, 1, t).await;
+    aggregate_and_join(&h, &both(leader, helper)).await;
+    assert_exact(&h).await;
+}
