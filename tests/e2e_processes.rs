@@ -207,8 +207,9 @@ impl Drop for Fleet {
     }
 }
 
-/// Retry settings for the services that wait on other services (the mill for the second sum
-/// part, the aggregate-worker for the peer's validations): short backoff, many attempts.
+/// Retry settings for the services that may find an input not there yet (the aggregate-worker, a
+/// peer's validation copy still on its way; the mill, a result another mill is announcing):
+/// short backoff, many attempts. (Waiting for a second sum part spends no attempt at all.)
 const WAITING_RETRIES: &[&str] = &[
     "--backoff-base",
     "200ms",
