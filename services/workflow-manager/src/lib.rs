@@ -350,7 +350,11 @@ impl WorkflowManager {
             .increment(report.aggregate_published as u64);
         metrics::counter!("millrace_tasks_skipped_by_marker_total")
             .increment(report.skipped_by_marker as u64);
-        metrics::gauge!("millrace_windows_waiting").set(report.windows_waiting as f64);
+        metrics::gauge!(
+            "millrace_windows_waiting",
+            "facilitator" => self.settings.facilitator.to_string()
+        )
+        .set(report.windows_waiting as f64);
         metrics::counter!("millrace_partitions_listed_total")
             .increment(report.partitions_listed as u64);
         if report.is_complete() {
