@@ -109,60 +109,63 @@ pub async fn facilitator_rows(
     let mut rows = Vec::new();
     for (f, store) in stores {
         for agg in &config.aggregations {
-            for obj in store.list(&format!("excluded/{}/", agg.id)).await? {
-                let Some(bytes) = store.get(&obj.key).await? else {
-                    continue;
-                };
-                rows.push(match BatchExclusion::from_json(&bytes) {
-                    Ok(e) => FacilitatorRow {
-                        facilitator: *f,
-                        aggregation: e.aggregation,
-                        window: e.window,
-                        what: format!("EXCLUDED ({})", e.reason),
-                        batch: Some(format!("{} {}", e.partition, e.batch)),
-                        detail: format!(
-                            "{} (seen {}, recorded by {})",
-                            e.detail,
-                            Window::rfc3339(e.seen_at),
-                            e.by
-                        ),
-                    },
-                    Err(err) => FacilitatorRow {
-                        facilitator: *f,
-                        aggregation: agg.id.clone(),
-                        window: obj.key.clone(),
-                        what: "UNREADABLE".to_string(),
-                        batch: None,
-                        detail: err.to_string(),
-                    },
-                });
-            }
-            for obj in store.list(&format!("computations/{}/", agg.id)).await? {
-                let Some(bytes) = store.get(&obj.key).await? else {
-                    continue;
-                };
-                rows.push(match Computation::from_json(&bytes) {
-                    Ok(c) => FacilitatorRow {
-                        facilitator: *f,
-                        aggregation: c.aggregation,
-                        window: c.window,
-                        what: format!("{:?}", c.state).to_uppercase(),
-                        batch: None,
-                        detail: c.detail.unwrap_or_default(),
-                    },
-                    Err(err) => FacilitatorRow {
-                        facilitator: *f,
-                        aggregation: agg.id.clone(),
-                        window: obj.key.clone(),
-                        what: "UNREADABLE".to_string(),
-                        batch: None,
-                        detail: err.to_string(),
-                    },
-                });
+            let exclusions = records(store, &format!("excluded/{}/", agg.id), |bytes| {
+                let e = BatchExclusion::from_json(bytes)?;
+                Ok(FacilitatorRow {
+                    facilitator: *f,
+                    what: format!("EXCLUDED ({})", e.reason),
+                    batch: Some(format!("{} {}", e.partition, e.batch)),
+                    detail: format!(
+                        "{} (seen {}, recorded by {})",
+                        e.detail,
+                        Window::rfc3339(e.seen_at),
+                        e.by
+                    ),
+                    aggregation: e.aggregation,
+                    window: e.window,
+                })
+            })
+            .await?;
+            let failed = records(store, &format!("computations/{}/", agg.id), |bytes| {
+                let c = Computation::from_json(bytes)?;
+                Ok(FacilitatorRow {
+                    facilitator: *f,
+                    what: format!("{:?}", c.state).to_uppercase(),
+                    batch: None,
+                    detail: c.detail.unwrap_or_default(),
+                    aggregation: c.aggregation,
+                    window: c.window,
+                })
+            })
+            .await?;
+            for (key, row) in exclusions.into_iter().chain(failed) {
+                rows.push(row.unwrap_or_else(|err| FacilitatorRow {
+                    facilitator: *f,
+                    aggregation: agg.id.clone(),
+                    window: key,
+                    what: "UNREADABLE".to_string(),
+                    batch: None,
+                    detail: err.to_string(),
+                }));
             }
         }
     }
     Ok(rows)
+}
+
+/// Every record under `prefix`, each read with `parse` (an error stays beside its key).
+async fn records<T>(
+    store: &Store,
+    prefix: &str,
+    parse: impl Fn(&[u8]) -> Result<T, millrace_protocol::FormatError>,
+) -> anyhow::Result<Vec<(String, Result<T, millrace_protocol::FormatError>)>> {
+    let mut out = Vec::new();
+    for obj in store.list(prefix).await? {
+        if let Some(bytes) = store.get(&obj.key).await? {
+            out.push((obj.key, parse(&bytes)));
+        }
+    }
+    Ok(out)
 }
 
 pub fn print_facilitators(rows: &[FacilitatorRow]) {

@@ -155,6 +155,25 @@ impl AggregateWorker {
         ))
     }
 
+    /// One input of a batch the manifest lists, from our own store. Missing is transient: a
+    /// peer's copy may still be on its way.
+    async fn input(
+        &self,
+        key: &str,
+        what: &str,
+        manifest_key: &str,
+    ) -> Result<millrace_bus::Bytes, TaskError> {
+        self.own
+            .get(key)
+            .await
+            .map_err(TaskError::from)?
+            .ok_or_else(|| {
+                TaskError::Transient(format!(
+                "{key}: {what} not here yet (the batch is listed by window manifest {manifest_key})"
+            ))
+            })
+    }
+
     async fn load_validation(
         &self,
         agg: &str,
@@ -164,16 +183,12 @@ impl AggregateWorker {
     ) -> Result<ValidationBatch, TaskError> {
         let key = validation_key(agg, b.partition, &b.batch, by);
         let bytes = self
-            .own
-            .get(&key)
-            .await
-            .map_err(TaskError::from)?
-            .ok_or_else(|| {
-                TaskError::Transient(format!(
-                    "{key}: validation by facilitator {by} not here yet (the batch is listed by \
-                     window manifest {manifest_key})"
-                ))
-            })?;
+            .input(
+                &key,
+                &format!("validation by facilitator {by}"),
+                manifest_key,
+            )
+            .await?;
         let (v, signer) = ValidationBatch::decode(&self.facilitator_keys, &bytes)
             .map_err(|e| Self::unreadable(manifest_key, b, e.in_object(&key)))?;
         let expected = self.facilitator_name(by)?;
@@ -202,17 +217,7 @@ impl AggregateWorker {
         manifest_key: &str,
     ) -> Result<VerifyStates, TaskError> {
         let key = states_key(agg, b.partition, &b.batch);
-        let bytes = self
-            .own
-            .get(&key)
-            .await
-            .map_err(TaskError::from)?
-            .ok_or_else(|| {
-                TaskError::Transient(format!(
-                    "{key}: verify states not here yet (the batch is listed by window manifest \
-                     {manifest_key})"
-                ))
-            })?;
+        let bytes = self.input(&key, "verify states", manifest_key).await?;
         let states = VerifyStates::decode(&self.own_keys, &bytes)
             .map_err(|e| Self::unreadable(manifest_key, b, e.in_object(&key)))?;
         if states.aggregation != agg

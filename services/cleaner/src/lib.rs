@@ -183,7 +183,9 @@ impl Cleaner {
                                 match WindowManifest::decode_leaders(&keys, leader, id, w, g, &bytes) {
                                     Ok(m) => Some(m),
                                     Err(e) => {
-                                        tracing::warn!(manifest = %manifest_key(id, w, g), error = %e, "manifest refused; its window's batches are not checked");
+                                        metrics::counter!("millrace_manifests_refused_total", "aggregation" => id.clone())
+                                            .increment(1);
+                                        tracing::warn!(manifest = %manifest_key(id, w, g), error = %e, "manifest refused; its window's batches are not checked against it");
                                         None
                                     }
                                 }

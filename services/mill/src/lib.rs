@@ -136,25 +136,6 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// `2026-11-23T12:00:00Z`.
-fn timestamp(t: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| t.to_string())
-}
-
-/// A config duration as people write it: `1h`, `90m`, `45s`.
-fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    if s > 0 && s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else if s > 0 && s.is_multiple_of(60) {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
-}
-
 impl Mill {
     pub fn new(
         config: Arc<Config>,
@@ -704,8 +685,8 @@ impl Mill {
             "{}/{name} generation {generation}: {why}: waited since {}, the aggregation's \
              wait_deadline is {}",
             agg.id,
-            timestamp(since),
-            human(agg.wait_deadline)
+            Window::rfc3339(since),
+            humantime::format_duration(agg.wait_deadline)
         );
         self.record(
             &agg.id,
@@ -1000,7 +981,7 @@ ingestors = []
             "{detail}"
         );
         assert!(detail.contains("wait_deadline is 1h"), "{detail}");
-        assert!(detail.contains(&timestamp(since)), "{detail}");
+        assert!(detail.contains(&Window::rfc3339(since)), "{detail}");
         assert!(!f.indexed().await);
 
         // The late part is acknowledged as stale, and a new generation starts afresh.

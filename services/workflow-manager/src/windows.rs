@@ -256,23 +256,26 @@ impl WorkflowManager {
         now: i64,
         report: &mut PassReport,
     ) -> Result<(), PassError> {
-        let found = match self.latest_manifest(agg, window).await? {
-            Some(found) => found,
+        // `copied`: written by this pass, which also put it in the peer's store.
+        let ((manifest, bytes), copied) = match self.latest_manifest(agg, window).await? {
+            Some(found) => (found, false),
             None if self.is_leader() => match self.decide(agg, window, view, now, report).await? {
-                Some(written) => written,
+                Some(written) => (written, true),
                 None => return Ok(()),
             },
             None => return self.await_manifest(agg, window, now, report).await,
         };
-        let (manifest, bytes) = found;
-        if self.is_leader() && !self.settings.dry_run {
-            // The helper follows only what is in its own store. Create-only and the same bytes:
+        let marker = aggregate_marker_key(&agg.id, window, manifest.generation);
+        let published =
+            !manifest.batches.is_empty() && markers::is_published(&self.store, &marker).await?;
+        if self.is_leader() && !self.settings.dry_run && !copied && !published {
+            // The helper follows only what is in its own store, so the peer's copy goes before our
+            // task (a pass that crashed in between left it out). Create-only and the same bytes:
             // a no-op once there; a different object there is an error naming it.
             self.copy_to_peer(&manifest_key(&agg.id, window, manifest.generation), bytes)
                 .await?;
         }
-        let marker = aggregate_marker_key(&agg.id, window, manifest.generation);
-        let mut task_out = manifest.batches.is_empty();
+        let mut task_out = manifest.batches.is_empty() || published;
         if !task_out {
             let task = AggregateTask {
                 version: AGGREGATE_TASK_VERSION,
@@ -281,26 +284,22 @@ impl WorkflowManager {
                 generation: manifest.generation,
             };
             let topic = topics::aggregate(&self.settings.topic_prefix, self.settings.facilitator);
-            task_out = if markers::is_published(&self.store, &marker).await? {
-                true
-            } else {
-                match self.schedule(&marker, &topic, task.to_json()).await? {
-                    Scheduled::Published => {
-                        report.aggregate_published += 1;
-                        true
-                    }
-                    Scheduled::Skipped => {
-                        report.skipped_by_marker += 1;
-                        true
-                    }
-                    Scheduled::Held => {
-                        report.skipped_by_marker += 1;
-                        false
-                    }
-                    Scheduled::DryRun => {
-                        report.would_publish += 1;
-                        false
-                    }
+            task_out = match self.schedule(&marker, &topic, task.to_json()).await? {
+                Scheduled::Published => {
+                    report.aggregate_published += 1;
+                    true
+                }
+                Scheduled::Skipped => {
+                    report.skipped_by_marker += 1;
+                    true
+                }
+                Scheduled::Held => {
+                    report.skipped_by_marker += 1;
+                    false
+                }
+                Scheduled::DryRun => {
+                    report.would_publish += 1;
+                    false
                 }
             };
         }
@@ -501,6 +500,7 @@ impl WorkflowManager {
                     .map_err(|reason| {
                         PassError::Setup(format!("{key} is there but refused: {reason}"))
                     })?;
+                self.copy_to_peer(&key, theirs.clone()).await?;
                 return Ok((m, theirs));
             }
             Err(e) => return Err(e.into()),
