@@ -48,7 +48,7 @@ fn bare(work: &[Work], keys: &[HpkePrivateKey; 2], threads: usize) -> usize {
                 for (r0, r1) in w.batches[0].reports.iter().zip(&w.batches[1].reports) {
                     let mut prepared = Vec::with_capacity(2);
                     for (f, r) in [(0usize, r0), (1, r1)] {
-                        let aad = input_share_aad(&r.report_id, &r.public_share);
+                        let aad = input_share_aad(&r.report_id, r.time, &r.public_share);
                         let Ok(share) =
                             keys[f].open(&infos[f], &aad, &r.encapped_key, &r.ciphertext)
                         else {
@@ -128,7 +128,16 @@ pub async fn bench_vdaf(reports: usize, batch_size: usize) -> anyhow::Result<Ben
             });
         }
     }
-    let keys = [config.hpke_private_key(0)?, config.hpke_private_key(1)?];
+    // A fresh keygen has one HPKE key per facilitator: every share is sealed to it.
+    let only_key = |f: u8| -> anyhow::Result<HpkePrivateKey> {
+        config
+            .hpke_private_keys(f)?
+            .into_iter()
+            .next()
+            .map(|slot| slot.key)
+            .ok_or_else(|| anyhow::anyhow!("facilitator {f} has no HPKE private key"))
+    };
+    let keys = [only_key(0)?, only_key(1)?];
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);

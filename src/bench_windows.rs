@@ -23,7 +23,9 @@ use millrace_protocol::layout::{
     ingestion_key, intake_marker_key, manifest_key, parse_ingestion_key, settled_marker_key,
     Partition, Window,
 };
-use millrace_protocol::tasks::{AggregateTask, IntakeTask, AGGREGATE_TASK_VERSION, TASK_VERSION};
+use millrace_protocol::tasks::{
+    AggregateTask, IntakeTask, AGGREGATE_TASK_VERSION, INTAKE_TASK_VERSION,
+};
 use millrace_store::Store;
 use millrace_workflow_manager::{Settings, WorkflowManager};
 
@@ -191,6 +193,7 @@ pub async fn prepare_aggregate(dir: &Path, reports: usize) -> anyhow::Result<Agg
         }
     }
     batches.sort();
+    let digest = config.aggregation_digest(&agg)?;
     for f in 0..2u8 {
         let worker = Arc::new(IntakeWorker::new(
             config.clone(),
@@ -201,8 +204,9 @@ pub async fn prepare_aggregate(dir: &Path, reports: usize) -> anyhow::Result<Agg
         let tasks = batches.iter().map(|b| {
             let worker = worker.clone();
             let task = IntakeTask {
-                version: TASK_VERSION,
+                version: INTAKE_TASK_VERSION,
                 aggregation: agg.id.clone(),
+                aggregation_digest: digest.to_string(),
                 batch: b.batch.clone(),
                 partition: b.partition.path(),
             };
@@ -218,6 +222,7 @@ pub async fn prepare_aggregate(dir: &Path, reports: usize) -> anyhow::Result<Agg
     }
     let manifest = WindowManifest {
         aggregation: agg.id.clone(),
+        aggregation_digest: digest.0,
         window_start: window.start,
         window_end: window.end,
         generation: 0,
@@ -234,6 +239,7 @@ pub async fn prepare_aggregate(dir: &Path, reports: usize) -> anyhow::Result<Agg
     Ok(AggregateTask {
         version: AGGREGATE_TASK_VERSION,
         aggregation: agg.id,
+        aggregation_digest: digest.to_string(),
         window: window.name(),
         generation: 0,
     })
@@ -264,7 +270,7 @@ pub async fn run_aggregate(dir: &Path, task: &AggregateTask) -> anyhow::Result<A
         .await
         .map_err(|e| anyhow::anyhow!("aggregate: {e}"))?;
     Ok(AggregateRun {
-        reports: part.report_count,
+        reports: part.report_count(),
         elapsed: started.elapsed(),
         peak_rss_bytes: peak_rss(),
     })

@@ -1,6 +1,8 @@
 //! `millrace demo`: keygen, ingest, and every service of both facilitators plus the mill in one
 //! process on the in-memory bus and local-file stores, until every window has a result; then a
-//! table per aggregation comparing each result with the plaintext result.
+//! table per aggregation comparing each result with the plaintext result. A result must equal
+//! the plaintext, except for an aggregation with differential privacy: its result is noised by
+//! both facilitators, and the table shows the difference, accepted within the noise bound.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use millrace_bus::memory::MemoryBus;
 use millrace_protocol::config::Config;
+use millrace_protocol::dp::{Difference, NOISE_BOUND_FAILURE};
 use millrace_protocol::layout::{computation_key, result_key, Window};
 use millrace_protocol::results::{AggregationResult, Computation, ComputationState};
 use millrace_store::Store;
@@ -50,12 +53,20 @@ pub struct DemoRow {
 }
 
 impl DemoRow {
+    /// The counts are exact; the result equals the plaintext, or for a DP aggregation lies within
+    /// its noise bound of it.
     pub fn correct(&self) -> bool {
         self.result.as_ref().is_some_and(|r| {
-            r.result == self.expectation.expected
+            self.expectation.accepts(&r.result)
                 && r.report_count == self.expectation.valid
                 && r.invalid_count == self.expectation.invalid
         })
+    }
+
+    /// The released result minus the plaintext, once there is a result.
+    pub fn difference(&self) -> Option<Difference> {
+        let r = self.result.as_ref()?;
+        Difference::between(&r.result, &self.expectation.expected)
     }
 }
 
@@ -229,17 +240,36 @@ pub fn print_table(outcome: &DemoOutcome) {
         .map(|r| r.expectation.aggregation.as_str())
         .collect();
     aggs.dedup();
+    let mut noised = false;
     for agg in aggs {
-        println!("\n{agg}");
-        println!(
-            "  {:<31} {:>7} {:>7}  {:<6} result / expected",
-            "window", "valid", "invalid", "check"
-        );
-        for r in outcome
+        let rows: Vec<&DemoRow> = outcome
             .rows
             .iter()
             .filter(|r| r.expectation.aggregation == agg)
-        {
+            .collect();
+        let bound = rows.first().and_then(|r| r.expectation.noise_bound);
+        match bound {
+            Some(bound) => {
+                noised = true;
+                println!(
+                    "\n{agg}  (differential privacy: noised by both facilitators; accepted if \
+                     every coordinate is within ±{bound} of the plaintext, which honest noise \
+                     exceeds with probability ≤ {NOISE_BOUND_FAILURE:e} per coordinate)"
+                );
+                println!(
+                    "  {:<31} {:>7} {:>7}  {:<6} noisy result / plaintext / difference",
+                    "window", "valid", "invalid", "check"
+                );
+            }
+            None => {
+                println!("\n{agg}");
+                println!(
+                    "  {:<31} {:>7} {:>7}  {:<6} result / expected",
+                    "window", "valid", "invalid", "check"
+                );
+            }
+        }
+        for r in rows {
             let (valid, invalid, got) = match &r.result {
                 Some(res) => (
                     res.report_count.to_string(),
@@ -263,6 +293,11 @@ pub fn print_table(outcome: &DemoOutcome) {
                 "  {:<31} {:>7} {:>7}  {:<6} {}",
                 "", r.expectation.valid, r.expectation.invalid, "", r.expectation.expected
             );
+            if bound.is_some() {
+                if let Some(d) = r.difference() {
+                    println!("  {:<31} {:>7} {:>7}  {:<6} {d}", "", "", "", "");
+                }
+            }
         }
     }
     println!(
@@ -274,10 +309,13 @@ pub fn print_table(outcome: &DemoOutcome) {
     );
     println!(
         "{}",
-        if outcome.all_correct() {
-            "every result equals the plaintext result"
-        } else {
-            "SOME RESULTS DIFFER FROM THE PLAINTEXT RESULT"
+        match (outcome.all_correct(), noised) {
+            (true, false) => "every result equals the plaintext result",
+            (true, true) => {
+                "every result equals the plaintext result (with differential privacy: lies \
+                 within the noise bound of it)"
+            }
+            (false, _) => "SOME RESULTS DIFFER FROM THE PLAINTEXT RESULT",
         }
     );
 }

@@ -37,9 +37,23 @@ pub struct IngestPlan {
 pub struct WindowExpectation {
     pub aggregation: String,
     pub window: String,
+    /// The plaintext result.
     pub expected: AggregateValue,
     pub valid: u64,
     pub invalid: u64,
+    /// For an aggregation with differential privacy, how far each coordinate of the released
+    /// result may lie from the plaintext ([`millrace_protocol::dp::DpStrategy::noise_bound`]);
+    /// absent, the result must equal the plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_bound: Option<u64>,
+}
+
+impl WindowExpectation {
+    /// Whether `released` is the result this window must have: the plaintext exactly, or for a
+    /// DP aggregation within the noise bound of it.
+    pub fn accepts(&self, released: &AggregateValue) -> bool {
+        millrace_protocol::dp::accepts(self.noise_bound, released, &self.expected)
+    }
 }
 
 /// Every window's expectation, keyed by `(aggregation, window)`.
@@ -62,18 +76,24 @@ enum Damage {
     WrongKey,
     /// A second report reusing an earlier report's id.
     Duplicate,
+    /// An honest report made in the previous window, carried by this window's batch: its
+    /// (HPKE-bound) time says where it belongs.
+    OutsideWindow,
 }
 
-const DAMAGES: [Damage; 5] = [
+const DAMAGES: [Damage; 6] = [
     Damage::Ciphertext,
     Damage::Truncated,
     Damage::Tampered,
     Damage::WrongKey,
     Damage::Duplicate,
+    Damage::OutsideWindow,
 ];
 
 struct Keys {
-    hpke: [HpkePublicKey; 2],
+    /// Whose HPKE keys shares are sealed to: each batch picks each facilitator's newest key
+    /// active at the batch's time.
+    config: Config,
     stranger: HpkePublicKey,
     signer: Signer25519,
 }
@@ -90,12 +110,13 @@ fn seal(
     f: u8,
     to: &HpkePublicKey,
     id: &[u8; 16],
+    time: i64,
     public: &[u8],
     share: &[u8],
 ) -> anyhow::Result<([u8; 32], Vec<u8>)> {
     to.seal(
         &input_share_info(agg, f),
-        &input_share_aad(id, public),
+        &input_share_aad(id, time, public),
         share,
     )
     .with_context(|| format!("encrypting a share for facilitator {f}"))
@@ -111,6 +132,10 @@ fn generate_batch(
     damage_offset: usize,
 ) -> anyhow::Result<GeneratedBatch> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let hpke = [
+        keys.config.hpke_public_key_at(0, time)?,
+        keys.config.hpke_public_key_at(1, time)?,
+    ];
     let batch_id = hex::encode(random_bytes::<8>());
     let mut copies: [Vec<EncryptedReport>; 2] =
         [Vec::with_capacity(count), Vec::with_capacity(count)];
@@ -136,6 +161,11 @@ fn generate_batch(
         }
         let m = agg.vdaf.random_measurement(&mut rng);
         let id: [u8; 16] = random_bytes();
+        let report_time = if matches!(damage, Some(Damage::OutsideWindow)) {
+            agg.report_time(Window::containing(time, agg.window_secs).start - 1)
+        } else {
+            agg.report_time(time)
+        };
         let (public, mut shares) = agg.vdaf.shard(&m, &id).context("sharding a measurement")?;
         match damage {
             Some(Damage::Truncated) => {
@@ -153,10 +183,17 @@ fn generate_batch(
             let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
                 &keys.stranger
             } else {
-                &keys.hpke[usize::from(f)]
+                &hpke[usize::from(f)].1
             };
-            let (encapped_key, mut ciphertext) =
-                seal(&agg.id, f, to, &id, &public, &shares[usize::from(f)])?;
+            let (encapped_key, mut ciphertext) = seal(
+                &agg.id,
+                f,
+                to,
+                &id,
+                report_time,
+                &public,
+                &shares[usize::from(f)],
+            )?;
             if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
                 if let Some(b) = ciphertext.first_mut() {
                     *b ^= 0x80;
@@ -164,6 +201,8 @@ fn generate_batch(
             }
             copies[usize::from(f)].push(EncryptedReport {
                 report_id: id,
+                time: report_time,
+                hpke_key_id: hpke[usize::from(f)].0,
                 public_share: public.clone(),
                 encapped_key,
                 ciphertext,
@@ -176,8 +215,10 @@ fn generate_batch(
         }
     }
     let [c0, c1] = copies;
+    let aggregation_digest = keys.config.aggregation_digest(agg)?.0;
     let make = |f: u8, reports: Vec<EncryptedReport>| IngestionBatch {
         aggregation: agg.id.clone(),
+        aggregation_digest,
         batch_id: batch_id.clone(),
         facilitator: f,
         time,
@@ -199,7 +240,7 @@ pub async fn ingest(
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<Expectations> {
     let keys = Arc::new(Keys {
-        hpke: [config.hpke_public_key(0)?, config.hpke_public_key(1)?],
+        config: config.clone(),
         stranger: hpke_generate().1,
         signer: config.ingestor_signer(ingestor)?,
     });
@@ -279,6 +320,7 @@ pub async fn ingest(
             expected: agg.vdaf.plaintext_aggregate(&measurements)?,
             valid: measurements.len() as u64,
             invalid,
+            noise_bound: agg.dp.as_ref().map(|dp| dp.noise_bound()),
             aggregation,
             window,
         });

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_reference;
 pub mod bench_windows;
+pub mod config_check;
 pub mod demo;
 pub mod fleet;
 pub mod ingest;

@@ -22,14 +22,37 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Write keys and a ready config for one ingestor, two facilitators and a collector.
+    /// One party's own keys and its public party document (--party NAME); without --party,
+    /// every party's plus a ready config, on one machine (demos and tests).
     Keygen {
-        /// Directory for millrace.toml and keys/.
+        /// Directory for NAME.party.toml and keys/NAME/ (and, without --party, millrace.toml).
         #[arg(long, env = "MILLRACE_DIR", default_value = "millrace")]
         dir: PathBuf,
-        /// Replace an existing config and its keys.
+        /// The party to generate keys for: alpha and beta (facilitators 0 and 1), collector,
+        /// ingestor-N; any other name needs --role (and --index for a facilitator).
+        #[arg(long)]
+        party: Option<String>,
+        #[arg(long, requires = "party", value_parser = ["ingestor", "facilitator", "collector"])]
+        role: Option<String>,
+        #[arg(long, requires = "party")]
+        index: Option<u8>,
+        /// For the leader (facilitator 0): the aggregations to generate verify keys for
+        /// (repeatable; default: the default config's).
+        #[arg(long = "aggregation", requires = "party")]
+        aggregations: Vec<String>,
+        /// Replace an existing config (or party document) and its keys.
         #[arg(long)]
         force: bool,
+    },
+    /// Key rotation: `millrace keys rotate --party NAME --dir DIR --overlap 1day`.
+    Keys {
+        #[command(subcommand)]
+        what: KeysCommand,
+    },
+    /// Two organisations agree on their aggregations: `config publish`, `config check`.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
     },
     /// Simulated clients: write signed, encrypted ingestion batches to both facilitators.
     Ingest {
@@ -104,6 +127,47 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Writes the shared parameters and digest of every aggregation in --config into this
+    /// party's document, to hand to its peers.
+    Publish {
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: PathBuf,
+        /// The party document to update (NAME.party.toml).
+        #[arg(long)]
+        document: PathBuf,
+    },
+    /// Compares --config with a peer's party document: for each aggregation, the parameters
+    /// that differ and both digests. Exit 0 if every aggregation agrees, 3 if any differs, 1 if
+    /// the comparison could not run.
+    Check {
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: PathBuf,
+        /// The peer's party document.
+        #[arg(long)]
+        peer: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Adds a new HPKE key (a facilitator), active now, and expires the previous one after
+    /// --overlap; with --signing, also a new signing key, retiring the previous one. Rewrites
+    /// DIR/NAME.party.toml: hand it to the other parties again.
+    Rotate {
+        #[arg(long, env = "MILLRACE_DIR", default_value = "millrace")]
+        dir: PathBuf,
+        #[arg(long)]
+        party: String,
+        /// How long reports sealed to the previous HPKE key still count.
+        #[arg(long, default_value = "1day", value_parser = humantime::parse_duration)]
+        overlap: std::time::Duration,
+        #[arg(long)]
+        signing: bool,
     },
 }
 
@@ -239,9 +303,114 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Keygen { dir, force } => {
+        Command::Keygen {
+            dir,
+            party: None,
+            force,
+            ..
+        } => {
             let path = millrace::keygen::keygen(&dir, force)?;
-            println!("wrote {} and {}/keys/", path.display(), dir.display());
+            println!(
+                "wrote {}, the party documents {}/*.party.toml and every party's keys in {}/keys/",
+                path.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
+        Command::Keygen {
+            dir,
+            party: Some(name),
+            role,
+            index,
+            aggregations,
+            force,
+        } => {
+            use millrace_protocol::parties::PartyRole;
+            let (role, index) = match role.as_deref() {
+                Some("ingestor") => (PartyRole::Ingestor, None),
+                Some("collector") => (PartyRole::Collector, None),
+                Some(_) => (PartyRole::Facilitator, index),
+                None => millrace::keygen::default_role(&name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "party {name:?} is not one of the default config's (alpha, beta, \
+                         collector, ingestor-N): say --role (and --index for a facilitator)"
+                    )
+                })?,
+            };
+            let aggregations = if aggregations.is_empty() {
+                millrace::keygen::default_aggregations()
+                    .into_iter()
+                    .map(|(id, _, _)| id)
+                    .collect()
+            } else {
+                aggregations
+            };
+            let wrote =
+                millrace::keygen::keygen_party(&dir, &name, role, index, &aggregations, force)?;
+            println!(
+                "wrote {name}'s party document {} (hand it to the other parties)",
+                wrote.document.display()
+            );
+            println!(
+                "wrote {name}'s private keys in {} (they stay with {name})",
+                wrote.private_dir.display()
+            );
+            if !wrote.verify_keys.is_empty() {
+                println!(
+                    "wrote {} verify keys in {}/verify/: hand them to the helper (facilitator \
+                     1) over a secure channel, and to nobody else",
+                    wrote.verify_keys.len(),
+                    wrote.private_dir.display()
+                );
+            }
+        }
+        Command::Config {
+            what: ConfigCommand::Publish { config, document },
+        } => {
+            let config = Config::load(&config)?;
+            let n = millrace::config_check::publish(&config, &document)?;
+            println!(
+                "published {n} aggregations in {}: hand it to your peers",
+                document.display()
+            );
+        }
+        Command::Config {
+            what: ConfigCommand::Check { config, peer },
+        } => {
+            let config = Config::load(&config)?;
+            let (name, compared) = millrace::config_check::check(&config, &peer)?;
+            if !millrace::config_check::print(&name, &compared) {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Command::Keys {
+            what:
+                KeysCommand::Rotate {
+                    dir,
+                    party,
+                    overlap,
+                    signing,
+                },
+        } => {
+            let now = chrono::Utc::now().timestamp();
+            let overlap_secs = i64::try_from(overlap.as_secs()).unwrap_or(i64::MAX);
+            let what = millrace::keygen::rotate_party(&dir, &party, now, overlap_secs, signing)?;
+            if let Some(id) = what.new_hpke_key {
+                println!("{party}: new HPKE key {id}, active now");
+            }
+            for (id, at) in &what.expiring {
+                println!("{party}: HPKE key {id} expires {at}");
+            }
+            if let Some(id) = &what.new_signing_key {
+                println!(
+                    "{party}: new signing key {id}; retired {}",
+                    what.retired_signing_keys.join(", ")
+                );
+            }
+            println!(
+                "hand {} to the other parties again, and restart {party}'s services",
+                millrace::keygen::document_path(&dir, &party).display()
+            );
         }
         Command::Ingest {
             config,

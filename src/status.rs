@@ -192,7 +192,8 @@ pub fn print_facilitators(rows: &[FacilitatorRow]) {
 }
 
 /// Waits up to `wait` for every expected window's result, prints each beside its expectation,
-/// and says whether all of them match.
+/// and says whether all of them match: equal to the plaintext, or for an aggregation with
+/// differential privacy within its noise bound (the difference is printed too).
 pub async fn check(
     collector: &Store,
     expectations: &crate::ingest::Expectations,
@@ -214,7 +215,7 @@ pub async fn check(
             let mut all = complete;
             for (e, r) in expectations.windows.iter().zip(&results) {
                 let ok = r.as_ref().is_some_and(|r| {
-                    r.result == e.expected
+                    e.accepts(&r.result)
                         && r.report_count == e.valid
                         && r.invalid_count == e.invalid
                 });
@@ -228,8 +229,20 @@ pub async fn check(
                         )
                     })
                     .unwrap_or_else(|| "no result".to_string());
+                // A DP aggregation's result is noised: show by how much, and what is accepted.
+                let noise = match (e.noise_bound, r) {
+                    (Some(bound), Some(r)) => {
+                        match millrace_protocol::dp::Difference::between(&r.result, &e.expected) {
+                            Some(d) => format!("; difference {d}, accepted within ±{bound}"),
+                            None => {
+                                format!("; not the plaintext's shape (accepted within ±{bound})")
+                            }
+                        }
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<5} {:<12} {:<31} got {got}; expected {} ({} valid, {} invalid)",
+                    "{:<5} {:<12} {:<31} got {got}; expected {} ({} valid, {} invalid){noise}",
                     if ok { "ok" } else { "WRONG" },
                     e.aggregation,
                     e.window,

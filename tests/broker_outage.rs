@@ -35,6 +35,8 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 const WITHIN: Duration = Duration::from_secs(10);
 
 const CONFIG: &str = r#"
+version = 1
+
 [[ingestor]]
 name = "ing"
 public_key = "PUB"

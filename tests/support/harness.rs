@@ -106,6 +106,13 @@ impl Harness {
         )
         .unwrap()
     }
+    /// The aggregation's digest (hex), as every party of the harness runs it.
+    pub fn digest(&self, aggregation: &str) -> String {
+        self.config
+            .aggregation_digest(self.config.aggregation(aggregation).unwrap())
+            .unwrap()
+            .to_string()
+    }
     pub fn mill(&self) -> Mill {
         Mill::new(
             self.config.clone(),

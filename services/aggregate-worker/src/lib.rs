@@ -25,18 +25,35 @@
 //! aggregate share. It goes create-only to `sums/{agg}/{window}/{generation}.sum.{i}` in the
 //! collector's store, and a `sum-part-ready` message naming the generation goes to the collect
 //! topic. A redelivered task finds its part already written, checks it, and announces it again.
+//!
+//! **The threshold is this facilitator's to enforce.** A window with fewer valid reports than the
+//! aggregation's `min_reports` gets no sum part: the worker writes a signed [`ShareRefusal`] (no
+//! aggregate share) to `sums/{agg}/{window}/{generation}.refused.{i}`, records the computation as
+//! REFUSED in its own store, and announces it like a part. The collector never holds a share of
+//! an under-threshold window, whatever its own mill would decide.
+//!
+//! Every report left out is counted by reason: what intake decided (`undecryptable`,
+//! `unverifiable`, `duplicate`, `outside-window`, `bad-time`; facilitator 0's reason first when
+//! both marked it), `replayed` for an id already met in an earlier batch of the window, and
+//! `verify-failed` when the combined proof does not verify.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use millrace_bus::{Bus, Message};
+use millrace_protocol::agreement::{mismatch, AggregationDigest};
 use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::crypto::{KeyRing, Signer25519};
 use millrace_protocol::formats::{
-    report_digest, SumPart, ValidationBatch, Verdict, VerifyStates, WindowBatch, WindowManifest,
+    report_digest, InvalidCounts, InvalidReason, ShareRefusal, SumPart, ValidationBatch, Verdict,
+    VerifyStates, WindowBatch, WindowManifest,
 };
-use millrace_protocol::layout::{manifest_key, states_key, sum_part_key, validation_key, Window};
+use millrace_protocol::layout::{
+    computation_key, manifest_key, share_refusal_key, states_key, sum_part_key, validation_key,
+    Window,
+};
+use millrace_protocol::results::{Computation, ComputationState, COMPUTATION_VERSION};
 use millrace_protocol::tasks::{
     topics, AggregateTask, SumPartReady, TaskMessage, SUM_PART_READY_VERSION,
 };
@@ -55,6 +72,8 @@ pub struct AggregateWorker {
     /// Verifies our own private verify states.
     own_keys: KeyRing,
     facilitator_keys: KeyRing,
+    /// Each aggregation's digest as this facilitator runs it.
+    digests: BTreeMap<String, AggregationDigest>,
 }
 
 /// One batch's inputs to the fold step.
@@ -71,7 +90,31 @@ struct Fold {
     seen: HashSet<ReportId>,
     /// The ids included, for the report-id digest.
     included: Vec<ReportId>,
-    invalid: u64,
+    invalid: InvalidCounts,
+}
+
+/// What this facilitator released for a window: its sum part, or its refusal to release one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Released {
+    Part(SumPart),
+    Refused(ShareRefusal),
+}
+
+impl Released {
+    /// The sum part, if one was released.
+    pub fn part(&self) -> Option<&SumPart> {
+        match self {
+            Released::Part(p) => Some(p),
+            Released::Refused(_) => None,
+        }
+    }
+    /// Valid reports the window had, released or not.
+    pub fn report_count(&self) -> u64 {
+        match self {
+            Released::Part(p) => p.report_count,
+            Released::Refused(r) => r.report_count,
+        }
+    }
 }
 
 impl AggregateWorker {
@@ -85,6 +128,13 @@ impl AggregateWorker {
     ) -> anyhow::Result<Self> {
         let signer = config.facilitator_signer(facilitator)?;
         let facilitator_keys = config.facilitator_keys()?;
+        // Every signing key this facilitator has had: states signed before a rotation stay
+        // readable.
+        let own_keys = facilitator_keys.only(config.facilitator_name(facilitator)?);
+        let mut digests = BTreeMap::new();
+        for a in &config.aggregations {
+            digests.insert(a.id.clone(), config.aggregation_digest(a)?);
+        }
         Ok(AggregateWorker {
             config,
             facilitator,
@@ -92,10 +142,37 @@ impl AggregateWorker {
             collector,
             bus,
             topic_prefix: topic_prefix.to_string(),
-            own_keys: KeyRing::new().with(&signer),
+            own_keys,
+            digests,
             signer,
             facilitator_keys,
         })
+    }
+
+    /// The aggregation's digest as this facilitator runs it.
+    fn digest(&self, aggregation: &str) -> Result<AggregationDigest, TaskError> {
+        self.digests.get(aggregation).copied().ok_or_else(|| {
+            TaskError::Permanent(format!("aggregation {aggregation:?} is not configured"))
+        })
+    }
+
+    /// Refuses a peer's artefact whose aggregation digest is not ours.
+    fn same_aggregation(
+        &self,
+        aggregation: &str,
+        what: &str,
+        theirs: [u8; 32],
+    ) -> Result<(), TaskError> {
+        let ours = self.digest(aggregation)?;
+        if theirs != ours.0 {
+            return Err(TaskError::Permanent(mismatch(
+                aggregation,
+                what,
+                &AggregationDigest(theirs),
+                &ours,
+            )));
+        }
+        Ok(())
     }
 
     fn facilitator_name(&self, index: u8) -> Result<&str, TaskError> {
@@ -191,6 +268,13 @@ impl AggregateWorker {
             .await?;
         let (v, signer) = ValidationBatch::decode(&self.facilitator_keys, &bytes)
             .map_err(|e| Self::unreadable(manifest_key, b, e.in_object(&key)))?;
+        self.same_aggregation(
+            agg,
+            &format!(
+                "{key} (facilitator {by}'s validation, listed by window manifest {manifest_key})"
+            ),
+            v.aggregation_digest,
+        )?;
         let expected = self.facilitator_name(by)?;
         if signer != expected
             || v.facilitator != by
@@ -258,6 +342,7 @@ impl AggregateWorker {
             || part.window_end != manifest.window_end
             || part.generation != manifest.generation
             || part.manifest_digest != manifest.digest()
+            || part.aggregation_digest != Some(manifest.aggregation_digest)
         {
             return Err(TaskError::Permanent(format!(
                 "{part_key}: the sum part already there (signed by {signer:?}, facilitator {}, \
@@ -269,7 +354,103 @@ impl AggregateWorker {
         Ok(part)
     }
 
-    pub async fn aggregate(&self, task: &AggregateTask) -> Result<SumPart, TaskError> {
+    /// Decodes and checks a refusal already in the collector's store (a redelivered task).
+    fn check_existing_refusal(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        manifest: &WindowManifest,
+    ) -> Result<ShareRefusal, TaskError> {
+        let (refusal, signer) = ShareRefusal::decode(&self.facilitator_keys, bytes)
+            .map_err(|e| TaskError::Permanent(e.in_object(key).to_string()))?;
+        let me = self.facilitator_name(self.facilitator)?;
+        if signer != me
+            || refusal.facilitator != self.facilitator
+            || refusal.aggregation != manifest.aggregation
+            || refusal.window_start != manifest.window_start
+            || refusal.generation != manifest.generation
+            || refusal.manifest_digest != manifest.digest()
+            || refusal.aggregation_digest != manifest.aggregation_digest
+        {
+            return Err(TaskError::Permanent(format!(
+                "{key}: the refusal already there (signed by {signer:?}, facilitator {}, \
+                 generation {}) does not belong to this facilitator's aggregation of the window \
+                 manifest",
+                refusal.facilitator, refusal.generation
+            )));
+        }
+        Ok(refusal)
+    }
+
+    /// Withholds the share of an under-threshold window: writes the refusal where the part would
+    /// have gone and records REFUSED in this facilitator's own store.
+    async fn refuse(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        part: SumPart,
+        key: &str,
+    ) -> Result<ShareRefusal, TaskError> {
+        let me = self.facilitator_name(self.facilitator)?.to_string();
+        let reason = format!(
+            "{me} (facilitator {}) withholds its aggregate share of {}/{} generation {}: {} valid \
+             reports, its policy requires at least {}",
+            self.facilitator,
+            agg.id,
+            window.name(),
+            part.generation,
+            part.report_count,
+            agg.min_reports
+        );
+        let refusal = ShareRefusal {
+            aggregation: part.aggregation,
+            window_start: part.window_start,
+            window_end: part.window_end,
+            generation: part.generation,
+            manifest_digest: part.manifest_digest,
+            aggregation_digest: part.aggregation_digest.unwrap_or_default(),
+            facilitator: part.facilitator,
+            report_count: part.report_count,
+            invalid_count: part.invalid_count,
+            invalid_reasons: part.invalid_reasons,
+            min_reports: agg.min_reports,
+            reason: reason.clone(),
+        };
+        let bytes = refusal
+            .encode(&self.signer)
+            .map_err(|e| TaskError::Permanent(e.in_object(key).to_string()))?;
+        self.collector
+            .create(key, bytes)
+            .await
+            .map_err(TaskError::from)?;
+        let record = Computation {
+            version: COMPUTATION_VERSION,
+            aggregation: agg.id.clone(),
+            window: window.name(),
+            state: ComputationState::Refused,
+            generation: refusal.generation,
+            updated_at: chrono::Utc::now().timestamp(),
+            since: None,
+            detail: Some(reason),
+        };
+        self.own
+            .overwrite(&computation_key(&agg.id, window), record.to_json())
+            .await
+            .map_err(TaskError::from)?;
+        metrics::counter!("millrace_windows_refused_total", "aggregation" => agg.id.clone(), "by" => me)
+            .increment(1);
+        tracing::warn!(
+            aggregation = %agg.id,
+            window = %window.name(),
+            generation = refusal.generation,
+            reports = refusal.report_count,
+            min_reports = agg.min_reports,
+            "below the minimum report count: aggregate share withheld, refusal written"
+        );
+        Ok(refusal)
+    }
+
+    pub async fn aggregate(&self, task: &AggregateTask) -> Result<Released, TaskError> {
         let agg = self
             .config
             .aggregation(&task.aggregation)
@@ -282,41 +463,75 @@ impl AggregateWorker {
             .clone();
         let window =
             Window::parse(&task.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let ours = self.digest(&agg.id)?;
+        if task.aggregation_digest != ours.to_string() {
+            return Err(TaskError::Permanent(mismatch(
+                &agg.id,
+                "the aggregate task",
+                &AggregationDigest::parse(&task.aggregation_digest)
+                    .unwrap_or(AggregationDigest([0; 32])),
+                &ours,
+            )));
+        }
         let (manifest, mkey) = self.load_manifest(task, window).await?;
+        self.same_aggregation(
+            &agg.id,
+            &format!("the leader's window manifest {mkey}"),
+            manifest.aggregation_digest,
+        )?;
         let part_key = sum_part_key(&agg.id, window, manifest.generation, self.facilitator);
+        let refusal_key = share_refusal_key(&agg.id, window, manifest.generation, self.facilitator);
 
-        let part = match self
+        let existing_refusal = self
             .collector
-            .get(&part_key)
+            .get(&refusal_key)
             .await
-            .map_err(TaskError::from)?
-        {
+            .map_err(TaskError::from)?;
+        let existing_part = match existing_refusal {
+            Some(_) => None,
+            None => self
+                .collector
+                .get(&part_key)
+                .await
+                .map_err(TaskError::from)?,
+        };
+        let released = match (existing_refusal, existing_part) {
             // Already done (a redelivery): announce it again, the mill is idempotent.
-            Some(bytes) => self.check_existing(&part_key, &bytes, &manifest)?,
-            None => {
+            (Some(bytes), _) => {
+                Released::Refused(self.check_existing_refusal(&refusal_key, &bytes, &manifest)?)
+            }
+            (None, Some(bytes)) => {
+                Released::Part(self.check_existing(&part_key, &bytes, &manifest)?)
+            }
+            (None, None) => {
                 let part = self.fold_manifest(&agg, window, &manifest, &mkey).await?;
-                let bytes = part
-                    .encode(&self.signer)
-                    .map_err(|e| TaskError::Permanent(e.in_object(&part_key).to_string()))?;
-                self.collector
-                    .create(&part_key, bytes)
-                    .await
-                    .map_err(TaskError::from)?;
-                tracing::info!(
-                    aggregation = %agg.id,
-                    window = %task.window,
-                    generation = manifest.generation,
-                    batches = part.batches.len(),
-                    reports = part.report_count,
-                    invalid = part.invalid_count,
-                    "sum part written"
-                );
-                part
+                if part.report_count < agg.min_reports {
+                    Released::Refused(self.refuse(&agg, window, part, &refusal_key).await?)
+                } else {
+                    let bytes = part
+                        .encode(&self.signer)
+                        .map_err(|e| TaskError::Permanent(e.in_object(&part_key).to_string()))?;
+                    self.collector
+                        .create(&part_key, bytes)
+                        .await
+                        .map_err(TaskError::from)?;
+                    tracing::info!(
+                        aggregation = %agg.id,
+                        window = %task.window,
+                        generation = manifest.generation,
+                        batches = part.batches.len(),
+                        reports = part.report_count,
+                        invalid = part.invalid_count,
+                        "sum part written"
+                    );
+                    Released::Part(part)
+                }
             }
         };
         let ready = SumPartReady {
             version: SUM_PART_READY_VERSION,
             aggregation: agg.id.clone(),
+            aggregation_digest: ours.to_string(),
             window: task.window.clone(),
             generation: manifest.generation,
             facilitator: self.facilitator,
@@ -328,7 +543,7 @@ impl AggregateWorker {
             )
             .await
             .map_err(|e| TaskError::Transient(e.to_string()))?;
-        Ok(part)
+        Ok(released)
     }
 
     /// Aggregates the manifest's batches one at a time into this facilitator's sum part.
@@ -345,7 +560,7 @@ impl AggregateWorker {
             acc: vdaf.accumulator(),
             seen: HashSet::new(),
             included: Vec::new(),
-            invalid: 0,
+            invalid: InvalidCounts::default(),
         };
         // `WindowManifest::decode` checked that the batches are sorted and unique: that order is
         // the fixed order both facilitators walk.
@@ -372,12 +587,27 @@ impl AggregateWorker {
             })?;
         }
         let Fold {
-            acc,
+            mut acc,
             seen,
             mut included,
             invalid,
         } = fold;
         drop(seen);
+        // Differential privacy: this facilitator noises its own aggregate share, once, before it
+        // leaves for the collector. A redelivered task finds the part already written and never
+        // gets here, so no second draw of the same window's share is ever released.
+        if let Some(dp) = &agg.dp {
+            vdaf.add_noise(dp, &mut acc, included.len() as u64)
+                .map_err(|e| TaskError::Permanent(format!("{mkey}: {e}")))?;
+            tracing::info!(
+                aggregation = %agg.id,
+                window = %window.name(),
+                generation = manifest.generation,
+                dp = %dp,
+                noise_bound = dp.noise_bound(),
+                "differential privacy noise added to the aggregate share"
+            );
+        }
         let aggregate_share = vdaf
             .encode_accumulator(&acc)
             .map_err(|e| TaskError::Permanent(format!("{mkey}: {e}")))?;
@@ -387,9 +617,11 @@ impl AggregateWorker {
             window_end: window.end,
             generation: manifest.generation,
             manifest_digest: manifest.digest(),
+            aggregation_digest: Some(manifest.aggregation_digest),
             facilitator: self.facilitator,
             report_count: included.len() as u64,
-            invalid_count: invalid,
+            invalid_count: invalid.total(),
+            invalid_reasons: invalid,
             report_digest: report_digest(&mut included),
             batches: manifest.batches.iter().map(|b| b.batch.clone()).collect(),
             aggregate_share,
@@ -422,25 +654,34 @@ fn fold_batch(vdaf: &Prio3Vdaf, own: usize, fold: &mut Fold, batch: &BatchInputs
     }
     // A report id repeated inside a batch is one excluded report per repeat; both sides see both
     // validation batches, so both count the same.
-    fold.invalid += repeats[0].max(repeats[1]);
+    fold.invalid
+        .add_n(InvalidReason::Duplicate, repeats[0].max(repeats[1]));
     for (id, verdicts) in by_id {
         if !fold.seen.insert(id) {
-            fold.invalid += 1;
+            fold.invalid.add(InvalidReason::Replayed);
             continue;
         }
-        let (Some(Verdict::Valid(s0)), Some(Verdict::Valid(s1))) = (verdicts[0], verdicts[1])
-        else {
-            fold.invalid += 1;
-            continue;
+        let (s0, s1) = match (verdicts[0], verdicts[1]) {
+            (Some(Verdict::Valid(s0)), Some(Verdict::Valid(s1))) => (s0, s1),
+            // Facilitator 0's reason first, so that both sides count the same reason.
+            (Some(Verdict::Invalid(reason)), _) | (_, Some(Verdict::Invalid(reason))) => {
+                fold.invalid.add(*reason);
+                continue;
+            }
+            // Listed by one side only: the two copies of the batch differ.
+            _ => {
+                fold.invalid.add(InvalidReason::Unverifiable);
+                continue;
+            }
         };
         let Some(Some(state)) = own_state.get(&id) else {
-            fold.invalid += 1;
+            fold.invalid.add(InvalidReason::Unverifiable);
             continue;
         };
         match vdaf.verify_and_accumulate(own, state, [s0.as_slice(), s1.as_slice()], &mut fold.acc)
         {
             Ok(()) => fold.included.push(id),
-            Err(_) => fold.invalid += 1,
+            Err(_) => fold.invalid.add(InvalidReason::VerifyFailed),
         }
     }
 }
@@ -473,6 +714,7 @@ mod tests {
         bus: Arc<MemoryBus>,
         signers: [Signer25519; 2],
         window: Window,
+        digest: AggregationDigest,
         _dir: tempfile::TempDir,
     }
 
@@ -485,6 +727,8 @@ mod tests {
         std::fs::write(dir.path().join("beta.key"), signers[1].to_hex().as_bytes()).unwrap();
         let text = format!(
             r#"
+version = 1
+
 [[facilitator]]
 index = 0
 name = "alpha"
@@ -506,6 +750,7 @@ grace = "5m"
 max_age = "1day"
 min_reports = 0
 verify_key = "env:MILLRACE_UNUSED"
+verify_key_id = "0011223344556677"
 ingestors = []
 "#,
             signers[0].public_hex(),
@@ -519,7 +764,9 @@ ingestors = []
         let worker =
             AggregateWorker::new(config, 1, own.clone(), collector.clone(), bus.clone(), "t")
                 .unwrap();
+        let digest = worker.digest("clicks").unwrap();
         Fixture {
+            digest,
             worker,
             own,
             collector,
@@ -542,6 +789,7 @@ ingestors = []
             AggregateTask {
                 version: AGGREGATE_TASK_VERSION,
                 aggregation: "clicks".into(),
+                aggregation_digest: self.digest.to_string(),
                 window: self.window.name(),
                 generation,
             }
@@ -550,6 +798,7 @@ ingestors = []
         fn manifest(&self, generation: u32, batches: Vec<WindowBatch>) -> WindowManifest {
             WindowManifest {
                 aggregation: "clicks".into(),
+                aggregation_digest: self.digest.0,
                 window_start: self.window.start,
                 window_end: self.window.end,
                 generation,
@@ -575,6 +824,7 @@ ingestors = []
             for side in 0..2u8 {
                 let v = ValidationBatch {
                     aggregation: "clicks".into(),
+                    aggregation_digest: self.digest.0,
                     batch_id: b.batch.clone(),
                     facilitator: side,
                     entries: ids
@@ -613,7 +863,7 @@ ingestors = []
         }
     }
 
-    fn permanent(r: Result<SumPart, TaskError>) -> String {
+    fn permanent(r: Result<Released, TaskError>) -> String {
         match r {
             Err(TaskError::Permanent(m)) => m,
             other => panic!("expected a permanent error, got {other:?}"),
@@ -689,11 +939,18 @@ ingestors = []
             .subscribe(&topics::collect("t"), SubscribeOptions::new("test"))
             .await
             .unwrap();
-        let part = f.worker.aggregate(&f.task(4)).await.unwrap();
+        let released = f.worker.aggregate(&f.task(4)).await.unwrap();
+        let Released::Part(part) = released.clone() else {
+            panic!("refused: {released:?}");
+        };
         assert_eq!(part.generation, 4);
         assert_eq!(part.manifest_digest, manifest.digest());
         assert_eq!(part.batches, vec!["b1".to_string(), "b2".to_string()]);
         assert_eq!((part.report_count, part.invalid_count), (0, 4));
+        assert_eq!(
+            part.invalid_reasons.by_label(),
+            [("replayed".to_string(), 1), ("unverifiable".to_string(), 3)].into()
+        );
         assert!(f
             .collector
             .exists(&sum_part_key("clicks", f.window, 4, 1))
@@ -702,6 +959,6 @@ ingestors = []
         let ready = SumPartReady::from_json(&sub.next().await.unwrap().body).unwrap();
         assert_eq!((ready.generation, ready.facilitator), (4, 1));
         // A redelivery re-announces the same part.
-        assert_eq!(f.worker.aggregate(&f.task(4)).await.unwrap(), part);
+        assert_eq!(f.worker.aggregate(&f.task(4)).await.unwrap(), released);
     }
 }

@@ -7,19 +7,34 @@
 //! store for the aggregate step. Everything written is deterministic and create-only, so the same
 //! task delivered twice changes nothing.
 //!
-//! A batch that cannot be read at all (truncated, tampered, wrongly signed) is logged with the
-//! object's key and answered with an empty validation batch, so both facilitators agree to exclude
-//! it and its window is not held up.
+//! A batch that cannot be read at all (truncated, tampered, wrongly signed), or whose signed time
+//! is not in the hour partition it is stored under (a batch copied into another hour), is logged
+//! with the object's key, counted, and answered with an empty validation batch, so both
+//! facilitators agree to exclude it and its window is not held up.
+//!
+//! Every report carries its time, bound into the HPKE associated data of both of its input
+//! shares. A report counts only in the window its time falls in: one whose time is outside the
+//! batch's window is invalid as `outside-window`, one stamped later than its batch by more than
+//! the clock skew (or not rounded to the time precision) as `bad-time`. Both facilitators apply
+//! the same checks to the same signed times, so both mark the same reports. A report id repeated
+//! in another batch of the same window is caught when the window is aggregated (`replayed`).
+//!
+//! Each share names the HPKE key it is sealed to, and is opened with that key: a facilitator
+//! keeps several (see `millrace_protocol::parties`). A share naming a key this facilitator does
+//! not have is `unknown-key`; one sealed to a key that had expired at the batch's signed time is
+//! `expired-key` (deterministic: a rerun of the same batch decides the same).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use millrace_protocol::agreement::{mismatch, AggregationDigest};
+use millrace_protocol::config::HpkeKeySlot;
 use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::crypto::{HpkePrivateKey, KeyRing, Signer25519, VerifyKey};
 use millrace_protocol::formats::{
-    input_share_aad, input_share_info, IngestionBatch, InvalidReason, ValidationBatch, Verdict,
-    VerifyStates,
+    input_share_aad, input_share_info, IngestionBatch, InvalidCounts, InvalidReason,
+    ValidationBatch, Verdict, VerifyStates,
 };
 use millrace_protocol::layout::{ingestion_key, states_key, validation_key, Partition};
 use millrace_protocol::tasks::{IntakeTask, TaskMessage};
@@ -33,9 +48,10 @@ pub struct IntakeWorker {
     own: Store,
     peer: Store,
     signer: Signer25519,
-    hpke: HpkePrivateKey,
+    /// Every HPKE key of this facilitator, by id, with its validity.
+    hpke: Arc<Vec<HpkeKeySlot>>,
     ingestors: KeyRing,
-    verify_keys: Vec<(String, VerifyKey)>,
+    verify_keys: Vec<(String, VerifyKey, AggregationDigest)>,
 }
 
 /// Outcome of validating one batch, for logs and tests.
@@ -43,7 +59,11 @@ pub struct IntakeWorker {
 pub struct IntakeOutcome {
     pub reports: usize,
     pub invalid: usize,
+    /// `invalid` by reason.
+    pub invalid_reasons: InvalidCounts,
     pub batch_rejected: bool,
+    /// Why the batch was rejected, when it was.
+    pub rejected_because: Option<String>,
 }
 
 impl IntakeWorker {
@@ -55,11 +75,15 @@ impl IntakeWorker {
         peer: Store,
     ) -> anyhow::Result<Self> {
         let signer = config.facilitator_signer(facilitator)?;
-        let hpke = config.hpke_private_key(facilitator)?;
+        let hpke = Arc::new(config.hpke_private_keys(facilitator)?);
         let ingestors = config.ingestor_keys()?;
         let mut verify_keys = Vec::new();
         for a in &config.aggregations {
-            verify_keys.push((a.id.clone(), config.verify_key(a)?));
+            verify_keys.push((
+                a.id.clone(),
+                config.verify_key(a)?,
+                config.aggregation_digest(a)?,
+            ));
         }
         Ok(IntakeWorker {
             config,
@@ -81,12 +105,22 @@ impl IntakeWorker {
                 task.aggregation
             ))
         })?;
-        let verify_key = self
+        let (verify_key, digest) = self
             .verify_keys
             .iter()
-            .find(|(id, _)| id == &agg.id)
-            .map(|(_, k)| k.clone())
+            .find(|(id, _, _)| id == &agg.id)
+            .map(|(_, k, d)| (k.clone(), *d))
             .ok_or_else(|| TaskError::Permanent(format!("no verify key for {}", agg.id)))?;
+        if task.aggregation_digest != digest.to_string() {
+            let theirs = AggregationDigest::parse(&task.aggregation_digest)
+                .unwrap_or(AggregationDigest([0; 32]));
+            return Err(TaskError::Permanent(mismatch(
+                &agg.id,
+                "the intake task",
+                &theirs,
+                &digest,
+            )));
+        }
         let partition =
             Partition::parse(&task.partition).map_err(|e| TaskError::Permanent(e.to_string()))?;
         let f = self.facilitator;
@@ -125,10 +159,11 @@ impl IntakeWorker {
                 hpke: self.hpke.clone(),
                 ingestors: self.ingestors.clone(),
                 verify_key,
+                digest,
             };
             let task = task.clone();
             let key = key.clone();
-            tokio::task::spawn_blocking(move || this.validate_bytes(&task, &key, &bytes))
+            tokio::task::spawn_blocking(move || this.validate_bytes(&task, partition, &key, &bytes))
                 .await
                 .map_err(|e| TaskError::Transient(format!("validation task failed: {e}")))?
         };
@@ -155,8 +190,10 @@ impl IntakeWorker {
             .map_err(TaskError::from)?;
         metrics::counter!("millrace_reports_validated_total", "aggregation" => agg.id.clone())
             .increment(outcome.reports as u64);
-        metrics::counter!("millrace_reports_invalid_total", "aggregation" => agg.id.clone())
-            .increment(outcome.invalid as u64);
+        for (reason, n) in outcome.invalid_reasons.by_label() {
+            metrics::counter!("millrace_reports_invalid_total", "aggregation" => agg.id.clone(), "reason" => reason)
+                .increment(n);
+        }
         tracing::info!(
             aggregation = %agg.id,
             batch = %task.batch,
@@ -172,15 +209,33 @@ impl IntakeWorker {
 struct WorkerRef {
     agg: Aggregation,
     facilitator: u8,
-    hpke: HpkePrivateKey,
+    /// Every HPKE key of this facilitator, by id, with its validity.
+    hpke: Arc<Vec<HpkeKeySlot>>,
     ingestors: KeyRing,
     verify_key: VerifyKey,
+    /// The aggregation's digest as this facilitator runs it.
+    digest: AggregationDigest,
 }
 
 impl WorkerRef {
+    /// The private key a share sealed to HPKE key `id` opens with, in a batch signed at
+    /// `batch_time`.
+    fn key_for(&self, id: u8, batch_time: i64) -> Result<&HpkePrivateKey, InvalidReason> {
+        let slot = self
+            .hpke
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or(InvalidReason::UnknownKey)?;
+        if slot.validity.expired_at(batch_time) {
+            return Err(InvalidReason::ExpiredKey);
+        }
+        Ok(&slot.key)
+    }
+
     fn validate_bytes(
         &self,
         task: &IntakeTask,
+        partition: Partition,
         key: &str,
         bytes: &[u8],
     ) -> (ValidationBatch, VerifyStates, IntakeOutcome) {
@@ -192,6 +247,7 @@ impl WorkerRef {
             (
                 ValidationBatch {
                     aggregation: task.aggregation.clone(),
+                    aggregation_digest: self.digest.0,
                     batch_id: task.batch.clone(),
                     facilitator: f,
                     entries: Vec::new(),
@@ -204,6 +260,7 @@ impl WorkerRef {
                 },
                 IntakeOutcome {
                     batch_rejected: true,
+                    rejected_because: Some(reason),
                     ..Default::default()
                 },
             )
@@ -224,24 +281,46 @@ impl WorkerRef {
                 batch.aggregation, batch.batch_id, task.aggregation, task.batch
             ));
         }
+        if batch.aggregation_digest != self.digest.0 {
+            return empty(mismatch(
+                &self.agg.id,
+                &format!("ingestion batch {} (signed by {signer})", batch.batch_id),
+                &AggregationDigest(batch.aggregation_digest),
+                &self.digest,
+            ));
+        }
         if batch.facilitator != f {
             return empty(format!(
                 "batch is addressed to facilitator {}, not {f}",
                 batch.facilitator
             ));
         }
+        if Partition::of(batch.time) != partition {
+            return empty(format!(
+                "the batch's signed time {} is not in the partition {} it is stored under (a \
+                 batch counts only in the hour it was signed for)",
+                millrace_protocol::layout::Window::rfc3339(batch.time),
+                partition.path()
+            ));
+        }
         let info = input_share_info(&batch.aggregation, f);
         let mut seen = HashSet::with_capacity(batch.reports.len());
         let mut entries = Vec::with_capacity(batch.reports.len());
         let mut states = Vec::with_capacity(batch.reports.len());
-        let mut invalid = 0;
+        let mut invalid = InvalidCounts::default();
         for r in &batch.reports {
             let verdict = if !seen.insert(r.report_id) {
                 Err(InvalidReason::Duplicate)
+            } else if let Err(reason) = self.agg.check_report_time(r.time, batch.time) {
+                Err(reason)
             } else {
-                let aad = input_share_aad(&r.report_id, &r.public_share);
-                match self.hpke.open(&info, &aad, &r.encapped_key, &r.ciphertext) {
-                    Err(_) => Err(InvalidReason::Undecryptable),
+                let aad = input_share_aad(&r.report_id, r.time, &r.public_share);
+                let opened = self.key_for(r.hpke_key_id, batch.time).and_then(|key| {
+                    key.open(&info, &aad, &r.encapped_key, &r.ciphertext)
+                        .map_err(|_| InvalidReason::Undecryptable)
+                });
+                match opened {
+                    Err(reason) => Err(reason),
                     Ok(input_share) => self
                         .agg
                         .vdaf
@@ -261,7 +340,7 @@ impl WorkerRef {
                     states.push(Some(prepared.state));
                 }
                 Err(reason) => {
-                    invalid += 1;
+                    invalid.add(reason);
                     entries.push((r.report_id, Verdict::Invalid(reason)));
                     states.push(None);
                 }
@@ -269,12 +348,15 @@ impl WorkerRef {
         }
         let outcome = IntakeOutcome {
             reports: batch.reports.len(),
-            invalid,
+            invalid: invalid.total() as usize,
+            invalid_reasons: invalid,
             batch_rejected: false,
+            rejected_because: None,
         };
         (
             ValidationBatch {
                 aggregation: batch.aggregation.clone(),
+                aggregation_digest: self.digest.0,
                 batch_id: batch.batch_id.clone(),
                 facilitator: f,
                 entries,

@@ -22,7 +22,14 @@
 //! facilitators must have aggregated exactly the same reports. The mill then enforces the
 //! aggregation's minimum report count, unshards, and writes `results/{agg}/{window}.result.json`
 //! (naming the generation). It publishes `result-ready`, marks the computation SUCCEEDED and
-//! drops the window from the waiting index. A refusal is recorded as FAILED with its reason.
+//! drops the window from the waiting index.
+//!
+//! **Refusals.** A facilitator whose window is below its minimum report count writes a signed
+//! share refusal (`…/{generation}.refused.{i}`, no share) instead of its part, and announces it
+//! the same way. With both answers in, a refusal by either ends the computation as REFUSED, its
+//! detail giving each facilitator's answer; a part released by the other is never unsharded.
+//! A refusal whose peer never answers is REFUSED at the wait deadline. The mill's own minimum
+//! check stays (the collector's policy); it too records REFUSED.
 //!
 //! Both parts' messages of a window can be handled at the same moment (by one mill or by two), and
 //! both then find both parts. The result itself is deterministic and written create-only, so both
@@ -39,12 +46,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use millrace_bus::{Bus, Message};
+use millrace_protocol::agreement::{mismatch, AggregationDigest};
 use millrace_protocol::config::{Aggregation, Config};
 use millrace_protocol::crypto::KeyRing;
-use millrace_protocol::formats::SumPart;
+use millrace_protocol::formats::{ShareRefusal, SumPart};
 use millrace_protocol::layout::{
-    computation_key, result_key, result_marker_key, sum_part_key, waiting_key, waiting_prefix,
-    Window,
+    computation_key, result_key, result_marker_key, share_refusal_key, sum_part_key, waiting_key,
+    waiting_prefix, Window,
 };
 use millrace_protocol::results::{
     AggregationResult, Computation, ComputationState, COMPUTATION_VERSION, RESULT_VERSION,
@@ -64,6 +72,9 @@ pub struct Mill {
     bus: Arc<dyn Bus>,
     topic_prefix: String,
     facilitator_keys: KeyRing,
+    /// Each aggregation's digest, where this config can compute it (it has `verify_key_id`):
+    /// announcements carrying another are refused.
+    digests: std::collections::BTreeMap<String, AggregationDigest>,
     /// Who this mill is in marker records (`mill-{host}-{pid}`).
     instance: String,
     /// Numbers each join, so that two joins in this process never mistake each other's claim
@@ -74,9 +85,10 @@ pub struct Mill {
 /// What happened to a window when a message for it was handled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MillOutcome {
-    Succeeded(AggregationResult),
+    Succeeded(Box<AggregationResult>),
     AlreadyDone,
-    /// Refused by policy (too few reports); recorded as FAILED, nothing to retry.
+    /// Refused by a party's policy (too few reports): a facilitator withheld its share, or the
+    /// mill's own check. Recorded as REFUSED, nothing to retry.
     Refused(String),
     /// The sum part of facilitator `missing` (of the message's generation) is not in the
     /// collector's store yet. The window is recorded as waiting and the message is acknowledged:
@@ -123,6 +135,12 @@ enum Joined {
     Missing(u8),
 }
 
+/// What one facilitator sent for a generation: its sum part, or its refusal to release one.
+enum Answer {
+    Part(SumPart),
+    Refused(ShareRefusal),
+}
+
 /// One waiting-index entry's fate in a sweep.
 enum Swept {
     Joined,
@@ -144,7 +162,9 @@ impl Mill {
         topic_prefix: &str,
     ) -> anyhow::Result<Self> {
         let facilitator_keys = config.facilitator_keys()?;
+        let digests = config.aggregation_digests();
         Ok(Mill {
+            digests,
             config,
             collector,
             bus,
@@ -252,6 +272,46 @@ impl Mill {
         Ok(())
     }
 
+    /// Facilitator `f`'s answer for `generation`: its refusal if it wrote one, else its part.
+    async fn answer(
+        &self,
+        agg: &str,
+        window: Window,
+        generation: u32,
+        f: u8,
+    ) -> Result<Option<Answer>, TaskError> {
+        let key = share_refusal_key(agg, window, generation, f);
+        if let Some(bytes) = self.collector.get(&key).await.map_err(TaskError::from)? {
+            let (refusal, signer) = ShareRefusal::decode(&self.facilitator_keys, &bytes)
+                .map_err(|e| TaskError::Permanent(e.in_object(&key).to_string()))?;
+            let expected = self
+                .config
+                .facilitator_name(f)
+                .map_err(|e| TaskError::Permanent(e.to_string()))?;
+            if signer != expected
+                || refusal.facilitator != f
+                || refusal.aggregation != agg
+                || refusal.window_start != window.start
+                || refusal.window_end != window.end
+                || refusal.generation != generation
+            {
+                return Err(TaskError::Permanent(format!(
+                    "{key}: a refusal signed by {signer:?} for {} facilitator {} generation {}, \
+                     expected {expected:?} for {agg}/{} facilitator {f} generation {generation}",
+                    refusal.aggregation,
+                    refusal.facilitator,
+                    refusal.generation,
+                    window.name()
+                )));
+            }
+            return Ok(Some(Answer::Refused(refusal)));
+        }
+        Ok(self
+            .part(agg, window, generation, f)
+            .await?
+            .map(Answer::Part))
+    }
+
     async fn part(
         &self,
         agg: &str,
@@ -297,6 +357,17 @@ impl Mill {
     pub async fn join(&self, msg: &SumPartReady) -> Result<MillOutcome, TaskError> {
         let agg = self.aggregation(&msg.aggregation)?;
         let window = Window::parse(&msg.window).map_err(|e| TaskError::Permanent(e.to_string()))?;
+        if let Some(ours) = self.digests.get(&agg.id) {
+            if msg.aggregation_digest != ours.to_string() {
+                return Err(TaskError::Permanent(mismatch(
+                    &agg.id,
+                    &format!("facilitator {}'s sum-part-ready", msg.facilitator),
+                    &AggregationDigest::parse(&msg.aggregation_digest)
+                        .unwrap_or(AggregationDigest([0; 32])),
+                    ours,
+                )));
+            }
+        }
         if self.is_announced(&agg.id, window).await? {
             return Ok(MillOutcome::AlreadyDone);
         }
@@ -305,7 +376,11 @@ impl Mill {
             .await
             .map_err(TaskError::from)?;
         if let Some(c) = &record {
-            if c.state == ComputationState::Failed && c.generation >= msg.generation {
+            if matches!(
+                c.state,
+                ComputationState::Failed | ComputationState::Refused
+            ) && c.generation >= msg.generation
+            {
                 let reason = format!(
                     "{}/{}: generation {} already failed; the sum part of facilitator {} for \
                      generation {} is not joined (`millrace replay window --reaggregate` starts \
@@ -396,14 +471,31 @@ impl Mill {
         let name = window.name();
         let rkey = result_key(&agg.id, window);
         let announced = result_marker_key(&agg.id, window);
-        let p0 = self.part(&agg.id, window, generation, 0).await?;
-        let p1 = self.part(&agg.id, window, generation, 1).await?;
-        let (p0, p1) = match (p0, p1) {
-            (Some(a), Some(b)) => (a, b),
+        let a0 = self.answer(&agg.id, window, generation, 0).await?;
+        let a1 = self.answer(&agg.id, window, generation, 1).await?;
+        let (p0, p1) = match (a0, a1) {
+            (Some(Answer::Part(a)), Some(Answer::Part(b))) => (a, b),
+            (Some(a0), Some(a1)) => {
+                let reason = self.refusal_detail(agg, window, generation, [Some(&a0), Some(&a1)]);
+                self.refuse(agg, window, generation, None, reason.clone())
+                    .await?;
+                return Ok(Joined::Done(MillOutcome::Refused(reason)));
+            }
             (None, _) => return Ok(Joined::Missing(0)),
             (Some(_), None) => return Ok(Joined::Missing(1)),
         };
-        let mismatch = if p0.manifest_digest != p1.manifest_digest {
+        let digests = match (p0.aggregation_digest, p1.aggregation_digest) {
+            (Some(d0), Some(d1)) if d0 != d1 => Some((d0, d1)),
+            _ => None,
+        };
+        let mismatch = if let Some((d0, d1)) = digests {
+            Some(format!(
+                "the facilitators run different aggregations: facilitator 0's part carries \
+                 aggregation digest {}, facilitator 1's {}",
+                AggregationDigest(d0),
+                AggregationDigest(d1)
+            ))
+        } else if p0.manifest_digest != p1.manifest_digest {
             Some("the parts aggregate different window manifests".to_string())
         } else if p0.report_count != p1.report_count {
             Some(format!(
@@ -442,21 +534,15 @@ impl Mill {
         }
         if p0.report_count < agg.min_reports {
             let reason = format!(
-                "{}/{name} generation {generation}: only {} valid reports, the policy requires \
-                 at least {}",
+                "{}/{name} generation {generation}: refused by the collector's mill: only {} \
+                 valid reports, its policy requires at least {} (both facilitators released \
+                 their shares; they are not unsharded)",
                 agg.id, p0.report_count, agg.min_reports
             );
-            tracing::warn!(aggregation = %agg.id, window = %name, generation, reports = p0.report_count, min = agg.min_reports, "window refused by policy");
-            self.record(
-                &agg.id,
-                window,
-                generation,
-                ComputationState::Failed,
-                None,
-                Some(reason.clone()),
-            )
-            .await?;
-            self.unindex(&agg.id, window).await;
+            metrics::counter!("millrace_windows_refused_total", "aggregation" => agg.id.clone(), "by" => "mill")
+                .increment(1);
+            self.refuse(agg, window, generation, None, reason.clone())
+                .await?;
             return Ok(Joined::Done(MillOutcome::Refused(reason)));
         }
         let value = agg
@@ -476,6 +562,7 @@ impl Mill {
             result: value,
             report_count: p0.report_count,
             invalid_count: p0.invalid_count.max(p1.invalid_count),
+            invalid_reasons: p0.invalid_reasons.by_label(),
             report_digest: hex_digest(&p0.report_digest),
             batches: p0.batches.clone(),
         };
@@ -558,7 +645,62 @@ impl Mill {
         metrics::counter!("millrace_windows_succeeded_total", "aggregation" => agg.id.clone())
             .increment(1);
         tracing::info!(aggregation = %agg.id, window = %name, generation, reports = result.report_count, "result written");
-        Ok(Joined::Done(MillOutcome::Succeeded(result)))
+        Ok(Joined::Done(MillOutcome::Succeeded(Box::new(result))))
+    }
+
+    /// Each facilitator's answer, for a REFUSED record's detail.
+    fn refusal_detail(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        generation: u32,
+        answers: [Option<&Answer>; 2],
+    ) -> String {
+        let said: Vec<String> = answers
+            .iter()
+            .enumerate()
+            .map(|(f, answer)| {
+                let name = self.config.facilitator_name(f as u8).unwrap_or("?");
+                match answer {
+                    Some(Answer::Refused(r)) => r.reason.clone(),
+                    Some(Answer::Part(p)) => format!(
+                        "{name} (facilitator {f}) released its share ({} valid reports; not \
+                         unsharded)",
+                        p.report_count
+                    ),
+                    None => format!("{name} (facilitator {f}) never answered"),
+                }
+            })
+            .collect();
+        format!(
+            "{}/{} generation {generation}: refused: {}",
+            agg.id,
+            window.name(),
+            said.join("; ")
+        )
+    }
+
+    /// Records REFUSED with `reason` and drops the window from the waiting index.
+    async fn refuse(
+        &self,
+        agg: &Aggregation,
+        window: Window,
+        generation: u32,
+        since: Option<i64>,
+        reason: String,
+    ) -> Result<(), TaskError> {
+        tracing::warn!(aggregation = %agg.id, window = %window.name(), generation, %reason, "window refused");
+        self.record(
+            &agg.id,
+            window,
+            generation,
+            ComputationState::Refused,
+            since,
+            Some(reason),
+        )
+        .await?;
+        self.unindex(&agg.id, window).await;
+        Ok(())
     }
 
     /// One pass over the waiting index of every aggregation, as of `now` (unix seconds). For each
@@ -681,6 +823,31 @@ impl Mill {
         if now < deadline {
             return Ok(Swept::Waiting);
         }
+        // One facilitator refused and the other never answered: the refusal stands.
+        let answers = [
+            self.answer(&agg.id, window, generation, 0)
+                .await
+                .ok()
+                .flatten(),
+            self.answer(&agg.id, window, generation, 1)
+                .await
+                .ok()
+                .flatten(),
+        ];
+        if answers
+            .iter()
+            .any(|a| matches!(a, Some(Answer::Refused(_))))
+        {
+            let reason = self.refusal_detail(
+                agg,
+                window,
+                generation,
+                [answers[0].as_ref(), answers[1].as_ref()],
+            );
+            self.refuse(agg, window, generation, Some(since), reason)
+                .await?;
+            return Ok(Swept::Refused);
+        }
         let detail = format!(
             "{}/{name} generation {generation}: {why}: waited since {}, the aggregation's \
              wait_deadline is {}",
@@ -775,6 +942,8 @@ mod tests {
         ];
         let text = format!(
             r#"
+version = 1
+
 [[facilitator]]
 index = 0
 name = "alpha"
@@ -796,6 +965,7 @@ max_age = "1day"
 min_reports = 0
 wait_deadline = "1h"
 verify_key = "env:MILLRACE_UNUSED"
+verify_key_id = "0011223344556677"
 ingestors = []
 "#,
             signers[0].public_hex(),
@@ -815,7 +985,24 @@ ingestors = []
     }
 
     impl Fixture {
+        fn digest(&self) -> AggregationDigest {
+            self.config
+                .aggregation_digest(self.config.aggregation("clicks").unwrap())
+                .unwrap()
+        }
+
         async fn put_part(&self, facilitator: u8, generation: u32, manifest_byte: u8) {
+            self.put_part_with(facilitator, generation, manifest_byte, self.digest())
+                .await
+        }
+
+        async fn put_part_with(
+            &self,
+            facilitator: u8,
+            generation: u32,
+            manifest_byte: u8,
+            digest: AggregationDigest,
+        ) {
             let agg = self.config.aggregation("clicks").unwrap();
             let share = agg
                 .vdaf
@@ -827,9 +1014,11 @@ ingestors = []
                 window_end: self.window.end,
                 generation,
                 manifest_digest: [manifest_byte; 32],
+                aggregation_digest: Some(digest.0),
                 facilitator,
                 report_count: 0,
                 invalid_count: 0,
+                invalid_reasons: Default::default(),
                 report_digest: [0; 32],
                 batches: vec!["b1".into()],
                 aggregate_share: share,
@@ -846,10 +1035,38 @@ ingestors = []
                 .unwrap();
         }
 
+        async fn put_refusal(&self, facilitator: u8, generation: u32) {
+            let refusal = ShareRefusal {
+                aggregation: "clicks".into(),
+                window_start: self.window.start,
+                window_end: self.window.end,
+                generation,
+                manifest_digest: [7; 32],
+                aggregation_digest: self.digest().0,
+                facilitator,
+                report_count: 3,
+                invalid_count: 0,
+                invalid_reasons: Default::default(),
+                min_reports: 10,
+                reason: format!("facilitator {facilitator} withholds: 3 valid reports"),
+            };
+            let bytes = refusal
+                .encode(&self.signers[usize::from(facilitator)])
+                .unwrap();
+            self.collector
+                .create(
+                    &share_refusal_key("clicks", self.window, generation, facilitator),
+                    bytes,
+                )
+                .await
+                .unwrap();
+        }
+
         fn msg(&self, facilitator: u8, generation: u32) -> SumPartReady {
             SumPartReady {
                 version: SUM_PART_READY_VERSION,
                 aggregation: "clicks".into(),
+                aggregation_digest: self.digest().to_string(),
                 window: self.window.name(),
                 generation,
                 facilitator,
@@ -910,6 +1127,85 @@ ingestors = []
             f.mill.join(&f.msg(0, 0)).await.unwrap(),
             MillOutcome::AlreadyDone
         );
+    }
+
+    #[tokio::test]
+    async fn a_facilitators_refusal_ends_the_window_refused_and_nothing_is_unsharded() {
+        // One refusal and one part: REFUSED with both answers; no result.
+        let f = fixture();
+        f.put_part(0, 0, 7).await;
+        f.put_refusal(1, 0).await;
+        let MillOutcome::Refused(reason) = f.mill.join(&f.msg(1, 0)).await.unwrap() else {
+            panic!("not refused");
+        };
+        assert!(
+            reason.contains("facilitator 1 withholds")
+                && reason.contains("alpha (facilitator 0) released its share"),
+            "{reason}"
+        );
+        let record = f.record().await;
+        assert_eq!(record.state, ComputationState::Refused);
+        assert!(!f
+            .collector
+            .exists(&result_key("clicks", f.window))
+            .await
+            .unwrap());
+        assert!(matches!(
+            f.mill.join(&f.msg(0, 0)).await.unwrap(),
+            MillOutcome::Stale(_)
+        ));
+
+        // A refusal whose peer never answers: waiting, then REFUSED at the deadline.
+        let f = fixture();
+        f.put_refusal(0, 0).await;
+        assert_eq!(
+            f.mill.join(&f.msg(0, 0)).await.unwrap(),
+            MillOutcome::Waiting { missing: 1 }
+        );
+        let deadline = f.record().await.since.unwrap() + 3600;
+        assert_eq!(
+            f.mill.expire_waiting(deadline - 1).await.unwrap().waiting,
+            1
+        );
+        let report = f.mill.expire_waiting(deadline).await.unwrap();
+        assert_eq!(report.refused, 1, "{report:?}");
+        let record = f.record().await;
+        assert_eq!(record.state, ComputationState::Refused);
+        let detail = record.detail.unwrap();
+        assert!(
+            detail.contains("facilitator 0 withholds")
+                && detail.contains("beta (facilitator 1) never answered"),
+            "{detail}"
+        );
+        assert!(!f.indexed().await);
+    }
+
+    #[tokio::test]
+    async fn an_announcement_or_part_of_another_aggregation_digest_is_refused_naming_both() {
+        let f = fixture();
+        let other = AggregationDigest([9; 32]);
+        let mut msg = f.msg(0, 0);
+        msg.aggregation_digest = other.to_string();
+        let Err(TaskError::Permanent(reason)) = f.mill.join(&msg).await else {
+            panic!("accepted an announcement of another aggregation");
+        };
+        assert!(
+            reason.contains(&other.to_string()) && reason.contains(&f.digest().to_string()),
+            "{reason}"
+        );
+        // Two parts whose digests differ: FAILED, naming both.
+        f.put_part(0, 0, 7).await;
+        f.put_part_with(1, 0, 7, other).await;
+        let Err(TaskError::Permanent(reason)) = f.mill.join(&f.msg(1, 0)).await else {
+            panic!("joined parts of different aggregations");
+        };
+        assert!(
+            reason.contains("different aggregations")
+                && reason.contains(&other.to_string())
+                && reason.contains(&f.digest().to_string()),
+            "{reason}"
+        );
+        assert_eq!(f.record().await.state, ComputationState::Failed);
     }
 
     #[tokio::test]

@@ -50,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use millrace_bus::{Bus, Message};
+use millrace_protocol::agreement::AggregationDigest;
 #[cfg(doc)]
 use millrace_protocol::config::Aggregation;
 use millrace_protocol::config::Config;
@@ -213,6 +214,8 @@ pub struct WorkflowManager {
     facilitator_keys: Result<KeyRing, String>,
     /// The leader's signing key, for its manifests (`None` on the helper).
     signer: Option<Result<Signer25519, String>>,
+    /// Each aggregation's digest as this facilitator runs it: every task and manifest carries it.
+    digests: std::collections::BTreeMap<String, Result<AggregationDigest, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +240,17 @@ pub(crate) enum Scheduled {
 }
 
 impl WorkflowManager {
+    /// The aggregation's digest as this facilitator runs it.
+    pub(crate) fn digest(&self, aggregation: &str) -> Result<AggregationDigest, PassError> {
+        match self.digests.get(aggregation) {
+            Some(Ok(d)) => Ok(*d),
+            Some(Err(e)) => Err(PassError::Setup(e.clone())),
+            None => Err(PassError::Setup(format!(
+                "aggregation {aggregation:?} is not configured"
+            ))),
+        }
+    }
+
     pub fn new(config: Arc<Config>, store: Store, bus: Arc<dyn Bus>, settings: Settings) -> Self {
         let signer = (settings.facilitator == windows::LEADER).then(|| {
             config.facilitator_signer(windows::LEADER).map_err(|e| {
@@ -245,7 +259,18 @@ impl WorkflowManager {
                 )
             })
         });
+        let digests = config
+            .aggregations
+            .iter()
+            .map(|a| {
+                (
+                    a.id.clone(),
+                    config.aggregation_digest(a).map_err(|e| e.to_string()),
+                )
+            })
+            .collect();
         WorkflowManager {
+            digests,
             store,
             peer: None,
             bus,

@@ -30,7 +30,7 @@ use millrace_protocol::layout::{
     result_key, settled_marker_key, validation_prefix, Partition, Window,
 };
 use millrace_protocol::tasks::{
-    topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, TASK_VERSION,
+    topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, INTAKE_TASK_VERSION,
 };
 use millrace_store::markers::{self, ReplayClaim};
 use millrace_store::Store;
@@ -135,8 +135,9 @@ impl WorkflowManager {
                     .find_batch(&agg.id, batch, partition.as_deref())
                     .await?;
                 let task = IntakeTask {
-                    version: TASK_VERSION,
+                    version: INTAKE_TASK_VERSION,
                     aggregation: agg.id.clone(),
+                    aggregation_digest: self.digest(&agg.id)?.to_string(),
                     batch: batch.clone(),
                     partition: p.path(),
                 };
@@ -168,6 +169,7 @@ impl WorkflowManager {
                 let task = AggregateTask {
                     version: AGGREGATE_TASK_VERSION,
                     aggregation: agg.id.clone(),
+                    aggregation_digest: self.digest(&agg.id)?.to_string(),
                     window: w.name(),
                     generation: manifest.generation,
                 };
@@ -351,6 +353,7 @@ impl WorkflowManager {
         let me = &self.settings.instance;
         let manifest = WindowManifest {
             aggregation: agg.id.clone(),
+            aggregation_digest: self.digest(&agg.id)?.0,
             window_start: w.start,
             window_end: w.end,
             generation,
@@ -415,6 +418,7 @@ impl WorkflowManager {
             let task = AggregateTask {
                 version: AGGREGATE_TASK_VERSION,
                 aggregation: agg.id.clone(),
+                aggregation_digest: self.digest(&agg.id)?.to_string(),
                 window: w.name(),
                 generation,
             };

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use millrace_bus::Bytes;
+use millrace_protocol::agreement::AggregationDigest;
 use millrace_protocol::config::Aggregation;
 use millrace_protocol::formats::{ExcludedBatch, ExclusionReason, WindowBatch, WindowManifest};
 use millrace_protocol::layout::{
@@ -16,7 +17,7 @@ use millrace_protocol::results::{
     BatchExclusion, Computation, ComputationState, COMPUTATION_VERSION, EXCLUSION_VERSION,
 };
 use millrace_protocol::tasks::{
-    topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, TASK_VERSION,
+    topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, INTAKE_TASK_VERSION,
 };
 use millrace_store::{markers, StoreError};
 
@@ -199,8 +200,9 @@ impl WorkflowManager {
                     let marker = intake_marker_key(&agg.id, p, &batch);
                     if !marker_objects.contains(&markers::published_key(&marker)) {
                         let task = IntakeTask {
-                            version: TASK_VERSION,
+                            version: INTAKE_TASK_VERSION,
                             aggregation: agg.id.clone(),
+                            aggregation_digest: self.digest(&agg.id)?.to_string(),
                             batch: batch.clone(),
                             partition: p.path(),
                         };
@@ -280,6 +282,7 @@ impl WorkflowManager {
             let task = AggregateTask {
                 version: AGGREGATE_TASK_VERSION,
                 aggregation: agg.id.clone(),
+                aggregation_digest: self.digest(&agg.id)?.to_string(),
                 window: window.name(),
                 generation: manifest.generation,
             };
@@ -362,8 +365,18 @@ impl WorkflowManager {
             .config
             .facilitator_name(LEADER)
             .map_err(|e| e.to_string())?;
-        WindowManifest::decode_leaders(keys, leader, &agg.id, window, generation, bytes)
-            .map_err(|e| e.to_string())
+        let m = WindowManifest::decode_leaders(keys, leader, &agg.id, window, generation, bytes)
+            .map_err(|e| e.to_string())?;
+        let ours = self.digest(&agg.id).map_err(|e| e.to_string())?;
+        if m.aggregation_digest != ours.0 {
+            return Err(millrace_protocol::agreement::mismatch(
+                &agg.id,
+                "the leader's window manifest",
+                &AggregationDigest(m.aggregation_digest),
+                &ours,
+            ));
+        }
+        Ok(m)
     }
 
     async fn copy_to_peer(&self, key: &str, bytes: Bytes) -> Result<(), PassError> {
@@ -449,6 +462,7 @@ impl WorkflowManager {
             .collect();
         let manifest = WindowManifest {
             aggregation: agg.id.clone(),
+            aggregation_digest: self.digest(&agg.id)?.0,
             window_start: window.start,
             window_end: window.end,
             generation: 0,

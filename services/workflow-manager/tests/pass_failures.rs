@@ -23,6 +23,8 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn config(aggregations: &[&str]) -> Arc<Config> {
     let mut text = r#"
+version = 1
+
 [[ingestor]]
 name = "ing"
 public_key = "PUB"
@@ -51,6 +53,7 @@ grace = "5m"
 max_age = "1day"
 min_reports = 1
 verify_key = "env:UNUSED"
+verify_key_id = "0011223344556677"
 ingestors = ["ing"]
 "#
         ));

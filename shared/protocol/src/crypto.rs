@@ -102,40 +102,77 @@ impl Signer25519 {
     }
 }
 
-/// Public signing keys by key id: whose signatures a reader accepts.
+/// The public signing keys a reader trusts, by key id, each with the party that owns it. A party
+/// may have several (a new one and the ones it signed with before); a signature names its key
+/// id, and a verified object is attributed to the key's owner.
 #[derive(Clone, Debug, Default)]
 pub struct KeyRing {
-    keys: HashMap<String, VerifyingKey>,
+    keys: HashMap<String, (String, VerifyingKey)>,
 }
 
 impl KeyRing {
     pub fn new() -> Self {
         KeyRing::default()
     }
-    pub fn add(&mut self, key_id: impl Into<String>, key: VerifyingKey) {
-        self.keys.insert(key_id.into(), key);
+    /// Trusts `key`, id `key_id`, as a key of `owner`.
+    pub fn add(&mut self, key_id: impl Into<String>, owner: impl Into<String>, key: VerifyingKey) {
+        self.keys.insert(key_id.into(), (owner.into(), key));
     }
-    pub fn add_hex(&mut self, key_id: impl Into<String>, text: &str) -> Result<(), CryptoError> {
+    pub fn add_hex(
+        &mut self,
+        key_id: impl Into<String>,
+        owner: impl Into<String>,
+        text: &str,
+    ) -> Result<(), CryptoError> {
         let key_id = key_id.into();
         let raw = decode_hex::<32>(&key_id, text)?;
         let key = VerifyingKey::from_bytes(&raw).map_err(|e| CryptoError::BadKey {
             name: key_id.clone(),
             reason: format!("not an Ed25519 public key: {e}"),
         })?;
-        self.keys.insert(key_id, key);
+        self.keys.insert(key_id, (owner.into(), key));
         Ok(())
     }
+    /// Trusts `signer`'s public key, owned by a party named like its key id.
     pub fn with(mut self, signer: &Signer25519) -> Self {
-        self.add(signer.key_id(), signer.public());
+        self.add(signer.key_id(), signer.key_id(), signer.public());
         self
     }
+    /// Trusts `signer`'s public key as a key of `owner`.
+    pub fn with_owned(mut self, signer: &Signer25519, owner: &str) -> Self {
+        self.add(signer.key_id(), owner, signer.public());
+        self
+    }
+    /// The keys of `owner` only.
+    pub fn only(&self, owner: &str) -> KeyRing {
+        KeyRing {
+            keys: self
+                .keys
+                .iter()
+                .filter(|(_, (o, _))| o == owner)
+                .map(|(id, v)| (id.clone(), v.clone()))
+                .collect(),
+        }
+    }
+    /// Every key id trusted for `owner`, sorted.
+    pub fn key_ids_of(&self, owner: &str) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .keys
+            .iter()
+            .filter(|(_, (o, _))| o == owner)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+    /// Verifies `signature` by key `key_id`; returns the key's owner.
     pub(crate) fn verify(
         &self,
         key_id: &str,
         msg: &[u8],
         signature: &[u8; SIGNATURE_LEN],
-    ) -> Result<(), FormatError> {
-        let key = self
+    ) -> Result<String, FormatError> {
+        let (owner, key) = self
             .keys
             .get(key_id)
             .ok_or_else(|| FormatError::UnknownKey {
@@ -145,7 +182,8 @@ impl KeyRing {
         key.verify(msg, &signature)
             .map_err(|_| FormatError::BadSignature {
                 key_id: key_id.to_string(),
-            })
+            })?;
+        Ok(owner.clone())
     }
 }
 
@@ -295,7 +333,10 @@ mod tests {
         let b = Signer25519::generate("b");
         let ring = KeyRing::new().with(&a);
         let sig = a.sign(b"msg");
-        ring.verify("a", b"msg", &sig).unwrap();
+        assert_eq!(ring.verify("a", b"msg", &sig).unwrap(), "a");
+        let owned = KeyRing::new().with_owned(&a, "alpha");
+        assert_eq!(owned.verify("a", b"msg", &sig).unwrap(), "alpha");
+        assert_eq!(owned.key_ids_of("alpha"), ["a"]);
         assert!(matches!(
             ring.verify("a", b"msg2", &sig),
             Err(FormatError::BadSignature { .. })

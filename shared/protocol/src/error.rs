@@ -12,11 +12,12 @@ pub enum FormatError {
     BadMagic,
     #[error("expected a {expected} object, found kind {found}")]
     WrongKind { expected: &'static str, found: u8 },
-    #[error("unsupported {what} version {found} (this build reads version {supported})")]
+    #[error("unsupported {what} version {found} (this build reads {supported})")]
     UnsupportedVersion {
         what: &'static str,
         found: u8,
-        supported: u8,
+        /// The versions this build reads, for the message (`version 2`, `versions 2 and 3`).
+        supported: String,
     },
     #[error("signed by unknown key {key_id:?}")]
     UnknownKey { key_id: String },

@@ -6,6 +6,11 @@
 //! "MLRC" | kind u8 | version u8 | key id (u8 length + UTF-8) | payload (u32 length + bytes) | Ed25519 signature (64)
 //! ```
 //!
+//! Each kind's decoder names the versions it reads ([`INGESTION_VERSIONS`] and the like) and
+//! refuses any other with [`FormatError::UnsupportedVersion`], naming the version found. A
+//! decoder that reads an older version as well as the current one is what lets a rolling upgrade
+//! update readers before writers (see the README's "Upgrading").
+//!
 //! The signature covers everything before it, so the kind, version and signer are bound to the
 //! content. Decoding is strict: the envelope is checked, the signature verified against a
 //! [`KeyRing`], and the payload parsed to its last byte; trailing bytes are refused. Encoding is
@@ -31,6 +36,7 @@ pub enum Kind {
     VerifyStates = 3,
     SumPart = 4,
     WindowManifest = 5,
+    ShareRefusal = 6,
 }
 
 impl Kind {
@@ -41,16 +47,40 @@ impl Kind {
             Kind::VerifyStates => "verify-state batch",
             Kind::SumPart => "sum part",
             Kind::WindowManifest => "window manifest",
+            Kind::ShareRefusal => "share refusal",
         }
     }
 }
 
-/// Format versions this build writes and reads.
-pub const INGESTION_VERSION: u8 = 1;
-pub const VALIDATION_VERSION: u8 = 1;
+/// Format versions this build writes.
+pub const INGESTION_VERSION: u8 = 2;
+pub const VALIDATION_VERSION: u8 = 2;
 pub const VERIFY_STATES_VERSION: u8 = 1;
-pub const SUM_PART_VERSION: u8 = 2;
-pub const MANIFEST_VERSION: u8 = 1;
+pub const SUM_PART_VERSION: u8 = 3;
+pub const MANIFEST_VERSION: u8 = 2;
+pub const SHARE_REFUSAL_VERSION: u8 = 1;
+
+/// Format versions this build reads. Ingestion batch 1 had no report times (refused: a report
+/// without a time bound to its shares cannot be placed in one window); validation batch 1 and
+/// window manifest 1 carried no aggregation digest (refused: nothing would show that both
+/// organisations run the same aggregation); sum part 2 had neither invalid counts by reason nor
+/// the aggregation digest (read as "none given": the mill compares only what both parts carry).
+pub const INGESTION_VERSIONS: &[u8] = &[2];
+pub const VALIDATION_VERSIONS: &[u8] = &[2];
+pub const VERIFY_STATES_VERSIONS: &[u8] = &[1];
+pub const SUM_PART_VERSIONS: &[u8] = &[2, 3];
+pub const MANIFEST_VERSIONS: &[u8] = &[2];
+pub const SHARE_REFUSAL_VERSIONS: &[u8] = &[1];
+
+/// `version 2` or `versions 2 and 3`, for errors.
+pub(crate) fn versions_text(supported: &[u8]) -> String {
+    let list: Vec<String> = supported.iter().map(u8::to_string).collect();
+    match list.as_slice() {
+        [one] => format!("version {one}"),
+        [init @ .., last] => format!("versions {} and {last}", init.join(", ")),
+        [] => "no version".to_string(),
+    }
+}
 
 fn seal(
     kind: Kind,
@@ -69,13 +99,22 @@ fn seal(
     Ok(w.buf)
 }
 
-/// Checks the envelope and signature; returns the signer's key id and the payload.
+/// An envelope that passed [`open`].
+struct Opened<'a> {
+    /// The party that owns the signing key (see [`KeyRing`]); what decoders return as the
+    /// signer.
+    key_id: String,
+    version: u8,
+    payload: &'a [u8],
+}
+
+/// Checks the envelope and signature; returns the signer's key id, the version and the payload.
 fn open<'a>(
     kind: Kind,
-    version: u8,
+    supported: &[u8],
     keys: &KeyRing,
     bytes: &'a [u8],
-) -> Result<(String, &'a [u8]), FormatError> {
+) -> Result<Opened<'a>, FormatError> {
     let mut r = Reader::new(bytes);
     if r.take(4, "magic").map_err(|_| FormatError::BadMagic)? != MAGIC {
         return Err(FormatError::BadMagic);
@@ -87,12 +126,12 @@ fn open<'a>(
             found,
         });
     }
-    let found_version = r.u8("version")?;
-    if found_version != version {
+    let version = r.u8("version")?;
+    if !supported.contains(&version) {
         return Err(FormatError::UnsupportedVersion {
             what: kind.name(),
-            found: found_version,
-            supported: version,
+            found: version,
+            supported: versions_text(supported),
         });
     }
     let key_id = r.short_str("key id")?;
@@ -100,8 +139,12 @@ fn open<'a>(
     let signed_len = r.position();
     let signature: [u8; SIGNATURE_LEN] = r.array("signature")?;
     r.finish(kind.name())?;
-    keys.verify(&key_id, &bytes[..signed_len], &signature)?;
-    Ok((key_id, payload))
+    let owner = keys.verify(&key_id, &bytes[..signed_len], &signature)?;
+    Ok(Opened {
+        key_id: owner,
+        version,
+        payload,
+    })
 }
 
 /// One client report as a facilitator receives it: the public share in the clear and this
@@ -109,6 +152,13 @@ fn open<'a>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncryptedReport {
     pub report_id: ReportId,
+    /// When the report was made (unix seconds), rounded down to the aggregation's time
+    /// precision. Bound into both input shares' HPKE associated data, so it cannot be changed
+    /// without the shares failing to decrypt: it decides the one window the report counts in.
+    pub time: i64,
+    /// The id of the facilitator's HPKE key this share is sealed to (see
+    /// [`crate::parties`]): the facilitator decrypts with that key.
+    pub hpke_key_id: u8,
     pub public_share: Vec<u8>,
     pub encapped_key: [u8; ENCAPPED_KEY_LEN],
     pub ciphertext: Vec<u8>,
@@ -118,10 +168,13 @@ pub struct EncryptedReport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngestionBatch {
     pub aggregation: String,
+    /// The [`crate::agreement::AggregationDigest`] of the aggregation as the ingestor runs it.
+    pub aggregation_digest: [u8; 32],
     pub batch_id: String,
     /// The facilitator (0 or 1) whose key the input shares are encrypted to.
     pub facilitator: u8,
-    /// When the batch was collected (unix seconds); decides its time partition and window.
+    /// When the batch was collected (unix seconds), signed: it must lie in the hour partition
+    /// the batch is stored under, and decides the batch's window.
     pub time: i64,
     pub reports: Vec<EncryptedReport>,
 }
@@ -131,10 +184,12 @@ pub fn input_share_info(aggregation: &str, facilitator: u8) -> Vec<u8> {
     format!("millrace input share/{aggregation}/{facilitator}").into_bytes()
 }
 
-/// HPKE additional data for one input share: binds it to its report and public share.
-pub fn input_share_aad(report_id: &ReportId, public_share: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(16 + public_share.len());
+/// HPKE additional data for one input share: binds it to its report id, its time and its public
+/// share, as DAP binds report metadata. Changing any of them makes the share undecryptable.
+pub fn input_share_aad(report_id: &ReportId, time: i64, public_share: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + 8 + public_share.len());
     aad.extend_from_slice(report_id);
+    aad.extend_from_slice(&time.to_be_bytes());
     aad.extend_from_slice(public_share);
     aad
 }
@@ -144,16 +199,21 @@ impl IngestionBatch {
         let per_report: usize = self
             .reports
             .iter()
-            .map(|r| 16 + 8 + r.public_share.len() + ENCAPPED_KEY_LEN + r.ciphertext.len())
+            .map(|r| {
+                16 + 8 + 1 + 4 + r.public_share.len() + ENCAPPED_KEY_LEN + 4 + r.ciphertext.len()
+            })
             .sum();
         let mut w = Writer::with_capacity(per_report + 128);
         w.short_str(&self.aggregation)?;
+        w.raw(&self.aggregation_digest);
         w.short_str(&self.batch_id)?;
         w.u8(self.facilitator);
         w.i64(self.time);
         w.u32(len_u32(self.reports.len())?);
         for r in &self.reports {
             w.raw(&r.report_id);
+            w.i64(r.time);
+            w.u8(r.hpke_key_id);
             w.bytes(&r.public_share)?;
             w.raw(&r.encapped_key);
             w.bytes(&r.ciphertext)?;
@@ -163,17 +223,21 @@ impl IngestionBatch {
 
     /// Decodes and verifies; returns the batch and the ingestor key id that signed it.
     pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
-        let (key_id, payload) = open(Kind::IngestionBatch, INGESTION_VERSION, keys, bytes)?;
-        let mut r = Reader::new(payload);
+        let opened = open(Kind::IngestionBatch, INGESTION_VERSIONS, keys, bytes)?;
+        let key_id = opened.key_id;
+        let mut r = Reader::new(opened.payload);
         let aggregation = r.short_str("aggregation id")?;
+        let aggregation_digest = r.array("aggregation digest")?;
         let batch_id = r.short_str("batch id")?;
         let facilitator = r.u8("facilitator")?;
         let time = r.i64("time")?;
-        let n = r.count("reports", 16 + 4 + ENCAPPED_KEY_LEN + 4)?;
+        let n = r.count("reports", 16 + 8 + 1 + 4 + ENCAPPED_KEY_LEN + 4)?;
         let mut reports = Vec::with_capacity(n);
         for _ in 0..n {
             reports.push(EncryptedReport {
                 report_id: r.array("report id")?,
+                time: r.i64("report time")?,
+                hpke_key_id: r.u8("HPKE key id")?,
                 public_share: r.bytes("public share")?.to_vec(),
                 encapped_key: r.array("encapsulated key")?,
                 ciphertext: r.bytes("ciphertext")?.to_vec(),
@@ -183,6 +247,7 @@ impl IngestionBatch {
         Ok((
             IngestionBatch {
                 aggregation,
+                aggregation_digest,
                 batch_id,
                 facilitator,
                 time,
@@ -203,18 +268,110 @@ pub enum InvalidReason {
     Unverifiable = 2,
     /// The report id already appeared earlier in the batch.
     Duplicate = 3,
+    /// The report's time is not in the window of the batch carrying it: a report counts only
+    /// in the window its (HPKE-bound) time falls in.
+    OutsideWindow = 4,
+    /// The report's time is later than its batch's signed time by more than the aggregation's
+    /// clock skew, or not a multiple of its time precision.
+    BadTime = 5,
+    /// The report id already appeared in an earlier batch of the same window (decided when the
+    /// window is aggregated; both facilitators walk the batches in the manifest's order).
+    Replayed = 6,
+    /// Both sides' verifier shares were combined and the proof did not verify (decided when the
+    /// window is aggregated).
+    VerifyFailed = 7,
+    /// The share names an HPKE key id the facilitator does not have.
+    UnknownKey = 8,
+    /// The share is sealed to an HPKE key that had expired at the batch's time.
+    ExpiredKey = 9,
 }
 
 impl InvalidReason {
-    fn from_u8(v: u8) -> Result<Self, FormatError> {
-        match v {
-            1 => Ok(InvalidReason::Undecryptable),
-            2 => Ok(InvalidReason::Unverifiable),
-            3 => Ok(InvalidReason::Duplicate),
-            other => Err(FormatError::Invalid(format!(
-                "unknown invalid reason {other}"
-            ))),
+    pub const ALL: [InvalidReason; 9] = [
+        InvalidReason::Undecryptable,
+        InvalidReason::Unverifiable,
+        InvalidReason::Duplicate,
+        InvalidReason::OutsideWindow,
+        InvalidReason::BadTime,
+        InvalidReason::Replayed,
+        InvalidReason::VerifyFailed,
+        InvalidReason::UnknownKey,
+        InvalidReason::ExpiredKey,
+    ];
+
+    pub fn from_u8(v: u8) -> Result<Self, FormatError> {
+        InvalidReason::ALL
+            .into_iter()
+            .find(|r| *r as u8 == v)
+            .ok_or_else(|| FormatError::Invalid(format!("unknown invalid reason {v}")))
+    }
+
+    /// The label in metrics, results and `millrace status`.
+    pub fn label(self) -> &'static str {
+        match self {
+            InvalidReason::Undecryptable => "undecryptable",
+            InvalidReason::Unverifiable => "unverifiable",
+            InvalidReason::Duplicate => "duplicate",
+            InvalidReason::OutsideWindow => "outside-window",
+            InvalidReason::BadTime => "bad-time",
+            InvalidReason::Replayed => "replayed",
+            InvalidReason::VerifyFailed => "verify-failed",
+            InvalidReason::UnknownKey => "unknown-key",
+            InvalidReason::ExpiredKey => "expired-key",
         }
+    }
+}
+
+/// How many reports were invalid, by reason (sorted by reason code, no zero counts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InvalidCounts(pub std::collections::BTreeMap<u8, u64>);
+
+impl InvalidCounts {
+    pub fn add(&mut self, reason: InvalidReason) {
+        *self.0.entry(reason as u8).or_insert(0) += 1;
+    }
+    pub fn add_n(&mut self, reason: InvalidReason, n: u64) {
+        if n > 0 {
+            *self.0.entry(reason as u8).or_insert(0) += n;
+        }
+    }
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+    /// `{"replayed": 2, "undecryptable": 1}`-style map by label.
+    pub fn by_label(&self) -> std::collections::BTreeMap<String, u64> {
+        self.0
+            .iter()
+            .map(|(code, n)| {
+                let label = InvalidReason::from_u8(*code)
+                    .map(InvalidReason::label)
+                    .unwrap_or("unknown");
+                (label.to_string(), *n)
+            })
+            .collect()
+    }
+    fn encode(&self, w: &mut Writer) -> Result<(), FormatError> {
+        w.u32(len_u32(self.0.len())?);
+        for (code, n) in &self.0 {
+            w.u8(*code);
+            w.u64(*n);
+        }
+        Ok(())
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, FormatError> {
+        let n = r.count("invalid reasons", 9)?;
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let reason = InvalidReason::from_u8(r.u8("invalid reason")?)?;
+            let count = r.u64("invalid count")?;
+            if counts.insert(reason as u8, count).is_some() || count == 0 {
+                return Err(FormatError::Invalid(format!(
+                    "invalid counts: reason {} repeated or zero",
+                    reason.label()
+                )));
+            }
+        }
+        Ok(InvalidCounts(counts))
     }
 }
 
@@ -231,6 +388,8 @@ pub enum Verdict {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidationBatch {
     pub aggregation: String,
+    /// The aggregation digest as the writing facilitator runs it.
+    pub aggregation_digest: [u8; 32],
     pub batch_id: String,
     pub facilitator: u8,
     pub entries: Vec<(ReportId, Verdict)>,
@@ -238,8 +397,9 @@ pub struct ValidationBatch {
 
 impl ValidationBatch {
     pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
-        let mut w = Writer::with_capacity(self.entries.len() * 64 + 64);
+        let mut w = Writer::with_capacity(self.entries.len() * 64 + 96);
         w.short_str(&self.aggregation)?;
+        w.raw(&self.aggregation_digest);
         w.short_str(&self.batch_id)?;
         w.u8(self.facilitator);
         w.u32(len_u32(self.entries.len())?);
@@ -259,9 +419,11 @@ impl ValidationBatch {
     }
 
     pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
-        let (key_id, payload) = open(Kind::ValidationBatch, VALIDATION_VERSION, keys, bytes)?;
-        let mut r = Reader::new(payload);
+        let opened = open(Kind::ValidationBatch, VALIDATION_VERSIONS, keys, bytes)?;
+        let key_id = opened.key_id;
+        let mut r = Reader::new(opened.payload);
         let aggregation = r.short_str("aggregation id")?;
+        let aggregation_digest = r.array("aggregation digest")?;
         let batch_id = r.short_str("batch id")?;
         let facilitator = r.u8("facilitator")?;
         let n = r.count("entries", 17)?;
@@ -278,6 +440,7 @@ impl ValidationBatch {
         Ok((
             ValidationBatch {
                 aggregation,
+                aggregation_digest,
                 batch_id,
                 facilitator,
                 entries,
@@ -318,8 +481,8 @@ impl VerifyStates {
     }
 
     pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<Self, FormatError> {
-        let (_, payload) = open(Kind::VerifyStates, VERIFY_STATES_VERSION, keys, bytes)?;
-        let mut r = Reader::new(payload);
+        let opened = open(Kind::VerifyStates, VERIFY_STATES_VERSIONS, keys, bytes)?;
+        let mut r = Reader::new(opened.payload);
         let aggregation = r.short_str("aggregation id")?;
         let batch_id = r.short_str("batch id")?;
         let facilitator = r.u8("facilitator")?;
@@ -352,11 +515,15 @@ pub struct SumPart {
     pub generation: u32,
     /// [`WindowManifest::digest`] of that manifest: both parts must carry the same one.
     pub manifest_digest: [u8; 32],
+    /// The aggregation digest as the writing facilitator runs it (version 3; `None` from 2).
+    pub aggregation_digest: Option<[u8; 32]>,
     pub facilitator: u8,
     /// Reports included in the aggregate share.
     pub report_count: u64,
     /// Reports excluded (invalid on either side, or duplicates).
     pub invalid_count: u64,
+    /// `invalid_count` by reason (version 3; empty when read from version 2).
+    pub invalid_reasons: InvalidCounts,
     /// SHA-256 over the sorted ids of the included reports: both parts must carry the same one.
     pub report_digest: [u8; 32],
     /// The ingestion batches this part covers, sorted.
@@ -373,9 +540,11 @@ impl SumPart {
         w.i64(self.window_end);
         w.u32(self.generation);
         w.raw(&self.manifest_digest);
+        w.raw(&self.aggregation_digest.unwrap_or_default());
         w.u8(self.facilitator);
         w.u64(self.report_count);
         w.u64(self.invalid_count);
+        self.invalid_reasons.encode(&mut w)?;
         w.raw(&self.report_digest);
         w.u32(len_u32(self.batches.len())?);
         for b in &self.batches {
@@ -386,16 +555,27 @@ impl SumPart {
     }
 
     pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
-        let (key_id, payload) = open(Kind::SumPart, SUM_PART_VERSION, keys, bytes)?;
-        let mut r = Reader::new(payload);
+        let opened = open(Kind::SumPart, SUM_PART_VERSIONS, keys, bytes)?;
+        let key_id = opened.key_id;
+        let mut r = Reader::new(opened.payload);
         let aggregation = r.short_str("aggregation id")?;
         let window_start = r.i64("window start")?;
         let window_end = r.i64("window end")?;
         let generation = r.u32("generation")?;
         let manifest_digest = r.array("manifest digest")?;
+        let aggregation_digest = if opened.version >= 3 {
+            Some(r.array("aggregation digest")?)
+        } else {
+            None
+        };
         let facilitator = r.u8("facilitator")?;
         let report_count = r.u64("report count")?;
         let invalid_count = r.u64("invalid count")?;
+        let invalid_reasons = if opened.version >= 3 {
+            InvalidCounts::decode(&mut r)?
+        } else {
+            InvalidCounts::default()
+        };
         let report_digest = r.array("report digest")?;
         let n = r.count("batches", 1)?;
         let mut batches = Vec::with_capacity(n);
@@ -411,15 +591,82 @@ impl SumPart {
                 window_end,
                 generation,
                 manifest_digest,
+                aggregation_digest,
                 facilitator,
                 report_count,
                 invalid_count,
+                invalid_reasons,
                 report_digest,
                 batches,
                 aggregate_share,
             },
             key_id,
         ))
+    }
+}
+
+/// A facilitator's refusal to release its aggregate share of a window: written instead of a
+/// [`SumPart`] (to the same place in the collector's store, `…/{generation}.refused.{i}`) when
+/// the window has fewer valid reports than the aggregation's minimum. It carries no share, so the
+/// collector never holds any part of an under-threshold aggregate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareRefusal {
+    pub aggregation: String,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub generation: u32,
+    pub manifest_digest: [u8; 32],
+    pub aggregation_digest: [u8; 32],
+    pub facilitator: u8,
+    /// Valid reports the window had.
+    pub report_count: u64,
+    pub invalid_count: u64,
+    pub invalid_reasons: InvalidCounts,
+    /// The minimum this facilitator's config requires.
+    pub min_reports: u64,
+    /// Why, for people: names the aggregation, window, counts and the minimum.
+    pub reason: String,
+}
+
+impl ShareRefusal {
+    pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
+        let mut w = Writer::with_capacity(256 + self.reason.len());
+        w.short_str(&self.aggregation)?;
+        w.i64(self.window_start);
+        w.i64(self.window_end);
+        w.u32(self.generation);
+        w.raw(&self.manifest_digest);
+        w.raw(&self.aggregation_digest);
+        w.u8(self.facilitator);
+        w.u64(self.report_count);
+        w.u64(self.invalid_count);
+        self.invalid_reasons.encode(&mut w)?;
+        w.u64(self.min_reports);
+        w.bytes(self.reason.as_bytes())?;
+        seal(Kind::ShareRefusal, SHARE_REFUSAL_VERSION, signer, &w.buf)
+    }
+
+    pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
+        let opened = open(Kind::ShareRefusal, SHARE_REFUSAL_VERSIONS, keys, bytes)?;
+        let mut r = Reader::new(opened.payload);
+        let refusal = ShareRefusal {
+            aggregation: r.short_str("aggregation id")?,
+            window_start: r.i64("window start")?,
+            window_end: r.i64("window end")?,
+            generation: r.u32("generation")?,
+            manifest_digest: r.array("manifest digest")?,
+            aggregation_digest: r.array("aggregation digest")?,
+            facilitator: r.u8("facilitator")?,
+            report_count: r.u64("report count")?,
+            invalid_count: r.u64("invalid count")?,
+            invalid_reasons: InvalidCounts::decode(&mut r)?,
+            min_reports: r.u64("minimum reports")?,
+            reason: String::from_utf8(r.bytes("reason")?.to_vec()).map_err(|_| {
+                FormatError::Invalid("share refusal: reason is not UTF-8".to_string())
+            })?,
+        };
+        r.finish("share refusal payload")?;
+        Ok((refusal, opened.key_id))
     }
 }
 
@@ -496,6 +743,9 @@ pub struct ExcludedBatch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WindowManifest {
     pub aggregation: String,
+    /// The aggregation digest as the leader runs it: the helper refuses a manifest whose digest
+    /// is not its own.
+    pub aggregation_digest: [u8; 32],
     pub window_start: i64,
     pub window_end: i64,
     /// 0 for the leader's own decision; each `reaggregate` writes the next.
@@ -539,6 +789,7 @@ impl WindowManifest {
     pub fn encode(&self, signer: &Signer25519) -> Result<Vec<u8>, FormatError> {
         let mut w = Writer::with_capacity(96 * (self.batches.len() + self.excluded.len()) + 256);
         w.short_str(&self.aggregation)?;
+        w.raw(&self.aggregation_digest);
         w.i64(self.window_start);
         w.i64(self.window_end);
         w.u32(self.generation);
@@ -597,10 +848,12 @@ impl WindowManifest {
     /// batches are sorted and unique, that the stored count and digest match them, and that every
     /// id and partition is well formed.
     pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<(Self, String), FormatError> {
-        let (key_id, payload) = open(Kind::WindowManifest, MANIFEST_VERSION, keys, bytes)?;
-        let mut r = Reader::new(payload);
+        let opened = open(Kind::WindowManifest, MANIFEST_VERSIONS, keys, bytes)?;
+        let key_id = opened.key_id;
+        let mut r = Reader::new(opened.payload);
         let aggregation = r.short_str("aggregation id")?;
         validate_id("aggregation id", &aggregation)?;
+        let aggregation_digest = r.array("aggregation digest")?;
         let window_start = r.i64("window start")?;
         let window_end = r.i64("window end")?;
         if window_end <= window_start {
@@ -643,6 +896,7 @@ impl WindowManifest {
         r.finish("window manifest payload")?;
         let manifest = WindowManifest {
             aggregation,
+            aggregation_digest,
             window_start,
             window_end,
             generation,
@@ -700,12 +954,15 @@ mod tests {
     fn batch() -> IngestionBatch {
         IngestionBatch {
             aggregation: "clicks".into(),
+            aggregation_digest: [4; 32],
             batch_id: "b1".into(),
             facilitator: 1,
             time: 1_700_000_000,
             reports: (0..3u8)
                 .map(|i| EncryptedReport {
                     report_id: [i; 16],
+                    time: 1_699_999_200 + i64::from(i) * 60,
+                    hpke_key_id: i,
                     public_share: vec![i; 5],
                     encapped_key: [9; 32],
                     ciphertext: vec![i; 40],
@@ -778,6 +1035,7 @@ mod tests {
         let keys = KeyRing::new().with(&s);
         let v = ValidationBatch {
             aggregation: "a".into(),
+            aggregation_digest: [4; 32],
             batch_id: "b".into(),
             facilitator: 0,
             entries: vec![],
@@ -795,6 +1053,7 @@ mod tests {
         let keys = KeyRing::new().with(&s);
         let v = ValidationBatch {
             aggregation: "clicks".into(),
+            aggregation_digest: [4; 32],
             batch_id: "b1".into(),
             facilitator: 0,
             entries: vec![
@@ -833,16 +1092,119 @@ mod tests {
             window_end: 200,
             generation: 3,
             manifest_digest: [7; 32],
+            aggregation_digest: Some([4; 32]),
             facilitator: 1,
             report_count: 10,
-            invalid_count: 2,
+            invalid_count: 3,
+            invalid_reasons: {
+                let mut c = InvalidCounts::default();
+                c.add(InvalidReason::Replayed);
+                c.add_n(InvalidReason::OutsideWindow, 2);
+                c
+            },
             report_digest: [5; 32],
             batches: vec!["a".into(), "b".into()],
             aggregate_share: vec![1; 24],
         };
         let bytes = p.encode(&s).unwrap();
-        assert_eq!(SumPart::decode(&keys, &bytes).unwrap().0, p);
+        let decoded = SumPart::decode(&keys, &bytes).unwrap().0;
+        assert_eq!(decoded, p);
+        assert_eq!(
+            decoded.invalid_reasons.by_label(),
+            [
+                ("outside-window".to_string(), 2),
+                ("replayed".to_string(), 1)
+            ]
+            .into()
+        );
         assert_rejects_damage(&bytes, |b| SumPart::decode(&keys, b));
+    }
+
+    #[test]
+    fn an_older_readable_version_is_read_and_an_unknown_one_is_refused_by_number() {
+        let s = signer();
+        let keys = KeyRing::new().with(&s);
+        // A version-2 sum part: the same fields without the invalid counts by reason.
+        let mut w = Writer::with_capacity(256);
+        w.short_str("clicks").unwrap();
+        w.i64(100);
+        w.i64(200);
+        w.u32(0);
+        w.raw(&[7; 32]);
+        w.u8(0);
+        w.u64(10);
+        w.u64(2);
+        w.raw(&[5; 32]);
+        w.u32(1);
+        w.short_str("a").unwrap();
+        w.bytes(&[1; 8]).unwrap();
+        let v2 = seal(Kind::SumPart, 2, &s, &w.buf).unwrap();
+        let (part, _) = SumPart::decode(&keys, &v2).unwrap();
+        assert_eq!((part.report_count, part.invalid_count), (10, 2));
+        assert_eq!(part.invalid_reasons, InvalidCounts::default());
+        assert_eq!(part.aggregation_digest, None);
+        // The same payload as version 9, and a version-1 ingestion batch: refused, by number.
+        let v9 = seal(Kind::SumPart, 9, &s, &w.buf).unwrap();
+        let err = SumPart::decode(&keys, &v9).unwrap_err().to_string();
+        assert!(
+            err.contains("sum part version 9") && err.contains("versions 2 and 3"),
+            "{err}"
+        );
+        let v1 = seal(Kind::IngestionBatch, 1, &s, b"whatever").unwrap();
+        let err = IngestionBatch::decode(&keys, &v1).unwrap_err().to_string();
+        assert!(
+            err.contains("ingestion batch version 1") && err.contains("reads version 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn share_refusal_round_trips_and_rejects_damage() {
+        let s = Signer25519::generate("beta");
+        let keys = KeyRing::new().with(&s);
+        let mut invalid_reasons = InvalidCounts::default();
+        invalid_reasons.add(InvalidReason::Undecryptable);
+        let r = ShareRefusal {
+            aggregation: "clicks".into(),
+            window_start: 3600,
+            window_end: 7200,
+            generation: 0,
+            manifest_digest: [3; 32],
+            aggregation_digest: [4; 32],
+            facilitator: 1,
+            report_count: 9,
+            invalid_count: 1,
+            invalid_reasons,
+            min_reports: 10,
+            reason: "only 9 valid reports, at least 10 required".into(),
+        };
+        let bytes = r.encode(&s).unwrap();
+        assert_eq!(
+            ShareRefusal::decode(&keys, &bytes).unwrap(),
+            (r, "beta".into())
+        );
+        assert_rejects_damage(&bytes, |b| ShareRefusal::decode(&keys, b));
+        assert!(matches!(
+            SumPart::decode(&keys, &bytes),
+            Err(FormatError::WrongKind { .. })
+        ));
+    }
+
+    #[test]
+    fn the_report_time_is_bound_into_the_input_share() {
+        let (sk, pk) = crate::crypto::hpke_generate();
+        let info = input_share_info("clicks", 0);
+        let (enc, ct) = pk
+            .seal(&info, &input_share_aad(&[1; 16], 3600, b"pub"), b"share")
+            .unwrap();
+        assert_eq!(
+            sk.open(&info, &input_share_aad(&[1; 16], 3600, b"pub"), &enc, &ct)
+                .unwrap(),
+            b"share"
+        );
+        assert!(sk
+            .open(&info, &input_share_aad(&[1; 16], 7200, b"pub"), &enc, &ct)
+            .is_err());
     }
 
     fn manifest() -> WindowManifest {
@@ -852,6 +1214,7 @@ mod tests {
         };
         WindowManifest {
             aggregation: "clicks".into(),
+            aggregation_digest: [4; 32],
             window_start: 7200,
             window_end: 14400,
             generation: 1,

@@ -244,6 +244,10 @@ pub fn result_marker_key(agg: &str, w: Window) -> String {
 pub fn sum_part_key(agg: &str, w: Window, generation: u32, facilitator: u8) -> String {
     format!("sums/{agg}/{}/{generation}.sum.{facilitator}", w.name())
 }
+/// Where a facilitator's [`crate::formats::ShareRefusal`] goes instead of its sum part.
+pub fn share_refusal_key(agg: &str, w: Window, generation: u32, facilitator: u8) -> String {
+    format!("sums/{agg}/{}/{generation}.refused.{facilitator}", w.name())
+}
 /// Every generation's sum parts of one window (a listing prefix).
 pub fn sum_parts_prefix(agg: &str, w: Window) -> String {
     format!("sums/{agg}/{}/", w.name())

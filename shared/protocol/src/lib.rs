@@ -4,12 +4,15 @@
 //! result documents ([`results`]), object keys ([`layout`]) and the aggregations file ([`config`])
 //! all live here, each with a version and a strict decoder.
 
+pub mod agreement;
 mod codec;
 pub mod config;
 pub mod crypto;
+pub mod dp;
 pub mod error;
 pub mod formats;
 pub mod layout;
+pub mod parties;
 pub mod results;
 pub mod tasks;
 pub mod vdaf;

@@ -7,9 +7,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::FormatError;
 use crate::vdaf::{AggregateValue, VdafSpec};
 
-pub const RESULT_VERSION: u32 = 2;
+pub const RESULT_VERSION: u32 = 3;
 pub const COMPUTATION_VERSION: u32 = 2;
 pub const EXCLUSION_VERSION: u32 = 1;
+/// Versions read: result 2 lacks `invalid_reasons` (read as empty).
+pub const RESULT_VERSIONS: &[u32] = &[2, 3];
+pub const COMPUTATION_VERSIONS: &[u32] = &[2];
+pub const EXCLUSION_VERSIONS: &[u32] = &[1];
 
 /// `results/{agg}/{window}.result.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +30,10 @@ pub struct AggregationResult {
     pub result: AggregateValue,
     pub report_count: u64,
     pub invalid_count: u64,
+    /// `invalid_count` by reason label (`undecryptable`, `replayed`, `outside-window`, …; see
+    /// [`crate::formats::InvalidReason::label`]). Absent in version 2.
+    #[serde(default)]
+    pub invalid_reasons: std::collections::BTreeMap<String, u64>,
     /// Hex SHA-256 over the sorted ids of the included reports.
     pub report_digest: String,
     pub batches: Vec<String>,
@@ -41,14 +49,22 @@ pub enum ComputationState {
     WaitingForManifest,
     /// The result is written.
     Succeeded,
-    /// The parts could not be joined (mismatch, policy); the reason is in `detail`.
+    /// The parts could not be joined (mismatch, a part that never came); the reason is in
+    /// `detail`.
     Failed,
+    /// A party's privacy policy refused to release the window (too few reports): a facilitator
+    /// that withheld its aggregate share, or the mill's own check. `detail` gives every party's
+    /// reason.
+    Refused,
 }
 
 impl ComputationState {
     /// States the cleaner may delete once they are older than the TTL.
     pub fn is_terminal(self) -> bool {
-        matches!(self, ComputationState::Succeeded | ComputationState::Failed)
+        matches!(
+            self,
+            ComputationState::Succeeded | ComputationState::Failed | ComputationState::Refused
+        )
     }
 }
 
@@ -71,21 +87,28 @@ pub struct Computation {
     pub detail: Option<String>,
 }
 
+/// Parses a JSON document, first checking its `version` against the versions this build reads
+/// (so that a newer document is refused by its version, not by a field it added).
 fn from_json<T: for<'de> Deserialize<'de>>(
     what: &str,
-    version: u32,
-    get_version: impl Fn(&T) -> u32,
+    supported: &[u32],
     bytes: &[u8],
 ) -> Result<T, FormatError> {
-    let doc: T =
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let head: Versioned =
         serde_json::from_slice(bytes).map_err(|e| FormatError::Invalid(format!("{what}: {e}")))?;
-    let found = get_version(&doc);
-    if found != version {
+    if !supported.contains(&head.version) {
+        let list: Vec<String> = supported.iter().map(u32::to_string).collect();
         return Err(FormatError::Invalid(format!(
-            "{what}: unsupported version {found} (this build reads {version})"
+            "{what}: unsupported version {} (this build reads version {})",
+            head.version,
+            list.join(" or ")
         )));
     }
-    Ok(doc)
+    serde_json::from_slice(bytes).map_err(|e| FormatError::Invalid(format!("{what}: {e}")))
 }
 
 /// `excluded/{agg}/{window}/{batch}.json` in a facilitator's store: a batch that is not part of
@@ -121,12 +144,7 @@ impl BatchExclusion {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
     pub fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
-        let doc: Self = from_json(
-            "batch exclusion",
-            EXCLUSION_VERSION,
-            |d: &Self| d.version,
-            bytes,
-        )?;
+        let doc: Self = from_json("batch exclusion", EXCLUSION_VERSIONS, bytes)?;
         if crate::formats::ExclusionReason::parse(&doc.reason).is_none() {
             return Err(FormatError::Invalid(format!(
                 "batch exclusion: unknown reason {:?}",
@@ -142,7 +160,7 @@ impl AggregationResult {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
     pub fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
-        from_json("result", RESULT_VERSION, |d: &Self| d.version, bytes)
+        from_json("result", RESULT_VERSIONS, bytes)
     }
 }
 
@@ -151,12 +169,7 @@ impl Computation {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
     pub fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
-        from_json(
-            "computation",
-            COMPUTATION_VERSION,
-            |d: &Self| d.version,
-            bytes,
-        )
+        from_json("computation", COMPUTATION_VERSIONS, bytes)
     }
 }
 
@@ -180,10 +193,24 @@ mod tests {
             result: AggregateValue::Vector(vec![1, 2, 3]),
             report_count: 6,
             invalid_count: 1,
+            invalid_reasons: [("replayed".to_string(), 1)].into(),
             report_digest: "00".into(),
             batches: vec!["b".into()],
         };
         assert_eq!(AggregationResult::from_json(&r.to_json()).unwrap(), r);
+        // Version 2 had no invalid counts by reason: read as none.
+        let mut v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        v["version"] = 2.into();
+        v.as_object_mut().unwrap().remove("invalid_reasons");
+        let old = AggregationResult::from_json(v.to_string().as_bytes()).unwrap();
+        assert!(old.invalid_reasons.is_empty());
+        // A newer version is refused by its number, before any field it may have added.
+        v["version"] = 4.into();
+        v["new_field"] = 1.into();
+        let err = AggregationResult::from_json(v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unsupported version 4"), "{err}");
         let mut v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
         v["surprise"] = 1.into();
         assert!(AggregationResult::from_json(v.to_string().as_bytes()).is_err());

@@ -7,12 +7,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::FormatError;
 use crate::layout::{validate_id, Partition, Window};
 
-/// The version of the intake and result-ready tasks this build writes and reads.
+/// The version of the result-ready task this build writes and reads.
 pub const TASK_VERSION: u32 = 1;
-/// The version of the aggregate task (2: it names a window manifest instead of listing batches).
-pub const AGGREGATE_TASK_VERSION: u32 = 2;
-/// The version of sum-part-ready (2: it carries the manifest generation).
-pub const SUM_PART_READY_VERSION: u32 = 2;
+/// The version of the intake task (2: it carries the aggregation digest).
+pub const INTAKE_TASK_VERSION: u32 = 2;
+/// The version of the aggregate task (2: it names a window manifest instead of listing batches;
+/// 3: it carries the aggregation digest).
+pub const AGGREGATE_TASK_VERSION: u32 = 3;
+/// The version of sum-part-ready (2: it carries the manifest generation; 3: the aggregation
+/// digest).
+pub const SUM_PART_READY_VERSION: u32 = 3;
 
 /// One ingestion batch to validate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +24,9 @@ pub const SUM_PART_READY_VERSION: u32 = 2;
 pub struct IntakeTask {
     pub version: u32,
     pub aggregation: String,
+    /// Hex [`crate::agreement::AggregationDigest`] of the aggregation as the publisher runs it;
+    /// a worker whose own differs refuses the task.
+    pub aggregation_digest: String,
     pub batch: String,
     /// The batch's time partition, `YYYY/MM/DD/HH`.
     pub partition: String,
@@ -34,6 +41,8 @@ pub struct IntakeTask {
 pub struct AggregateTask {
     pub version: u32,
     pub aggregation: String,
+    /// As in [`IntakeTask::aggregation_digest`].
+    pub aggregation_digest: String,
     /// The window's name, `START-END` (see [`Window::name`]).
     pub window: String,
     pub generation: u32,
@@ -45,6 +54,8 @@ pub struct AggregateTask {
 pub struct SumPartReady {
     pub version: u32,
     pub aggregation: String,
+    /// As in [`IntakeTask::aggregation_digest`].
+    pub aggregation_digest: String,
     pub window: String,
     pub generation: u32,
     pub facilitator: u8,
@@ -75,19 +86,37 @@ pub trait TaskMessage: Serialize + DeserializeOwned {
     }
 
     fn from_json(bytes: &[u8]) -> Result<Self, FormatError> {
-        let task: Self = serde_json::from_slice(bytes)
+        // The version first, so that a newer task is refused by its version rather than by a
+        // field this build does not know.
+        #[derive(serde::Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let head: Versioned = serde_json::from_slice(bytes)
             .map_err(|e| FormatError::Invalid(format!("{} task: {e}", Self::NAME)))?;
-        if task.version() != Self::VERSION {
+        if head.version != Self::VERSION {
             return Err(FormatError::Invalid(format!(
-                "{} task: unsupported version {} (this build reads {})",
+                "{} task: unsupported version {} (this build reads version {})",
                 Self::NAME,
-                task.version(),
+                head.version,
                 Self::VERSION
             )));
         }
+        let task: Self = serde_json::from_slice(bytes)
+            .map_err(|e| FormatError::Invalid(format!("{} task: {e}", Self::NAME)))?;
         task.validate()?;
         Ok(task)
     }
+}
+
+fn check_digest(digest: &str) -> Result<(), FormatError> {
+    crate::agreement::AggregationDigest::parse(digest)
+        .map(|_| ())
+        .ok_or_else(|| {
+            FormatError::Invalid(format!(
+                "aggregation digest {digest:?} is not 64 hex digits"
+            ))
+        })
 }
 
 fn check_facilitator(f: u8) -> Result<(), FormatError> {
@@ -101,12 +130,13 @@ fn check_facilitator(f: u8) -> Result<(), FormatError> {
 
 impl TaskMessage for IntakeTask {
     const NAME: &'static str = "intake";
-    const VERSION: u32 = TASK_VERSION;
+    const VERSION: u32 = INTAKE_TASK_VERSION;
     fn version(&self) -> u32 {
         self.version
     }
     fn validate(&self) -> Result<(), FormatError> {
         validate_id("aggregation id", &self.aggregation)?;
+        check_digest(&self.aggregation_digest)?;
         validate_id("batch id", &self.batch)?;
         Partition::parse(&self.partition)?;
         Ok(())
@@ -121,6 +151,7 @@ impl TaskMessage for AggregateTask {
     }
     fn validate(&self) -> Result<(), FormatError> {
         validate_id("aggregation id", &self.aggregation)?;
+        check_digest(&self.aggregation_digest)?;
         Window::parse(&self.window)?;
         Ok(())
     }
@@ -134,6 +165,7 @@ impl TaskMessage for SumPartReady {
     }
     fn validate(&self) -> Result<(), FormatError> {
         validate_id("aggregation id", &self.aggregation)?;
+        check_digest(&self.aggregation_digest)?;
         Window::parse(&self.window)?;
         check_facilitator(self.facilitator)
     }
@@ -191,8 +223,9 @@ mod tests {
     #[test]
     fn intake_task_round_trips() {
         let t = IntakeTask {
-            version: TASK_VERSION,
+            version: INTAKE_TASK_VERSION,
             aggregation: "clicks".into(),
+            aggregation_digest: "ab".repeat(32),
             batch: "b1".into(),
             partition: "2026/11/23/12".into(),
         };
@@ -217,10 +250,23 @@ mod tests {
 
     #[test]
     fn sum_part_ready_refuses_a_third_facilitator() {
-        let bad = br#"{"version":2,"aggregation":"a","window":"20261123T1200Z-20261123T1300Z","generation":0,"facilitator":2}"#;
-        assert!(SumPartReady::from_json(bad).is_err());
-        let good = br#"{"version":2,"aggregation":"a","window":"20261123T1200Z-20261123T1300Z","generation":0,"facilitator":1}"#;
-        assert!(SumPartReady::from_json(good).is_ok());
+        let digest = "ab".repeat(32);
+        let body = |version: u32, digest: &str, facilitator: u8| {
+            format!(
+                r#"{{"version":{version},"aggregation":"a","aggregation_digest":"{digest}","window":"20261123T1200Z-20261123T1300Z","generation":0,"facilitator":{facilitator}}}"#
+            )
+        };
+        assert!(SumPartReady::from_json(body(3, &digest, 2).as_bytes()).is_err());
+        assert!(SumPartReady::from_json(body(3, &digest, 1).as_bytes()).is_ok());
+        // A digest that is not 64 hex digits, and the version before digests: refused.
+        let err = SumPartReady::from_json(body(3, "abc", 1).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not 64 hex digits"), "{err}");
+        let err = SumPartReady::from_json(body(2, &digest, 1).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unsupported version 2"), "{err}");
     }
 
     #[test]
@@ -228,6 +274,7 @@ mod tests {
         let t = AggregateTask {
             version: AGGREGATE_TASK_VERSION,
             aggregation: "clicks".into(),
+            aggregation_digest: "ab".repeat(32),
             window: "20261123T1200Z-20261123T1300Z".into(),
             generation: 2,
         };

@@ -6,11 +6,15 @@
 //! concrete type so no step is written four times by hand.
 
 use prio::codec::{Encode, ParameterizedDecode};
+use prio::field::{Field128, FieldElementWithInteger};
 use prio::vdaf::prio3::{Prio3Count, Prio3Histogram, Prio3Sum, Prio3SumVec};
-use prio::vdaf::{Aggregatable, Aggregator, Client, Collector, VerifyTransition};
+use prio::vdaf::{
+    Aggregatable, Aggregator, AggregatorWithNoise, Client, Collector, VerifyTransition,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::VerifyKey;
+use crate::dp::DpStrategy;
 use crate::error::VdafError;
 
 /// Report ids are 16 random bytes; they are the VDAF nonce.
@@ -271,6 +275,43 @@ impl Prio3Vdaf {
         }
     }
 
+    /// Aggregator: adds this aggregator's differential privacy noise to its aggregate share (prio's
+    /// `AggregatorWithNoise::add_noise_to_agg_share`, a fresh discrete Laplace draw per
+    /// coordinate). Call it once, on the finished share, right before the share is released: each
+    /// aggregator noises its own share, so the unsharded result carries both draws. Only Histogram
+    /// and SumVec take noise; `dp` must have been made for this VDAF's parameters (its
+    /// sensitivity is checked), so the noise has the scale its bound was computed for.
+    pub fn add_noise(
+        &self,
+        dp: &DpStrategy,
+        acc: &mut Accumulator,
+        report_count: u64,
+    ) -> Result<(), VdafError> {
+        if crate::dp::sensitivity(&self.spec) != Some(dp.sensitivity()) {
+            return Err(VdafError::Parameters(format!(
+                "differential privacy ({dp}, sensitivity {}) was not set up for {:?}",
+                dp.sensitivity(),
+                self.spec
+            )));
+        }
+        let strategy = dp
+            .prio_strategy()
+            .map_err(|e| VdafError::Parameters(e.to_string()))?;
+        let n = usize::try_from(report_count)
+            .map_err(|_| VdafError::Prio(format!("report count {report_count} too large")))?;
+        match (&self.inner, acc) {
+            (Inner::Histogram(v), Accumulator::Histogram(a)) => v
+                .add_noise_to_agg_share(&strategy, &(), a, n)
+                .map_err(prio_err("add_noise_to_agg_share")),
+            (Inner::SumVec(v), Accumulator::SumVec(a)) => v
+                .add_noise_to_agg_share(&strategy, &(), a, n)
+                .map_err(prio_err("add_noise_to_agg_share")),
+            _ => Err(VdafError::Prio(
+                "accumulator belongs to another VDAF".to_string(),
+            )),
+        }
+    }
+
     /// Encodes an aggregate share for a sum part.
     pub fn encode_accumulator(&self, acc: &Accumulator) -> Result<Vec<u8>, VdafError> {
         let out = match acc {
@@ -302,9 +343,19 @@ impl Prio3Vdaf {
                     .map_err(prio_err("unshard"))
             }};
         }
+        // Histogram and SumVec count in Field128. Differential privacy noise can take a small
+        // count below zero, which the field holds as `p - k`: a coordinate in the upper half of
+        // the field is such a negative number, and is released as 0. Clamping is post-processing
+        // (the result stays as private as the noise made it) and never moves a coordinate
+        // further from the plaintext, which is never negative. Without noise no honest
+        // coordinate gets there.
+        let half = Field128::modulus() / 2;
         let narrow = |wide: Vec<u128>| -> Result<AggregateValue, VdafError> {
             wide.into_iter()
                 .map(|x| {
+                    if x > half {
+                        return Ok(0);
+                    }
                     u64::try_from(x)
                         .map_err(|_| VdafError::Prio(format!("result element {x} exceeds 64 bits")))
                 })
