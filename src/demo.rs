@@ -298,6 +298,17 @@ pub fn print_table(outcome: &DemoOutcome) {
                     println!("  {:<31} {:>7} {:>7}  {:<6} {d}", "", "", "", "");
                 }
             }
+            if let Some(res) = r
+                .result
+                .as_ref()
+                .filter(|res| !res.invalid_reasons.is_empty())
+            {
+                println!(
+                    "  {:<31} invalid: {}",
+                    "",
+                    crate::status::invalid_reasons(&res.invalid_reasons)
+                );
+            }
         }
     }
     println!(

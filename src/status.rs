@@ -85,7 +85,21 @@ pub fn print(rows: &[WindowStatus]) {
             "{:<12} {:<31} {:<16} {:>9} {:>8}  {}",
             r.aggregation, r.window, r.state, reports, invalid, value
         );
+        if let Some(reasons) = r
+            .result
+            .as_ref()
+            .filter(|res| !res.invalid_reasons.is_empty())
+            .map(|res| invalid_reasons(&res.invalid_reasons))
+        {
+            println!("{:<12} {:<31} invalid: {reasons}", "", "");
+        }
     }
+}
+
+/// `undecryptable 3, outside-window 2`: a result's invalid counts by reason.
+pub fn invalid_reasons(reasons: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    parts.join(", ")
 }
 
 /// One row of a facilitator's view: a batch left out of a window, or a window it gave up on.

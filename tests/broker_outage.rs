@@ -61,6 +61,7 @@ grace = "5m"
 max_age = "1day"
 min_reports = 1
 verify_key = "env:UNUSED"
+verify_key_id = "0011223344556677"
 ingestors = ["ing"]
 "#;
 

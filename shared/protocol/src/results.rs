@@ -8,11 +8,12 @@ use crate::error::FormatError;
 use crate::vdaf::{AggregateValue, VdafSpec};
 
 pub const RESULT_VERSION: u32 = 3;
-pub const COMPUTATION_VERSION: u32 = 2;
+pub const COMPUTATION_VERSION: u32 = 3;
 pub const EXCLUSION_VERSION: u32 = 1;
 /// Versions read: result 2 lacks `invalid_reasons` (read as empty).
 pub const RESULT_VERSIONS: &[u32] = &[2, 3];
-pub const COMPUTATION_VERSIONS: &[u32] = &[2];
+/// Computation 2 had no REFUSED state (read as is: its states are a subset).
+pub const COMPUTATION_VERSIONS: &[u32] = &[2, 3];
 pub const EXCLUSION_VERSIONS: &[u32] = &[1];
 
 /// `results/{agg}/{window}.result.json`.
