@@ -150,6 +150,9 @@ pub struct WindowFailure {
 pub enum FailureCause {
     Store,
     Bus,
+    /// What this workflow-manager needs to run the aggregation is missing (a key, a peer store,
+    /// a computable aggregation digest): fixed by its operator, not by retrying.
+    Setup,
 }
 
 impl FailureCause {
@@ -157,6 +160,7 @@ impl FailureCause {
         match self {
             FailureCause::Store => "store",
             FailureCause::Bus => "bus",
+            FailureCause::Setup => "setup",
         }
     }
 }
@@ -342,7 +346,7 @@ impl WorkflowManager {
                 Ok(()) => continue,
                 Err(PassError::Store(e)) => (FailureCause::Store, e.to_string()),
                 Err(PassError::Bus(e)) => (FailureCause::Bus, e.to_string()),
-                Err(PassError::Setup(e)) => (FailureCause::Store, e),
+                Err(PassError::Setup(e)) => (FailureCause::Setup, e),
             };
             metrics::counter!(
                 "millrace_pass_failures_total",
