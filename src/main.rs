@@ -1,4 +1,4 @@
-//! `millrace`: keygen, ingest, demo, status, replay, bench.
+//! `millrace`: keygen, ingest, submit, demo, status, replay, bench.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +78,21 @@ enum Command {
         /// Write each window's expected result (JSON) here.
         #[arg(long)]
         expect_out: Option<PathBuf>,
+    },
+    /// Sends one report through an ingestor, as a client would: `millrace submit --aggregation
+    /// clicks 1`. VALUE is read as the aggregation's VDAF takes it: Count 0 or 1, Sum a number,
+    /// Histogram a bucket index, SumVec comma-separated numbers.
+    Submit {
+        /// The ingestor's base URL.
+        #[arg(
+            long,
+            env = "MILLRACE_INGESTOR_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        ingestor_url: String,
+        #[arg(long)]
+        aggregation: String,
+        value: String,
     },
     /// Everything in one process: keygen, ingest, both facilitators' services and the mill,
     /// until every window has a result; then each result beside the plaintext result.
@@ -442,6 +457,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&path, serde_json::to_vec_pretty(&exp)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
+        }
+        Command::Submit {
+            ingestor_url,
+            aggregation,
+            value,
+        } => {
+            let client = millrace_client::Client::new(&ingestor_url)?;
+            let config = client.aggregation(&aggregation).await?;
+            let measurement =
+                millrace_client::parse_measurement(&config.document.aggregation.vdaf, &value)?;
+            let receipt = client.submit(&aggregation, &measurement).await?;
+            println!(
+                "report accepted for aggregation {aggregation} by {ingestor_url}{}",
+                if receipt.duplicates > 0 {
+                    " (it had it already)"
+                } else {
+                    ""
+                }
+            );
         }
         Command::Demo {
             reports,

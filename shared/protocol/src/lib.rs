@@ -1,8 +1,8 @@
 //! Every Millrace format, and the Prio3 and key handling behind them.
 //!
 //! No service parses bytes by hand: objects in storage ([`formats`]), task messages ([`tasks`]),
-//! result documents ([`results`]), object keys ([`layout`]) and the aggregations file ([`config`])
-//! all live here, each with a version and a strict decoder.
+//! result documents ([`results`]), client uploads and HPKE configs ([`upload`]), object keys
+//! ([`layout`]) and the aggregations file ([`config`]) all live here, each with a version and a strict decoder.
 
 pub mod agreement;
 mod codec;
@@ -15,6 +15,7 @@ pub mod layout;
 pub mod parties;
 pub mod results;
 pub mod tasks;
+pub mod upload;
 pub mod vdaf;
 
 pub use error::{FormatError, ObjectError};
