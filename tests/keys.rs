@@ -8,13 +8,12 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use harness::{harness, now, Harness, PREFIX};
+use harness::{harness, now, Harness};
 use millrace::ingest::{ingest, Expectations, IngestPlan};
 use millrace::keygen::{default_role, keygen_party, rotate_party, FACILITATORS, INGESTOR};
 use millrace_protocol::config::Config;
 use millrace_protocol::layout::{result_key, Window};
 use millrace_protocol::results::AggregationResult;
-use millrace_protocol::tasks::{topics, AggregateTask, IntakeTask, SumPartReady, TaskMessage};
 
 const PARTIES: [&str; 4] = ["alpha", "beta", "collector", "ingestor-1"];
 
@@ -116,40 +115,6 @@ fn each_party_generates_only_its_own_private_keys() {
     assert_eq!(config.collectors.len(), 1);
 }
 
-/// Validates every batch either store has (both sides), at `now`.
-async fn validate_all(h: &Harness, now: i64) {
-    for f in 0..2u8 {
-        h.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
-        let worker = h.intake(f);
-        for d in h.drain(&topics::intake(PREFIX, f)).await {
-            let t = IntakeTask::from_json(&d.body).unwrap();
-            worker.validate(&t).await.unwrap();
-            d.ack().await.unwrap();
-        }
-    }
-}
-
-async fn complete(h: &Harness, now: i64) {
-    let mut tasks = Vec::new();
-    for f in 0..2u8 {
-        h.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
-        for d in h.drain(&topics::aggregate(PREFIX, f)).await {
-            tasks.push((f, AggregateTask::from_json(&d.body).unwrap()));
-            d.ack().await.unwrap();
-        }
-    }
-    for (f, t) in &tasks {
-        h.aggregator(*f).aggregate(t).await.unwrap();
-    }
-    let mill = h.mill();
-    for d in h.drain(&topics::collect(PREFIX)).await {
-        mill.join(&SumPartReady::from_json(&d.body).unwrap())
-            .await
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-}
-
 async fn write(h: &Harness, config: &Config, from: i64, to: i64, reports: usize) -> Expectations {
     ingest(
         config,
@@ -202,7 +167,7 @@ async fn rotation_in_the_middle_of_a_run_keeps_overlap_reports_and_expires_the_o
 
     // Window 0 is ingested and validated before the rotation (alpha signs with alpha-1).
     let first = write(&h, &old, w[0].start, w[0].end, 20).await;
-    validate_all(&h, now()).await;
+    h.validate_all(now()).await;
     // An ingestor that never hears of the rotation keeps sealing to alpha's HPKE key 1.
     let stale = write(&h, &old, w[1].start, w[2].end, 40).await;
     // Alpha rotates both keys as of window 1's start, with a one-hour overlap: HPKE key 1
@@ -215,8 +180,8 @@ async fn rotation_in_the_middle_of_a_run_keeps_overlap_reports_and_expires_the_o
     assert_eq!(h.config.hpke_public_key_at(0, w[2].start).unwrap().0, 2);
     let fresh = write(&h, &h.config.clone(), w[2].start, w[2].end, 20).await;
     let t = now();
-    validate_all(&h, t).await;
-    complete(&h, t).await;
+    h.validate_all(t).await;
+    h.complete(t).await;
 
     for agg in &h.config.aggregations {
         let result = |window: Window| {

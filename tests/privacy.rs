@@ -17,44 +17,8 @@ use millrace_protocol::layout::{
     Partition, Window,
 };
 use millrace_protocol::results::{AggregationResult, Computation, ComputationState};
-use millrace_protocol::tasks::{topics, AggregateTask, IntakeTask, SumPartReady, TaskMessage};
+use millrace_protocol::tasks::{AggregateTask, IntakeTask};
 use millrace_protocol::vdaf::{AggregateValue, Measurement, ReportId};
-
-/// Validates every batch either store has (both sides), at `now`.
-async fn validate_all(h: &Harness, now: i64) {
-    for f in 0..2u8 {
-        h.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
-        let worker = h.intake(f);
-        for d in h.drain(&topics::intake(PREFIX, f)).await {
-            let t = IntakeTask::from_json(&d.body).unwrap();
-            worker.validate(&t).await.unwrap();
-            d.ack().await.unwrap();
-        }
-    }
-}
-
-/// The leader's pass, then the helper's; every task aggregated; every announcement joined.
-async fn complete(h: &Harness, now: i64) {
-    let mut tasks = Vec::new();
-    for f in 0..2u8 {
-        h.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
-        for d in h.drain(&topics::aggregate(PREFIX, f)).await {
-            tasks.push((f, AggregateTask::from_json(&d.body).unwrap()));
-            d.ack().await.unwrap();
-        }
-    }
-    assert!(!tasks.is_empty(), "no window was ready");
-    for (f, t) in &tasks {
-        h.aggregator(*f).aggregate(t).await.unwrap();
-    }
-    let mill = h.mill();
-    for d in h.drain(&topics::collect(PREFIX)).await {
-        mill.join(&SumPartReady::from_json(&d.body).unwrap())
-            .await
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-}
 
 async fn computation(store: &millrace_store::Store, agg: &str, w: Window) -> Computation {
     let bytes = store
@@ -108,8 +72,8 @@ async fn a_window_below_the_minimum_gets_no_share_and_is_refused_by_both_facilit
     ingest_into(&h, below, (min - 1) as usize).await;
     ingest_into(&h, at, min as usize).await;
     let t = now();
-    validate_all(&h, t).await;
-    complete(&h, t).await;
+    h.validate_all(t).await;
+    assert!(!h.complete(t).await.is_empty(), "no window was ready");
 
     for agg in &h.config.aggregations {
         let id = agg.id.as_str();
@@ -313,8 +277,8 @@ async fn a_report_replayed_into_another_batch_or_window_counts_once() {
     }
 
     let t = now();
-    validate_all(&h, t).await;
-    complete(&h, t).await;
+    h.validate_all(t).await;
+    assert!(!h.complete(t).await.is_empty(), "no window was ready");
 
     // Both intake-workers marked the replay into the next window, and the re-stamped one, the
     // same way.
@@ -455,7 +419,7 @@ async fn a_peer_running_another_aggregation_is_refused_with_both_digests_named()
 
     // Beta's aggregate-worker refuses alpha's window manifest, naming both digests.
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     h.wm(0, "wm-0").run_once(t).await.unwrap();
     let beta_aggregator = millrace_aggregate_worker::AggregateWorker::new(
         beta_config.clone(),

@@ -72,20 +72,6 @@ fn batch_of(agg: &str, key: &str) -> (Partition, String) {
     parse_ingestion_key(agg, key).unwrap()
 }
 
-/// Validates every batch either store has that has not been validated yet (both sides).
-async fn validate_all(h: &Harness, now: i64) {
-    use millrace_protocol::tasks::IntakeTask;
-    for f in 0..2u8 {
-        h.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
-        let worker = h.intake(f);
-        for d in h.drain(&topics::intake(PREFIX, f)).await {
-            let t = IntakeTask::from_json(&d.body).unwrap();
-            worker.validate(&t).await.unwrap();
-            d.ack().await.unwrap();
-        }
-    }
-}
-
 /// One pass of facilitator `f` at `now`; its aggregate tasks, taken off the bus.
 async fn pass(h: &Harness, f: u8, now: i64) -> (PassReport, Vec<AggregateTask>) {
     let report = h.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
@@ -188,7 +174,7 @@ async fn exclusion(h: &Harness, f: u8, agg: &str, w: Window, batch: &str) -> Bat
 async fn the_helper_publishes_only_after_the_leaders_manifest_and_both_cover_the_same_batches() {
     let h = harness(400, 0.05, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     // The helper first: no manifest yet, so no task; every closed window is waiting.
     let (r1, t1) = pass(&h, 1, t).await;
     assert!(t1.is_empty(), "{t1:?}");
@@ -223,7 +209,7 @@ async fn the_helper_publishes_only_after_the_leaders_manifest_and_both_cover_the
 async fn a_batch_reaching_the_helper_after_the_manifest_is_late_on_record_and_the_window_exact() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let (agg, w) = first_window(&h);
     let (r0, t0) = pass(&h, 0, t).await;
     assert!(r0.manifests_written > 0);
@@ -271,7 +257,7 @@ async fn validations_reaching_one_store_only_give_the_same_batches_on_both_sides
     h.stores[0].create(&key, b0).await.unwrap();
     h.stores[1].create(&key, b1).await.unwrap();
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let (p, extra) = batch_of(&agg, &key);
     // The helper's validation of the extra batch is lost on its way to the leader's store.
     h.stores[0]
@@ -291,7 +277,7 @@ async fn validations_reaching_one_store_only_give_the_same_batches_on_both_sides
 async fn racing_workflow_managers_of_each_facilitator_publish_every_task_once() {
     let h = harness(400, 0.0, 25).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let windows = h.expectations.windows.len();
     for f in 0..2u8 {
         let (a, b) = (h.wm(f, "a"), h.wm(f, "b"));
@@ -333,7 +319,7 @@ async fn racing_workflow_managers_of_each_facilitator_publish_every_task_once() 
 async fn a_part_that_never_comes_fails_the_window_and_reaggregate_recovers_it() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let (agg, w) = first_window(&h);
     let (_, t0) = pass(&h, 0, t).await;
     pass(&h, 1, t).await; // the helper's task is lost
@@ -445,7 +431,7 @@ async fn a_part_that_never_comes_fails_the_window_and_reaggregate_recovers_it() 
 async fn forged_manifests_and_tasks_are_refused_by_name() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let (agg, w) = first_window(&h);
     let (_, t0) = pass(&h, 0, t).await;
     let (_, t1) = pass(&h, 1, t).await;
@@ -553,7 +539,7 @@ async fn batches_one_side_lacks_are_left_out_after_the_peer_deadline() {
         .await
         .unwrap();
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     // Right after validation: that window waits (the others are decided).
     let (r0, early) = pass(&h, 0, t).await;
     assert_eq!(r0.windows_waiting, 1, "{r0:?}");
@@ -587,7 +573,7 @@ async fn batches_one_side_lacks_are_left_out_after_the_peer_deadline() {
 async fn grace_holds_a_window_open_and_max_age_ends_the_wait() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let (agg, w) = first_window(&h);
     let a = h.config.aggregation(&agg).unwrap().clone();
     let grace = a.grace.as_secs() as i64;
@@ -631,7 +617,7 @@ async fn a_helper_without_a_manifest_waits_then_records_the_window_failed() {
     let fresh = harness(100, 0.0, 50).await;
     let other = &fresh.expectations.windows[0];
     let ow = Window::parse(&other.window).unwrap();
-    validate_all(&fresh, t).await;
+    fresh.validate_all(t).await;
     let (r, _) = pass(&fresh, 1, t).await;
     assert!(r.windows_waiting > 0 && r.windows_failed == 0, "{r:?}");
     let oa = fresh.config.aggregation(&other.aggregation).unwrap();
@@ -666,7 +652,7 @@ async fn a_helper_without_a_manifest_waits_then_records_the_window_failed() {
 async fn settled_partitions_are_not_listed_again() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let [r0, r1] = complete(&h, t).await;
     assert!(r0.partitions_settled > 0 && r1.partitions_settled > 0);
     let (again, _) = pass(&h, 0, t).await;
@@ -725,7 +711,7 @@ async fn settled_partitions_are_not_listed_again() {
 async fn a_window_whose_manifest_cannot_be_written_fails_alone_and_is_retried() {
     let h = harness(400, 0.0, 50).await;
     let t = now();
-    validate_all(&h, t).await;
+    h.validate_all(t).await;
     let (agg, w) = first_window(&h);
     let key = manifest_key(&agg, w, 0);
     h.stores[1]

@@ -15,7 +15,7 @@ use millrace_intake_worker::IntakeWorker;
 use millrace_mill::Mill;
 use millrace_protocol::config::Config;
 use millrace_protocol::layout::parse_ingestion_key;
-use millrace_protocol::tasks::{topics, AggregateTask, IntakeTask, TaskMessage};
+use millrace_protocol::tasks::{topics, AggregateTask, IntakeTask, SumPartReady, TaskMessage};
 use millrace_store::Store;
 use millrace_workflow_manager::{Settings, WorkflowManager};
 
@@ -150,8 +150,13 @@ impl Harness {
     }
     /// Runs intake for every published intake task of both facilitators.
     pub async fn run_intake(&self) {
+        self.validate_all(now()).await;
+    }
+    /// Validates every batch either store has that has not been validated yet (both sides),
+    /// with each facilitator's workflow-manager pass at `now`.
+    pub async fn validate_all(&self, now: i64) {
         for f in 0..2u8 {
-            self.wm(f, "wm").run_once(now()).await.unwrap();
+            self.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
             let worker = self.intake(f);
             for d in self.drain(&topics::intake(PREFIX, f)).await {
                 let t = IntakeTask::from_json(&d.body).unwrap();
@@ -159,6 +164,29 @@ impl Harness {
                 d.ack().await.unwrap();
             }
         }
+    }
+    /// The leader's pass, then the helper's, at `now`; every aggregate task aggregated and every
+    /// announcement joined by the mill. Returns the tasks, each with its facilitator.
+    pub async fn complete(&self, now: i64) -> Vec<(u8, AggregateTask)> {
+        let mut tasks = Vec::new();
+        for f in 0..2u8 {
+            self.wm(f, &format!("wm-{f}")).run_once(now).await.unwrap();
+            for d in self.drain(&topics::aggregate(PREFIX, f)).await {
+                tasks.push((f, AggregateTask::from_json(&d.body).unwrap()));
+                d.ack().await.unwrap();
+            }
+        }
+        for (f, t) in &tasks {
+            self.aggregator(*f).aggregate(t).await.unwrap();
+        }
+        let mill = self.mill();
+        for d in self.drain(&topics::collect(PREFIX)).await {
+            mill.join(&SumPartReady::from_json(&d.body).unwrap())
+                .await
+                .unwrap();
+            d.ack().await.unwrap();
+        }
+        tasks
     }
     /// Publishes the aggregate tasks of facilitator `f` and returns them.
     pub async fn aggregate_tasks(&self, f: u8) -> Vec<AggregateTask> {
