@@ -94,6 +94,8 @@ struct Keys {
     /// Whose HPKE keys shares are sealed to: each batch picks each facilitator's newest key
     /// active at the batch's time.
     config: Config,
+    /// Each aggregation's digest, computed once (it reads the verify key).
+    digests: std::collections::BTreeMap<String, millrace_protocol::agreement::AggregationDigest>,
     stranger: HpkePublicKey,
     signer: Signer25519,
 }
@@ -215,7 +217,11 @@ fn generate_batch(
         }
     }
     let [c0, c1] = copies;
-    let aggregation_digest = keys.config.aggregation_digest(agg)?.0;
+    let aggregation_digest = keys
+        .digests
+        .get(&agg.id)
+        .with_context(|| format!("no aggregation digest for {}", agg.id))?
+        .0;
     let make = |f: u8, reports: Vec<EncryptedReport>| IngestionBatch {
         aggregation: agg.id.clone(),
         aggregation_digest,
@@ -241,6 +247,12 @@ pub async fn ingest(
 ) -> anyhow::Result<Expectations> {
     let keys = Arc::new(Keys {
         config: config.clone(),
+        digests: config
+            .aggregations
+            .iter()
+            .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
+            .map(|a| Ok((a.id.clone(), config.aggregation_digest(a)?)))
+            .collect::<anyhow::Result<_>>()?,
         stranger: hpke_generate().1,
         signer: config.ingestor_signer(ingestor)?,
     });

@@ -163,6 +163,11 @@ impl Mill {
     ) -> anyhow::Result<Self> {
         let facilitator_keys = config.facilitator_keys()?;
         let digests = config.aggregation_digests();
+        for a in &config.aggregations {
+            if !digests.contains_key(&a.id) {
+                tracing::warn!(aggregation = %a.id, "no verify_key_id and no readable verify key: sum-part-ready messages of this aggregation are not checked against its aggregation digest (the two parts are still compared with each other)");
+            }
+        }
         Ok(Mill {
             digests,
             config,
