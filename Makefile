@@ -49,14 +49,17 @@ demo:
 
 # Benchmarks (not tests): the fleet beside the bare prio + HPKE rate; a workflow-manager pass over
 # settled history (flat in its size); the aggregate-worker's peak memory for windows of 100k and
-# 1M Sum reports; then each bus's worker loop beside the plainest loop its client crate allows.
+# 1M Sum reports; the ingestor's reports/s (single and bulk uploads) beside one core's shard + seal
+# rate, and its memory under overload; then each bus's worker loop beside the plainest loop its
+# client crate allows.
 bench:
 	@mkdir -p build
-	$(CARGO) build --release --bin millrace
+	$(CARGO) build --release --workspace --bin millrace --bin ingestor
 	target/release/millrace bench vdaf
 	target/release/millrace bench scan
 	target/release/millrace bench aggregate --reports 100000
 	target/release/millrace bench aggregate --reports 1000000
+	target/release/millrace bench ingest
 	target/release/millrace bench bus --bus memory://
 	target/release/millrace bench bus --bus amqp://guest:guest@127.0.0.1:5672/%2f
 	target/release/millrace bench bus --bus nats://127.0.0.1:4222
@@ -81,7 +84,7 @@ up:
 
 # One image per binary, from deploy/Dockerfile: millrace/<service>:dev
 IMAGE_TAG ?= dev
-IMAGES := workflow-manager intake-worker aggregate-worker mill cleaner millrace
+IMAGES := ingestor workflow-manager intake-worker aggregate-worker mill cleaner millrace
 images:
 	set -e; for target in $(IMAGES); do \
 	  docker build -f deploy/Dockerfile --target $$target -t millrace/$$target:$(IMAGE_TAG) .; \

@@ -66,9 +66,7 @@ pub async fn bench_scan(
         let current = Partition::of(now);
         // The last 24 whole hours hold the history, each hour settled.
         let hours: Vec<Partition> = (1..=24)
-            .map(|h| Partition {
-                start: current.start - h * 3600,
-            })
+            .map(|h| Partition::of(current.start - h * 3600))
             .collect();
         let mut keys: Vec<String> = (0..n)
             .map(|i| ingestion_key(&agg, hours[i % hours.len()], &format!("old-{i:07}")))

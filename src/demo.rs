@@ -1,6 +1,8 @@
-//! `millrace demo`: keygen, ingest, and every service of both facilitators plus the mill in one
-//! process on the in-memory bus and local-file stores, until every window has a result; then a
-//! table per aggregation comparing each result with the plaintext result. A result must equal
+//! `millrace demo`: keygen (with minute-long windows), every service of both facilitators plus
+//! the mill in one process on the in-memory bus and local-file stores, and an ingestor in front
+//! of them on a loopback port. Simulated clients send reports made now through the ingestor's
+//! upload API; once every window they fell in has closed and has a result, a table per
+//! aggregation compares each result with the plaintext result. A result must equal
 //! the plaintext, except for an aggregation with differential privacy: its result is noised by
 //! both facilitators, and the table shows the difference, accepted within the noise bound.
 
@@ -13,12 +15,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use millrace_bus::memory::MemoryBus;
 use millrace_protocol::config::Config;
 use millrace_protocol::dp::{Difference, NOISE_BOUND_FAILURE};
-use millrace_protocol::layout::{computation_key, result_key, Window};
-use millrace_protocol::results::{AggregationResult, Computation, ComputationState};
+use millrace_protocol::layout::Window;
+use millrace_runtime::health::Readiness;
+use millrace_runtime::Shutdown;
 use millrace_store::Store;
 
 use crate::fleet::{Fleet, FleetSettings, Stores};
-use crate::ingest::{ingest, Expectations, IngestPlan, WindowExpectation};
+use crate::ingest::{upload, Expectations, UploadPlan, WindowExpectation};
+use crate::keygen::WindowTiming;
+use crate::status::WindowOutcome;
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -26,6 +31,7 @@ pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     pub reports: usize,
     pub invalid_fraction: f64,
+    /// Reports per upload body.
     pub batch_size: usize,
     pub timeout: Duration,
     pub show_progress: bool,
@@ -48,24 +54,19 @@ impl Default for DemoOptions {
 #[derive(Clone, Debug)]
 pub struct DemoRow {
     pub expectation: WindowExpectation,
-    pub result: Option<AggregationResult>,
-    pub failure: Option<String>,
+    pub outcome: WindowOutcome,
 }
 
 impl DemoRow {
     /// The counts are exact; the result equals the plaintext, or for a DP aggregation lies within
-    /// its noise bound of it.
+    /// its noise bound of it; a window under its minimum is refused.
     pub fn correct(&self) -> bool {
-        self.result.as_ref().is_some_and(|r| {
-            self.expectation.accepts(&r.result)
-                && r.report_count == self.expectation.valid
-                && r.invalid_count == self.expectation.invalid
-        })
+        self.expectation.met_by(&self.outcome)
     }
 
     /// The released result minus the plaintext, once there is a result.
     pub fn difference(&self) -> Option<Difference> {
-        let r = self.result.as_ref()?;
+        let r = self.outcome.result()?;
         Difference::between(&r.result, &self.expectation.expected)
     }
 }
@@ -74,8 +75,15 @@ impl DemoRow {
 pub struct DemoOutcome {
     pub rows: Vec<DemoRow>,
     pub reports: usize,
+    /// Where the reports went in: the ingestor's address.
+    pub ingestor: String,
+    /// Repeated reports the ingestor acknowledged and stored once.
+    pub acknowledged_repeats: usize,
     pub ingest_secs: f64,
+    /// From the first report sent to the last window's result (windows have to close first).
     pub pipeline_secs: f64,
+    /// From the last window's close (its end plus grace) to the last result.
+    pub after_close_secs: f64,
     pub dir: PathBuf,
 }
 
@@ -84,7 +92,7 @@ impl DemoOutcome {
         !self.rows.is_empty() && self.rows.iter().all(DemoRow::correct)
     }
     pub fn reports_per_sec(&self) -> f64 {
-        self.reports as f64 / self.pipeline_secs.max(1e-9)
+        self.reports as f64 / self.ingest_secs.max(1e-9)
     }
 }
 
@@ -109,14 +117,59 @@ pub fn demo_stores(dir: &std::path::Path) -> anyhow::Result<Stores> {
     })
 }
 
-/// The time span the demo's reports are given: three whole hours, ending an hour ago, so every
-/// window is closed and past its grace period when the fleet starts.
+/// The time span simulated reports written straight to the stores are given: three whole
+/// hours, ending an hour ago, so every window is closed and past its grace period when the
+/// fleet starts (the benchmarks and tests that drive the pipeline step by step).
 pub fn past_span(now: i64) -> (i64, i64) {
     let hour = now.div_euclid(3600) * 3600;
     (hour - 4 * 3600, hour - 3600)
 }
 
-/// Ingests, runs the fleet until every expected window has a result, and compares.
+/// The in-process ingestor of the demo, on a loopback port.
+pub struct LocalIngestor {
+    pub url: String,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl LocalIngestor {
+    /// Serves ingestor `name` of `config` on 127.0.0.1 (a free port), writing to `stores`.
+    pub async fn start(
+        config: Arc<Config>,
+        name: &str,
+        stores: [Store; 2],
+        settings: millrace_ingestor::Settings,
+    ) -> anyhow::Result<Self> {
+        let ingestor = millrace_ingestor::Ingestor::new(config, name, stores, settings)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the ingestor to a loopback port")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(millrace_ingestor::serve(
+            listener,
+            ingestor,
+            Readiness::new(),
+            shutdown.clone(),
+        ));
+        Ok(LocalIngestor {
+            url,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops taking reports, writes what it admitted, and returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        self.task.await.context("the ingestor task")??;
+        Ok(())
+    }
+}
+
+/// Starts the fleet and an ingestor in front of it, sends reports made now through the
+/// ingestor's upload API (with `millrace-client`), waits until every window they fell in has
+/// closed and has its result, and compares.
 pub async fn run_demo(opts: &DemoOptions) -> anyhow::Result<DemoOutcome> {
     let (dir, _temp) = match &opts.dir {
         Some(d) => (d.clone(), None),
@@ -125,50 +178,83 @@ pub async fn run_demo(opts: &DemoOptions) -> anyhow::Result<DemoOutcome> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let config_path = crate::keygen::keygen(&dir, true)?;
+    let config_path = crate::keygen::keygen_with(&dir, true, &WindowTiming::minutes())?;
     let config = Arc::new(Config::load(&config_path)?);
     let stores = demo_stores(&dir)?;
-
-    let (start, end) = past_span(chrono::Utc::now().timestamp());
-    let plan = IngestPlan {
+    let collector = stores.collector.clone();
+    let fleet = Fleet::start(
+        config.clone(),
+        Arc::new(MemoryBus::new()),
+        stores.clone(),
+        &FleetSettings::default(),
+    )?;
+    let ingestor = LocalIngestor::start(
+        config.clone(),
+        crate::keygen::INGESTOR,
+        stores.facilitators.clone(),
+        millrace_ingestor::Settings::default(),
+    )
+    .await?;
+    let client = Arc::new(millrace_client::Client::new(&ingestor.url)?);
+    let plan = UploadPlan {
         reports: opts.reports,
         invalid_fraction: opts.invalid_fraction,
-        batch_size: opts.batch_size,
-        start,
-        end,
+        bulk_size: opts.batch_size,
+        concurrency: 8,
     };
     let t0 = Instant::now();
-    let b = bar(opts.show_progress, opts.reports as u64, "ingest");
-    let expectations: Expectations = ingest(
-        &config,
-        crate::keygen::INGESTOR,
-        [&stores.facilitators[0], &stores.facilitators[1]],
-        &plan,
-        |n| b.set_position(n as u64),
-    )
-    .await?;
+    let b = bar(opts.show_progress, opts.reports as u64, "upload");
+    let sent = upload(&config, crate::keygen::INGESTOR, client, &plan, |n| {
+        b.set_position(n as u64)
+    })
+    .await;
     b.finish();
     let ingest_secs = t0.elapsed().as_secs_f64();
-
-    let (rows, pipeline_secs) = run_fleet_until_done(
-        config,
-        stores,
-        &expectations,
-        opts.timeout,
-        opts.show_progress,
-    )
-    .await?;
+    let waited = match sent {
+        Ok((expectations, repeats)) => {
+            wait_for_outcomes(&collector, &expectations, opts.timeout, opts.show_progress)
+                .await
+                .map(|rows| (rows, expectations, repeats))
+        }
+        Err(e) => Err(e),
+    };
+    let url = ingestor.url.clone();
+    let stopped = ingestor.stop().await;
+    fleet.stop().await;
+    let (rows, expectations, acknowledged_repeats) = waited?;
+    stopped?;
+    let pipeline_secs = t0.elapsed().as_secs_f64();
+    let last_close = last_close(&config, &expectations)?;
+    let after_close_secs =
+        (chrono::Utc::now().timestamp_millis() as f64 / 1000.0 - last_close as f64).max(0.0);
     Ok(DemoOutcome {
         rows,
         reports: expectations.reports,
+        ingestor: url,
+        acknowledged_repeats,
         ingest_secs,
         pipeline_secs,
+        after_close_secs,
         dir,
     })
 }
 
+/// When the last expected window closes to batches: its end plus its aggregation's grace.
+fn last_close(config: &Config, expectations: &Expectations) -> anyhow::Result<i64> {
+    let mut last = 0;
+    for e in &expectations.windows {
+        let w = Window::parse(&e.window)?;
+        let grace = config
+            .aggregation(&e.aggregation)
+            .map(|a| a.grace.as_secs() as i64)
+            .unwrap_or(0);
+        last = last.max(w.end + grace);
+    }
+    Ok(last)
+}
+
 /// Runs the in-process fleet over what is in `stores` until every window in `expectations` has
-/// a result (or a failure), then stops it. Returns the rows and the seconds it took.
+/// a result (or a refusal or failure), then stops it. Returns the rows and the seconds it took.
 pub async fn run_fleet_until_done(
     config: Arc<Config>,
     stores: Stores,
@@ -180,35 +266,40 @@ pub async fn run_fleet_until_done(
     let bus = Arc::new(MemoryBus::new());
     let t1 = Instant::now();
     let fleet = Fleet::start(config, bus, stores, &FleetSettings::default())?;
+    let rows = wait_for_outcomes(&collector, expectations, timeout, show_progress).await;
+    let secs = t1.elapsed().as_secs_f64();
+    fleet.stop().await;
+    Ok((rows?, secs))
+}
+
+/// Polls the collector's store until every expected window has its final outcome, or `timeout`
+/// (the windows still open then are failures, "no result after …").
+pub async fn wait_for_outcomes(
+    collector: &Store,
+    expectations: &Expectations,
+    timeout: Duration,
+    show_progress: bool,
+) -> anyhow::Result<Vec<DemoRow>> {
+    let t1 = Instant::now();
     let b = bar(show_progress, expectations.windows.len() as u64, "windows");
     let mut rows: Vec<DemoRow> = expectations
         .windows
         .iter()
         .map(|e| DemoRow {
             expectation: e.clone(),
-            result: None,
-            failure: None,
+            outcome: WindowOutcome::Pending,
         })
         .collect();
     loop {
         let mut finished = 0;
         for row in rows.iter_mut() {
-            if row.result.is_some() || row.failure.is_some() {
-                finished += 1;
-                continue;
+            if !row.outcome.is_final() {
+                let w = Window::parse(&row.expectation.window)?;
+                row.outcome =
+                    WindowOutcome::read(collector, &row.expectation.aggregation, w).await?;
             }
-            let w = Window::parse(&row.expectation.window)?;
-            let agg = &row.expectation.aggregation;
-            if let Some(bytes) = collector.get(&result_key(agg, w)).await? {
-                row.result = Some(AggregationResult::from_json(&bytes)?);
+            if row.outcome.is_final() {
                 finished += 1;
-            } else if let Some(bytes) = collector.get(&computation_key(agg, w)).await? {
-                if let Ok(c) = Computation::from_json(&bytes) {
-                    if c.state == ComputationState::Failed {
-                        row.failure = c.detail.or(Some("FAILED".to_string()));
-                        finished += 1;
-                    }
-                }
             }
         }
         b.set_position(finished as u64);
@@ -216,20 +307,16 @@ pub async fn run_fleet_until_done(
             break;
         }
         if t1.elapsed() > timeout {
-            for row in rows
-                .iter_mut()
-                .filter(|r| r.result.is_none() && r.failure.is_none())
-            {
-                row.failure = Some(format!("no result after {}s", timeout.as_secs()));
+            for row in rows.iter_mut().filter(|r| !r.outcome.is_final()) {
+                row.outcome =
+                    WindowOutcome::Failed(format!("no result after {}s", timeout.as_secs()));
             }
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let secs = t1.elapsed().as_secs_f64();
     b.finish();
-    fleet.stop().await;
-    Ok((rows, secs))
+    Ok(rows)
 }
 
 /// The table `millrace demo` prints.
@@ -270,17 +357,13 @@ pub fn print_table(outcome: &DemoOutcome) {
             }
         }
         for r in rows {
-            let (valid, invalid, got) = match &r.result {
-                Some(res) => (
+            let (valid, invalid, got) = match &r.outcome {
+                WindowOutcome::Released(res) => (
                     res.report_count.to_string(),
                     res.invalid_count.to_string(),
                     res.result.to_string(),
                 ),
-                None => (
-                    "-".to_string(),
-                    "-".to_string(),
-                    r.failure.clone().unwrap_or_default(),
-                ),
+                other => ("-".to_string(), "-".to_string(), other.to_string()),
             };
             println!(
                 "  {:<31} {:>7} {:>7}  {:<6} {got}",
@@ -289,9 +372,17 @@ pub fn print_table(outcome: &DemoOutcome) {
                 invalid,
                 if r.correct() { "ok" } else { "WRONG" }
             );
+            let wanted = if r.expectation.refused {
+                format!(
+                    "REFUSED: fewer valid reports than the minimum ({})",
+                    r.expectation.expected
+                )
+            } else {
+                r.expectation.expected.to_string()
+            };
             println!(
-                "  {:<31} {:>7} {:>7}  {:<6} {}",
-                "", r.expectation.valid, r.expectation.invalid, "", r.expectation.expected
+                "  {:<31} {:>7} {:>7}  {:<6} {wanted}",
+                "", r.expectation.valid, r.expectation.invalid, ""
             );
             if bound.is_some() {
                 if let Some(d) = r.difference() {
@@ -299,8 +390,8 @@ pub fn print_table(outcome: &DemoOutcome) {
                 }
             }
             if let Some(res) = r
-                .result
-                .as_ref()
+                .outcome
+                .result()
                 .filter(|res| !res.invalid_reasons.is_empty())
             {
                 println!(
@@ -312,11 +403,18 @@ pub fn print_table(outcome: &DemoOutcome) {
         }
     }
     println!(
-        "\n{} reports: ingest {:.1}s; pipeline {:.1}s = {:.0} reports/s (both facilitators and the mill, one process)",
+        "\n{} reports sent through the ingestor at {}: {:.1}s ({:.0} reports/s; {} repeated \
+         reports acknowledged and stored once)",
         outcome.reports,
+        outcome.ingestor,
         outcome.ingest_secs,
-        outcome.pipeline_secs,
-        outcome.reports_per_sec()
+        outcome.reports_per_sec(),
+        outcome.acknowledged_repeats
+    );
+    println!(
+        "every window had its result {:.1}s after the first report ({:.1}s after the last window \
+         closed: its end plus grace); both facilitators, the mill and the ingestor in one process",
+        outcome.pipeline_secs, outcome.after_close_secs
     );
     println!(
         "{}",

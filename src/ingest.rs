@@ -13,7 +13,7 @@ use millrace_protocol::crypto::{hpke_generate, random_bytes, HpkePublicKey, Sign
 use millrace_protocol::formats::{
     input_share_aad, input_share_info, EncryptedReport, IngestionBatch,
 };
-use millrace_protocol::layout::{ingestion_key, Partition, Window};
+use millrace_protocol::layout::{ingestion_key, Window};
 use millrace_protocol::vdaf::{AggregateValue, Measurement};
 use millrace_store::Store;
 use rand::{Rng, SeedableRng};
@@ -46,6 +46,10 @@ pub struct WindowExpectation {
     /// absent, the result must equal the plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_bound: Option<u64>,
+    /// Fewer valid reports than the aggregation's `min_reports`: the facilitators must refuse
+    /// the window (REFUSED, nothing released) rather than release a result.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 impl WindowExpectation {
@@ -53,6 +57,23 @@ impl WindowExpectation {
     /// DP aggregation within the noise bound of it.
     pub fn accepts(&self, released: &AggregateValue) -> bool {
         millrace_protocol::dp::accepts(self.noise_bound, released, &self.expected)
+    }
+
+    /// Whether what the collector holds for the window is what it must be: a result equal to
+    /// the plaintext (or within the noise bound) with exact counts, or, for a window under its
+    /// minimum, a refusal.
+    pub fn met_by(&self, outcome: &crate::status::WindowOutcome) -> bool {
+        use crate::status::WindowOutcome;
+        match outcome {
+            WindowOutcome::Released(r) => {
+                !self.refused
+                    && self.accepts(&r.result)
+                    && r.report_count == self.valid
+                    && r.invalid_count == self.invalid
+            }
+            WindowOutcome::Refused(_) => self.refused,
+            WindowOutcome::Pending | WindowOutcome::Failed(_) => false,
+        }
     }
 }
 
@@ -310,7 +331,7 @@ pub async fn ingest(
                 break;
             };
             let (g, encoded, time) = joined.context("generating a batch")??;
-            let p = Partition::of(time);
+            let p = agg.partition_of(time);
             let key = ingestion_key(&agg.id, p, &g.batch[0].batch_id);
             let [e0, e1] = encoded;
             stores[0].create(&key, e0).await?;
@@ -326,19 +347,246 @@ pub async fn ingest(
             progress(done);
         }
     }
+    let mut e = expectations_of(expect)?;
+    e.reports = done;
+    Ok(e)
+}
+
+/// What simulated clients send through an ingestor's upload API.
+#[derive(Clone, Debug)]
+pub struct UploadPlan {
+    /// Reports in all, split evenly across the aggregations.
+    pub reports: usize,
+    /// Share of reports made invalid on purpose (0.0–1.0).
+    pub invalid_fraction: f64,
+    /// Reports per upload body (1: one report per request).
+    pub bulk_size: usize,
+    /// Upload requests in flight at once.
+    pub concurrency: usize,
+}
+
+/// The ways a simulated client's report goes bad on the way through an ingestor. A report
+/// outside its window cannot be made there (the ingestor files each report by its own time),
+/// and a repeated report id is acknowledged and stored once by the ingestor: the facilitators
+/// never see it.
+const UPLOAD_DAMAGES: [Damage; 5] = [
+    Damage::Ciphertext,
+    Damage::Truncated,
+    Damage::Tampered,
+    Damage::WrongKey,
+    Damage::Duplicate,
+];
+
+/// One report as made by a simulated client: what it was made of and whether it counts.
+struct Made {
+    window: String,
+    /// The measurement of a report that must count; `None` for a broken one.
+    measurement: Option<Measurement>,
+}
+
+/// A chunk of reports, sealed to the keys the ingestor announced, and what each one is.
+struct MadeChunk {
+    reports: Vec<millrace_protocol::upload::UploadReport>,
+    made: Vec<Made>,
+}
+
+fn make_chunk(
+    agg: &Aggregation,
+    keys: &[(u8, HpkePublicKey); 2],
+    stranger: &HpkePublicKey,
+    count: usize,
+    invalid_every: Option<usize>,
+    seed: u64,
+    damage_offset: usize,
+) -> anyhow::Result<MadeChunk> {
+    use millrace_protocol::upload::{SealedShare, UploadReport};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut reports: Vec<UploadReport> = Vec::with_capacity(count);
+    let mut made = Vec::with_capacity(count);
+    let mut damage_index = damage_offset;
+    for i in 0..count {
+        let damage = match invalid_every {
+            Some(every) if i % every == every - 1 => {
+                damage_index += 1;
+                Some(UPLOAD_DAMAGES[damage_index % UPLOAD_DAMAGES.len()])
+            }
+            _ => None,
+        };
+        if let (Some(Damage::Duplicate), Some(last)) = (damage, reports.last().cloned()) {
+            // The same report again, as a client whose answer was lost sends it: the ingestor
+            // acknowledges it and stores it once, so it is neither valid nor invalid here.
+            reports.push(last);
+            continue;
+        }
+        let time = agg.report_time(chrono::Utc::now().timestamp());
+        let m = agg.vdaf.random_measurement(&mut rng);
+        let id: [u8; 16] = random_bytes();
+        let (public, mut shares) = agg.vdaf.shard(&m, &id).context("sharding a measurement")?;
+        match damage {
+            Some(Damage::Truncated) => {
+                let keep = shares[1].len() / 2;
+                shares[1].truncate(keep);
+            }
+            Some(Damage::Tampered) => {
+                if let Some(b) = shares[1].first_mut() {
+                    *b ^= 0x01;
+                }
+            }
+            _ => {}
+        }
+        let mut sealed = Vec::with_capacity(2);
+        for f in 0..2u8 {
+            let (key_id, key) = &keys[usize::from(f)];
+            let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
+                stranger
+            } else {
+                key
+            };
+            let (encapped_key, mut ciphertext) =
+                seal(&agg.id, f, to, &id, time, &public, &shares[usize::from(f)])?;
+            if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
+                if let Some(b) = ciphertext.first_mut() {
+                    *b ^= 0x80;
+                }
+            }
+            sealed.push(SealedShare {
+                hpke_key_id: *key_id,
+                encapped_key,
+                ciphertext,
+            });
+        }
+        let [s0, s1]: [SealedShare; 2] = sealed
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("two sealed shares"))?;
+        reports.push(UploadReport {
+            report_id: id,
+            time,
+            public_share: public,
+            shares: [s0, s1],
+        });
+        made.push(Made {
+            window: Window::containing(time, agg.window_secs).name(),
+            measurement: damage.is_none().then_some(m),
+        });
+    }
+    Ok(MadeChunk { reports, made })
+}
+
+/// Simulated clients of an ingestor: makes reports now, seals them to the HPKE keys the ingestor
+/// announces (`GET /aggregations/{id}/hpke-config`), and uploads them with `millrace-client`
+/// (retrying until each body is acknowledged). `config` says which aggregations `ingestor`
+/// serves and what their windows are. Returns what each window's result must be, and how many
+/// repeated reports the ingestor acknowledged without storing them again.
+pub async fn upload(
+    config: &Config,
+    ingestor: &str,
+    client: Arc<millrace_client::Client>,
+    plan: &UploadPlan,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<(Expectations, usize)> {
+    let aggs: Vec<Aggregation> = config
+        .aggregations
+        .iter()
+        .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
+        .cloned()
+        .collect();
+    anyhow::ensure!(
+        !aggs.is_empty(),
+        "ingestor {ingestor:?} takes reports for no aggregation of this config"
+    );
+    let invalid_every = if plan.invalid_fraction > 0.0 {
+        Some(((1.0 / plan.invalid_fraction).round() as usize).max(1))
+    } else {
+        None
+    };
+    let per_agg = plan.reports / aggs.len();
+    let bulk = plan.bulk_size.max(1);
+    let stranger = Arc::new(hpke_generate().1);
+    // Each aggregation's keys as the ingestor announces them.
+    let mut keys = Vec::with_capacity(aggs.len());
+    for agg in &aggs {
+        let announced = client
+            .aggregation(&agg.id)
+            .await
+            .with_context(|| format!("fetching the HPKE config of aggregation {}", agg.id))?;
+        keys.push(Arc::new([
+            announced.document.sealing_key(0)?,
+            announced.document.sealing_key(1)?,
+        ]));
+    }
+    // Every aggregation's bodies interleaved, `concurrency` in flight at once, as many clients
+    // of different aggregations upload side by side (and group commit fills batches).
+    let chunks = per_agg.div_ceil(bulk);
+    let mut seed: u64 = rand::rng().random();
+    let mut jobs = Vec::with_capacity(chunks * aggs.len());
+    for next in 0..chunks {
+        for (a, agg) in aggs.iter().enumerate() {
+            seed = seed.wrapping_add(1);
+            let count = bulk.min(per_agg - next * bulk);
+            jobs.push((agg.clone(), keys[a].clone(), count, seed, next));
+        }
+    }
+    let uploads = futures::stream::iter(jobs.into_iter().map(|(agg, keys, count, seed, next)| {
+        let (stranger, client) = (stranger.clone(), client.clone());
+        async move {
+            let id = agg.id.clone();
+            let chunk = tokio::task::spawn_blocking(move || {
+                make_chunk(&agg, &keys, &stranger, count, invalid_every, seed, next)
+                    .map(|chunk| (chunk, agg))
+            })
+            .await
+            .context("making reports")??;
+            let receipt = if chunk.0.reports.len() == 1 {
+                client.upload(&id, &chunk.0.reports[0]).await
+            } else {
+                client.upload_many(&id, &chunk.0.reports).await
+            }
+            .with_context(|| format!("uploading reports of aggregation {id}"))?;
+            anyhow::Ok((chunk, receipt))
+        }
+    }));
+    use futures::StreamExt;
+    let mut uploads = uploads.buffer_unordered(plan.concurrency.max(1));
+    let mut expect: BTreeMap<(String, String), (Vec<Measurement>, u64, Aggregation)> =
+        BTreeMap::new();
+    let (mut done, mut acknowledged_repeats) = (0, 0);
+    while let Some(finished) = uploads.next().await {
+        let ((chunk, agg), receipt) = finished?;
+        acknowledged_repeats += receipt.duplicates;
+        done += chunk.reports.len();
+        for made in chunk.made {
+            let entry = expect
+                .entry((agg.id.clone(), made.window))
+                .or_insert_with(|| (Vec::new(), 0, agg.clone()));
+            match made.measurement {
+                Some(m) => entry.0.push(m),
+                None => entry.1 += 1,
+            }
+        }
+        progress(done);
+    }
+    let mut e = expectations_of(expect)?;
+    e.reports = done;
+    Ok((e, acknowledged_repeats))
+}
+
+/// Each window's expectation from its valid measurements and invalid count.
+fn expectations_of(
+    expect: BTreeMap<(String, String), (Vec<Measurement>, u64, Aggregation)>,
+) -> anyhow::Result<Expectations> {
     let mut windows = Vec::new();
+    let mut reports = 0;
     for ((aggregation, window), (measurements, invalid, agg)) in expect {
+        reports += measurements.len() + invalid as usize;
         windows.push(WindowExpectation {
             expected: agg.vdaf.plaintext_aggregate(&measurements)?,
             valid: measurements.len() as u64,
             invalid,
             noise_bound: agg.dp.as_ref().map(|dp| dp.noise_bound()),
+            refused: (measurements.len() as u64) < agg.min_reports,
             aggregation,
             window,
         });
     }
-    Ok(Expectations {
-        windows,
-        reports: done,
-    })
+    Ok(Expectations { windows, reports })
 }

@@ -190,10 +190,53 @@ pub fn rotate_party(
     Ok(what)
 }
 
+/// The window timing `keygen` writes for every aggregation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowTiming {
+    pub window: String,
+    pub grace: String,
+    pub max_age: String,
+    pub peer_deadline: String,
+    pub wait_deadline: String,
+}
+
+impl Default for WindowTiming {
+    /// Hour-long windows, ten minutes' grace, a day's max age.
+    fn default() -> Self {
+        WindowTiming {
+            window: "1h".to_string(),
+            grace: "10m".to_string(),
+            max_age: "1day".to_string(),
+            peer_deadline: "10m".to_string(),
+            wait_deadline: "1h".to_string(),
+        }
+    }
+}
+
+impl WindowTiming {
+    /// Minute-long windows with ten seconds' grace: what the demo and the end-to-end runs use,
+    /// so that reports made now have a result about a minute later.
+    pub fn minutes() -> Self {
+        WindowTiming {
+            window: "1m".to_string(),
+            grace: "10s".to_string(),
+            max_age: "10m".to_string(),
+            peer_deadline: "1m".to_string(),
+            wait_deadline: "5m".to_string(),
+        }
+    }
+}
+
 /// Every party's keygen into `dir`, and `dir/millrace.toml` referencing all of them (the
-/// single-machine shortcut: one config holds every party's private key directory). Returns the
-/// config's path. Refuses to overwrite an existing config unless `force`.
+/// single-machine shortcut: one config holds every party's private key directory), with
+/// hour-long windows. Returns the config's path. Refuses to overwrite an existing config unless
+/// `force`.
 pub fn keygen(dir: &Path, force: bool) -> anyhow::Result<PathBuf> {
+    keygen_with(dir, force, &WindowTiming::default())
+}
+
+/// [`keygen`] with the given window timing.
+pub fn keygen_with(dir: &Path, force: bool, timing: &WindowTiming) -> anyhow::Result<PathBuf> {
     let config_path = dir.join("millrace.toml");
     if config_path.exists() && !force {
         anyhow::bail!(
@@ -231,12 +274,12 @@ pub fn keygen(dir: &Path, force: bool) -> anyhow::Result<PathBuf> {
         aggregations.push(AggregationEntry {
             id: id.clone(),
             vdaf,
-            window: "1h".to_string(),
-            grace: "10m".to_string(),
-            max_age: "1day".to_string(),
+            window: timing.window.clone(),
+            grace: timing.grace.clone(),
+            max_age: timing.max_age.clone(),
             min_reports: 10,
-            peer_deadline: Some("10m".to_string()),
-            wait_deadline: Some("1h".to_string()),
+            peer_deadline: Some(timing.peer_deadline.clone()),
+            wait_deadline: Some(timing.wait_deadline.clone()),
             time_precision: None,
             clock_skew: None,
             verify_key: format!("file:keys/{leader}/verify/{id}.verify"),

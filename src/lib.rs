@@ -2,6 +2,7 @@
 //! `millrace demo` and the end-to-end tests, status, and benchmarks.
 
 pub mod bench;
+pub mod bench_ingest;
 pub mod bench_reference;
 pub mod bench_windows;
 pub mod config_check;

@@ -43,6 +43,16 @@ enum Command {
         /// Replace an existing config (or party document) and its keys.
         #[arg(long)]
         force: bool,
+        /// The config's window length (whole hours, or minutes dividing an hour: `1m`, `5m`).
+        #[arg(long, conflicts_with = "party", default_value = "1h")]
+        window: String,
+        /// How long after a window ends batches may still arrive.
+        #[arg(long, conflicts_with = "party", default_value = "10m")]
+        grace: String,
+        /// Minute-long windows, 10 s grace, 10 min max age (what `demo` and `make e2e` use);
+        /// overrides --window and --grace.
+        #[arg(long, conflicts_with = "party")]
+        short_windows: bool,
     },
     /// Key rotation: `millrace keys rotate --party NAME --dir DIR --overlap 1day`.
     Keys {
@@ -54,27 +64,46 @@ enum Command {
         #[command(subcommand)]
         what: ConfigCommand,
     },
-    /// Simulated clients: write signed, encrypted ingestion batches to both facilitators.
+    /// Simulated clients: reports with known measurements, made now and sent through an
+    /// ingestor's upload API (`--ingestor-url`), some broken on purpose; with
+    /// `--direct-to-stores`, signed batches over the last three closed hours written straight into
+    /// both facilitators' stores instead (no ingestor; for benchmarks and step-by-step tests).
     Ingest {
         #[arg(long, env = "MILLRACE_CONFIG")]
         config: PathBuf,
-        /// The ingestor whose key signs the batches.
+        /// The ingestor party: which aggregations take reports (and, with --direct-to-stores,
+        /// whose key signs the batches).
         #[arg(long, default_value = millrace::keygen::INGESTOR)]
         ingestor: String,
-        /// Facilitator 0's store.
-        #[arg(long)]
-        store0: String,
-        /// Facilitator 1's store.
-        #[arg(long)]
-        store1: String,
+        /// The ingestor service's base URL.
+        #[arg(
+            long,
+            env = "MILLRACE_INGESTOR_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        ingestor_url: String,
+        /// Bypass the ingestor service: sign batches with the ingestor party's key and write
+        /// them into --store0 and --store1, timed over the last three closed hours.
+        #[arg(long, requires_all = ["store0", "store1"])]
+        direct_to_stores: bool,
+        /// Facilitator 0's store (with --direct-to-stores).
+        #[arg(long, requires = "direct_to_stores")]
+        store0: Option<String>,
+        /// Facilitator 1's store (with --direct-to-stores).
+        #[arg(long, requires = "direct_to_stores")]
+        store1: Option<String>,
         /// Reports in all, split across the aggregations.
         #[arg(long, default_value_t = 20_000)]
         reports: usize,
         /// Share of reports made invalid on purpose.
         #[arg(long, default_value_t = 0.02)]
         invalid_fraction: f64,
+        /// Reports per upload body (per batch, with --direct-to-stores).
         #[arg(long, default_value_t = 500)]
         batch_size: usize,
+        /// Upload requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
         /// Write each window's expected result (JSON) here.
         #[arg(long)]
         expect_out: Option<PathBuf>,
@@ -93,9 +122,14 @@ enum Command {
         #[arg(long)]
         aggregation: String,
         value: String,
+        /// Seal the report but write its upload encoding to this file instead of sending it
+        /// (to send it with curl: `Content-Type: application/vnd.millrace.report`).
+        #[arg(long)]
+        write: Option<PathBuf>,
     },
-    /// Everything in one process: keygen, ingest, both facilitators' services and the mill,
-    /// until every window has a result; then each result beside the plaintext result.
+    /// Everything in one process: keygen (minute-long windows), both facilitators' services,
+    /// the mill and an ingestor on a loopback port; simulated clients send reports through the
+    /// ingestor until every window has a result; then each result beside the plaintext result.
     Demo {
         #[arg(long, default_value_t = 20_000)]
         reports: usize,
@@ -302,6 +336,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
     },
+    /// The ingestor (the `ingestor` binary, as a child process): reports/s accepted and upload
+    /// latency with pre-sealed reports, single and bulk, beside the client's shard + seal rate
+    /// on one core; then its memory under a sustained overload.
+    Ingest(millrace::bench_ingest::IngestBenchOptions),
 }
 
 #[tokio::main]
@@ -322,9 +360,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             party: None,
             force,
+            window,
+            grace,
+            short_windows,
             ..
         } => {
-            let path = millrace::keygen::keygen(&dir, force)?;
+            let timing = if short_windows {
+                millrace::keygen::WindowTiming::minutes()
+            } else {
+                millrace::keygen::WindowTiming {
+                    window,
+                    grace,
+                    ..Default::default()
+                }
+            };
+            let path = millrace::keygen::keygen_with(&dir, force, &timing)?;
             println!(
                 "wrote {}, the party documents {}/*.party.toml and every party's keys in {}/keys/",
                 path.display(),
@@ -339,6 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             index,
             aggregations,
             force,
+            ..
         } => {
             use millrace_protocol::parties::PartyRole;
             let (role, index) = match role.as_deref() {
@@ -430,29 +481,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ingest {
             config,
             ingestor,
+            ingestor_url,
+            direct_to_stores,
             store0,
             store1,
             reports,
             invalid_fraction,
             batch_size,
+            concurrency,
             expect_out,
         } => {
             let config = Config::load(&config)?;
-            let stores = [Store::open(&store0)?, Store::open(&store1)?];
-            let (start, end) = millrace::demo::past_span(chrono::Utc::now().timestamp());
-            let plan = IngestPlan {
-                reports,
-                invalid_fraction,
-                batch_size,
-                start,
-                end,
+            let exp = match (direct_to_stores, store0, store1) {
+                (true, Some(store0), Some(store1)) => {
+                    let stores = [Store::open(&store0)?, Store::open(&store1)?];
+                    let (start, end) = millrace::demo::past_span(chrono::Utc::now().timestamp());
+                    let plan = IngestPlan {
+                        reports,
+                        invalid_fraction,
+                        batch_size,
+                        start,
+                        end,
+                    };
+                    let exp =
+                        ingest(&config, &ingestor, [&stores[0], &stores[1]], &plan, |_| {}).await?;
+                    println!(
+                        "wrote {} reports in {} windows straight into both stores",
+                        exp.reports,
+                        exp.windows.len()
+                    );
+                    exp
+                }
+                (true, _, _) => anyhow::bail!("--direct-to-stores needs --store0 and --store1"),
+                (false, _, _) => {
+                    let client = Arc::new(millrace_client::Client::new(&ingestor_url)?);
+                    let plan = millrace::ingest::UploadPlan {
+                        reports,
+                        invalid_fraction,
+                        bulk_size: batch_size,
+                        concurrency,
+                    };
+                    let (exp, repeats) =
+                        millrace::ingest::upload(&config, &ingestor, client, &plan, |_| {}).await?;
+                    println!(
+                        "sent {} reports in {} windows through {ingestor_url} ({repeats} repeated \
+                         reports acknowledged and stored once)",
+                        exp.reports,
+                        exp.windows.len()
+                    );
+                    exp
+                }
             };
-            let exp = ingest(&config, &ingestor, [&stores[0], &stores[1]], &plan, |_| {}).await?;
-            println!(
-                "ingested {} reports in {} windows",
-                exp.reports,
-                exp.windows.len()
-            );
             if let Some(path) = expect_out {
                 std::fs::write(&path, serde_json::to_vec_pretty(&exp)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -462,11 +541,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingestor_url,
             aggregation,
             value,
+            write,
         } => {
             let client = millrace_client::Client::new(&ingestor_url)?;
             let config = client.aggregation(&aggregation).await?;
             let measurement =
                 millrace_client::parse_measurement(&config.document.aggregation.vdaf, &value)?;
+            if let Some(path) = write {
+                let report = config.seal(&measurement, chrono::Utc::now().timestamp())?;
+                std::fs::write(&path, report.encode()?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!(
+                    "wrote a sealed report for aggregation {aggregation} to {} (not sent)",
+                    path.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let receipt = client.submit(&aggregation, &measurement).await?;
             println!(
                 "report accepted for aggregation {aggregation} by {ingestor_url}{}",
@@ -785,6 +875,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("SOME RESULTS DIFFER FROM THE PLAINTEXT RESULT");
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Bench {
+            what: BenchCommand::Ingest(options),
+        } => {
+            print!("{}", millrace::bench_ingest::bench_ingest(&options).await?);
         }
     }
     Ok(ExitCode::SUCCESS)

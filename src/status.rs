@@ -3,8 +3,10 @@
 //! lacked) and the windows it gave up on.
 
 use millrace_protocol::config::Config;
-use millrace_protocol::layout::{result_key, Window};
-use millrace_protocol::results::{AggregationResult, BatchExclusion, Computation};
+use millrace_protocol::layout::{computation_key, result_key, Window};
+use millrace_protocol::results::{
+    AggregationResult, BatchExclusion, Computation, ComputationState,
+};
 use millrace_store::Store;
 
 /// One row of the status table.
@@ -205,9 +207,73 @@ pub fn print_facilitators(rows: &[FacilitatorRow]) {
     }
 }
 
+/// What the collector holds for one window.
+#[derive(Clone, Debug)]
+pub enum WindowOutcome {
+    /// Nothing final yet.
+    Pending,
+    Released(Box<AggregationResult>),
+    /// Refused (too few valid reports, by a facilitator or the mill): nothing released.
+    Refused(String),
+    Failed(String),
+}
+
+impl WindowOutcome {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, WindowOutcome::Pending)
+    }
+
+    pub fn result(&self) -> Option<&AggregationResult> {
+        match self {
+            WindowOutcome::Released(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The collector's result for `window` of `aggregation`, or its computation record's final
+    /// state.
+    pub async fn read(
+        collector: &Store,
+        aggregation: &str,
+        window: Window,
+    ) -> anyhow::Result<Self> {
+        if let Some(b) = collector.get(&result_key(aggregation, window)).await? {
+            return Ok(WindowOutcome::Released(Box::new(
+                AggregationResult::from_json(&b)?,
+            )));
+        }
+        let Some(b) = collector.get(&computation_key(aggregation, window)).await? else {
+            return Ok(WindowOutcome::Pending);
+        };
+        let c = Computation::from_json(&b)?;
+        let detail = || c.detail.clone().unwrap_or_else(|| format!("{:?}", c.state));
+        Ok(match c.state {
+            ComputationState::Refused => WindowOutcome::Refused(detail()),
+            ComputationState::Failed => WindowOutcome::Failed(detail()),
+            _ => WindowOutcome::Pending,
+        })
+    }
+}
+
+impl std::fmt::Display for WindowOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WindowOutcome::Pending => write!(f, "no result"),
+            WindowOutcome::Released(r) => write!(
+                f,
+                "{} ({} valid, {} invalid)",
+                r.result, r.report_count, r.invalid_count
+            ),
+            WindowOutcome::Refused(why) => write!(f, "REFUSED: {why}"),
+            WindowOutcome::Failed(why) => write!(f, "FAILED: {why}"),
+        }
+    }
+}
+
 /// Waits up to `wait` for every expected window's result, prints each beside its expectation,
 /// and says whether all of them match: equal to the plaintext, or for an aggregation with
-/// differential privacy within its noise bound (the difference is printed too).
+/// differential privacy within its noise bound (the difference is printed too); a window with
+/// fewer valid reports than its minimum must be refused instead.
 pub async fn check(
     collector: &Store,
     expectations: &crate::ingest::Expectations,
@@ -215,36 +281,19 @@ pub async fn check(
 ) -> anyhow::Result<bool> {
     let deadline = std::time::Instant::now() + wait;
     loop {
-        let mut results = Vec::new();
+        let mut outcomes = Vec::new();
         for e in &expectations.windows {
             let w = Window::parse(&e.window)?;
-            let r = match collector.get(&result_key(&e.aggregation, w)).await? {
-                Some(b) => Some(AggregationResult::from_json(&b)?),
-                None => None,
-            };
-            results.push(r);
+            outcomes.push(WindowOutcome::read(collector, &e.aggregation, w).await?);
         }
-        let complete = results.iter().all(Option::is_some);
+        let complete = outcomes.iter().all(WindowOutcome::is_final);
         if complete || std::time::Instant::now() >= deadline {
             let mut all = complete;
-            for (e, r) in expectations.windows.iter().zip(&results) {
-                let ok = r.as_ref().is_some_and(|r| {
-                    e.accepts(&r.result)
-                        && r.report_count == e.valid
-                        && r.invalid_count == e.invalid
-                });
+            for (e, o) in expectations.windows.iter().zip(&outcomes) {
+                let ok = e.met_by(o);
                 all &= ok;
-                let got = r
-                    .as_ref()
-                    .map(|r| {
-                        format!(
-                            "{} ({} valid, {} invalid)",
-                            r.result, r.report_count, r.invalid_count
-                        )
-                    })
-                    .unwrap_or_else(|| "no result".to_string());
                 // A DP aggregation's result is noised: show by how much, and what is accepted.
-                let noise = match (e.noise_bound, r) {
+                let noise = match (e.noise_bound, o.result()) {
                     (Some(bound), Some(r)) => {
                         match millrace_protocol::dp::Difference::between(&r.result, &e.expected) {
                             Some(d) => format!("; difference {d}, accepted within ±{bound}"),
@@ -255,14 +304,19 @@ pub async fn check(
                     }
                     _ => String::new(),
                 };
+                let wanted = if e.refused {
+                    format!(
+                        "REFUSED ({} valid, under the minimum; {} invalid)",
+                        e.valid, e.invalid
+                    )
+                } else {
+                    format!("{} ({} valid, {} invalid)", e.expected, e.valid, e.invalid)
+                };
                 println!(
-                    "{:<5} {:<12} {:<31} got {got}; expected {} ({} valid, {} invalid){noise}",
+                    "{:<5} {:<12} {:<31} got {o}; expected {wanted}{noise}",
                     if ok { "ok" } else { "WRONG" },
                     e.aggregation,
                     e.window,
-                    e.expected,
-                    e.valid,
-                    e.invalid
                 );
             }
             return Ok(all);

@@ -3,10 +3,13 @@
 //! * `docker-compose.yml`: every flag and `MILLRACE_*` variable a service passes is one its
 //!   binary accepts (read from the built binary's `--help`), every required setting is given,
 //!   images come from stages `deploy/Dockerfile` has, `depends_on` targets, named volumes and
-//!   brokers exist, ports bind to 127.0.0.1, and every profile is a whole fleet on its own bus.
-//! * `deploy/k8s`: each overlay as `kubectl kustomize` renders it: kinds, schedules, probes,
-//!   grace periods, settings and their URLs per cloud, the config and key files each container
-//!   needs (and no more), network policies; and the facilitator-1 component.
+//!   brokers exist, ports bind to 127.0.0.1, and every profile is a whole fleet on its own bus,
+//!   with an ingestor that publishes its upload port, is what the simulated clients reach, and
+//!   sees no other party's private keys.
+//! * `deploy/k8s`: each overlay as `kubectl kustomize` renders it: kinds, schedules, probes (on
+//!   paths the binary says it serves), grace periods, settings and their URLs per cloud, the
+//!   config and key files each container needs (and no more), network policies, the ingestor's
+//!   Service, PodDisruptionBudget and autoscaler; and the facilitator-1 component.
 //! * `deploy/terraform`: `terraform fmt -check`, and the AWS module's SNS/SQS naming against the
 //!   bus's own mapping.
 //!
@@ -24,8 +27,9 @@ use std::sync::{Mutex, OnceLock};
 use serde_norway::Value;
 
 /// The binaries the images hold (one Dockerfile target each).
-const BINARIES: [&str; 6] = [
+const BINARIES: [&str; 7] = [
     "millrace",
+    "ingestor",
     "workflow-manager",
     "intake-worker",
     "aggregate-worker",
@@ -76,6 +80,8 @@ struct Cli {
     flags: BTreeMap<String, Option<String>>,
     /// `--flag` → its default, as `--help` shows it.
     defaults: BTreeMap<String, String>,
+    /// `--flag` → its whole help text (what it says the flag is for).
+    help: BTreeMap<String, String>,
     /// Flags the usage line requires.
     required: BTreeSet<String>,
     /// Subcommands (the `millrace` CLI's).
@@ -162,6 +168,7 @@ fn parse_help(text: &str) -> Cli {
         if let Some(default) = between(&body, "[default: ", &[']']) {
             cli.defaults.insert(flag.clone(), default.to_string());
         }
+        cli.help.insert(flag.clone(), body);
         cli.flags.insert(flag, env);
     }
     cli
@@ -537,6 +544,103 @@ fn profiles_of(svc: &Value) -> BTreeSet<String> {
     strings(&svc["profiles"]).into_iter().collect()
 }
 
+/// One mount of a compose service: a named volume (or a host path), the path inside it that is
+/// mounted (`volume.subpath`; empty for all of it), and where it appears in the container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mount {
+    source: String,
+    subpath: String,
+    target: String,
+}
+
+/// A service's mounts, in the short syntax (`SOURCE:TARGET[:MODE]`) or the long one.
+fn compose_mounts(svc: &Value) -> Vec<Mount> {
+    let Value::Sequence(vols) = &svc["volumes"] else {
+        return Vec::new();
+    };
+    vols.iter()
+        .filter_map(|v| match v {
+            Value::Mapping(_) => Some(Mount {
+                source: str_of(&v["source"]).unwrap_or_default(),
+                subpath: str_of(&v["volume"]["subpath"])
+                    .unwrap_or_default()
+                    .trim_matches('/')
+                    .to_string(),
+                target: str_of(&v["target"])?,
+            }),
+            other => {
+                let text = str_of(other)?;
+                let mut parts = text.split(':');
+                let (source, target) = (parts.next()?, parts.next()?);
+                Some(Mount {
+                    source: source.to_string(),
+                    subpath: String::new(),
+                    target: target.to_string(),
+                })
+            }
+        })
+        .collect()
+}
+
+/// Where a container path lies in the volumes a service mounts: (volume, path inside it).
+fn volume_path(mounts: &[Mount], path: &str) -> Option<(String, String)> {
+    mounts
+        .iter()
+        .filter_map(|m| {
+            let target = m.target.trim_end_matches('/');
+            let rest = path.strip_prefix(target)?;
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                return None;
+            }
+            let inside = [m.subpath.as_str(), rest.trim_matches('/')]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("/");
+            Some((target.len(), (m.source.clone(), inside)))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, found)| found)
+}
+
+/// Is `path` (inside a volume) `dir` or inside it?
+fn within(path: &str, dir: &str) -> bool {
+    dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
+}
+
+/// The private key directories of parties other than `own` that `mounts` show: `keygen --dir`
+/// writes every party's keys to `keys/NAME/` in its directory (`keygen_dir`: volume, path in it),
+/// so a mount of that directory, of its `keys/`, or of another party's `keys/NAME/` shows them.
+fn foreign_keys_seen(mounts: &[Mount], keygen_dir: &(String, String), own: &str) -> Vec<String> {
+    let (volume, dir) = keygen_dir;
+    let keys = [dir.as_str(), "keys"]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("/");
+    let own_keys = format!("{keys}/{own}");
+    mounts
+        .iter()
+        .filter(|m| &m.source == volume)
+        .filter(|m| {
+            // All of keys/ (or more), or inside it but not inside this party's own directory.
+            within(&keys, &m.subpath)
+                || (within(&m.subpath, &keys) && !within(&m.subpath, &own_keys))
+        })
+        .map(|m| {
+            format!(
+                "{} (volume {volume}, {})",
+                m.target,
+                if m.subpath.is_empty() {
+                    "all of it".to_string()
+                } else {
+                    format!("subpath {}", m.subpath)
+                }
+            )
+        })
+        .collect()
+}
+
 /// The host a bus or store URL reaches (for emulators: the `endpoint` / `emulator` parameter).
 fn url_host(raw: &str) -> Option<String> {
     let url = url::Url::parse(raw).ok()?;
@@ -793,6 +897,7 @@ fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
             ("intake-worker", 2),
             ("aggregate-worker", 2),
             ("mill", 1),
+            ("ingestor", 1),
         ] {
             let found = by_role.get(role).map(Vec::as_slice).unwrap_or_default();
             if found.len() != want {
@@ -824,12 +929,10 @@ fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
                 problems.push(format!("profile {p}: nothing runs `{role}`"));
             }
         }
+        problems.extend(check_compose_ingestor(p, &in_profile, &runs, cli));
         // Each bus user talks to this profile's broker; each store is reachable.
         for (name, svc) in &in_profile {
-            let mounts: Vec<String> = strings(&svc["volumes"])
-                .iter()
-                .filter_map(|v| v.split(':').nth(1).map(str::to_string))
-                .collect();
+            let mounts: Vec<String> = compose_mounts(svc).into_iter().map(|m| m.target).collect();
             for inv in runs.get(*name).into_iter().flatten() {
                 let c = cli(inv);
                 if c.flags.contains_key("--bus") {
@@ -889,6 +992,108 @@ fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
     problems
 }
 
+/// The ingestor of one profile: it listens beyond the container's loopback on a port published on
+/// the host, the simulated clients (`millrace ingest`) reach it, its config is mounted, and it
+/// sees no other party's private keys (the keys `millrace keygen --dir` wrote for every party).
+fn check_compose_ingestor(
+    p: &str,
+    in_profile: &BTreeMap<&String, &&Value>,
+    runs: &BTreeMap<String, Vec<Invocation>>,
+    cli: &dyn Fn(&Invocation) -> Cli,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let of_profile = |binary: &str, sub: Option<&str>| -> Vec<(&String, &Invocation)> {
+        in_profile
+            .keys()
+            .flat_map(|name| {
+                runs.get(*name)
+                    .into_iter()
+                    .flatten()
+                    .map(move |inv| (*name, inv))
+            })
+            .filter(|(_, inv)| inv.binary == binary && inv.sub() == sub)
+            .collect()
+    };
+    // Where keygen wrote every party's keys: its --dir, inside the job's volume.
+    let keygen_dirs: Vec<(String, String)> = of_profile("millrace", Some("keygen"))
+        .into_iter()
+        .filter_map(|(name, inv)| {
+            let dir = inv.setting(&cli(inv), "--dir")?;
+            volume_path(&compose_mounts(in_profile.get(name)?), &dir)
+        })
+        .collect();
+    for (name, inv) in of_profile("ingestor", None) {
+        let Some(svc) = in_profile.get(name) else {
+            continue;
+        };
+        let c = cli(inv);
+        let mounts = compose_mounts(svc);
+        // Its upload API: on all of the container's interfaces, published on the host.
+        let listen = inv
+            .setting(&c, "--listen")
+            .or_else(|| c.defaults.get("--listen").cloned())
+            .unwrap_or_default();
+        let port = listen.rsplit(':').next().unwrap_or_default().to_string();
+        if !listen.starts_with("0.0.0.0:") {
+            problems.push(format!(
+                "{name}: --listen {listen:?} must bind 0.0.0.0, or nothing outside the container reaches it"
+            ));
+        }
+        let published = strings(&svc["ports"])
+            .iter()
+            .any(|p| p.rsplit(':').next() == Some(port.as_str()));
+        if !published {
+            problems.push(format!(
+                "{name}: its upload port {port} is not published on the host"
+            ));
+        }
+        // Its config, and no other party's keys.
+        let config = inv.setting(&c, "--config").unwrap_or_default();
+        if volume_path(&mounts, &config).is_none() {
+            problems.push(format!(
+                "{name}: --config {config:?} is not inside a mounted volume"
+            ));
+        }
+        let own = inv.setting(&c, "--ingestor").unwrap_or_default();
+        if keygen_dirs.is_empty() {
+            problems.push(format!(
+                "profile {p}: no `millrace keygen --dir` inside a volume, so {name}'s keys cannot be checked"
+            ));
+        }
+        for dir in &keygen_dirs {
+            let seen = foreign_keys_seen(&mounts, dir, &own);
+            if !seen.is_empty() {
+                problems.push(format!(
+                    "{name}: sees other parties' private keys (keygen wrote them to {}/keys in volume {}) through {}: mount only ingestor {own:?}'s own directory",
+                    dir.1,
+                    dir.0,
+                    seen.join(", ")
+                ));
+            }
+        }
+        // The simulated clients send their reports to this ingestor.
+        for (client, ingest) in of_profile("millrace", Some("ingest")) {
+            let ic = cli(ingest);
+            if ingest.setting(&ic, "--direct-to-stores").is_some() {
+                continue;
+            }
+            let url = ingest
+                .setting(&ic, "--ingestor-url")
+                .or_else(|| ic.defaults.get("--ingestor-url").cloned())
+                .unwrap_or_default();
+            let reaches = url::Url::parse(&url)
+                .ok()
+                .and_then(|u| Some((u.host_str()?.to_string(), u.port_or_known_default()?)));
+            if reaches != Some((name.to_string(), port.parse().unwrap_or(0))) {
+                problems.push(format!(
+                    "{client}: --ingestor-url {url:?} does not reach {name} on its port {port}"
+                ));
+            }
+        }
+    }
+    problems
+}
+
 fn compose_doc() -> Value {
     load_yaml(
         &read(&root().join("docker-compose.yml")),
@@ -906,17 +1111,39 @@ fn compose_profiles_each_run_a_whole_fleet_with_flags_their_binaries_accept() {
     );
 }
 
+/// The words after `marker` up to the end of its line (`for bin in a b c; do` → a, b, c).
+fn words_after(text: &str, marker: &str) -> BTreeSet<String> {
+    text.lines()
+        .find_map(|l| l.split_once(marker).map(|(_, rest)| rest))
+        .unwrap_or_default()
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty() && *w != "do")
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
-fn the_dockerfile_has_a_non_root_stage_per_binary() {
+fn the_dockerfile_has_a_non_root_stage_per_binary_and_make_images_builds_each() {
     let path = root().join("deploy/Dockerfile");
     let stages = dockerfile_stages(&path);
+    let text = read(&path);
+    // The builder copies each binary out of its cache mount, and `make images` builds each stage.
+    let copied = words_after(&text, "for bin in ");
+    let images = words_after(&read(&root().join("Makefile")), "IMAGES := ");
     for b in BINARIES {
         assert!(
             stages.contains(b),
             "deploy/Dockerfile has no stage {b:?}: {stages:?}"
         );
+        assert!(
+            copied.contains(b),
+            "deploy/Dockerfile's builder does not copy {b:?} out: {copied:?}"
+        );
+        assert!(
+            images.contains(b),
+            "the Makefile's IMAGES does not build {b:?}: {images:?}"
+        );
     }
-    let text = read(&path);
     assert!(
         text.lines().any(|l| l.trim() == "USER 65532:65532"),
         "deploy/Dockerfile: the runtime images must run as user 65532"
@@ -1035,7 +1262,20 @@ fn the_help_parser_reads_flags_variables_defaults_and_required_flags() {
     }
     assert!(cli("millrace", Some("ingest"))
         .required
-        .contains("--store0"));
+        .contains("--config"));
+    let ingestor = cli("ingestor", None);
+    for flag in ["--config", "--ingestor", "--store0", "--store1"] {
+        assert!(ingestor.required.contains(flag), "{:?}", ingestor.required);
+    }
+    assert_eq!(
+        ingestor.defaults.get("--listen").map(String::as_str),
+        Some("127.0.0.1:8080")
+    );
+    let serves = served_paths(&ingestor.help["--metrics-addr"]);
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert!(serves.contains(path), "{serves:?}");
+    }
+    assert!(!serves.contains("/ready"), "{serves:?}");
 }
 
 #[test]
@@ -1165,7 +1405,7 @@ fn a_broken_compose_file_is_caught() {
     );
     expect_problem(
         &problems_after(|d| {
-            d["services"]["nats-setup"]["command"] = Value::Sequence(vec![Value::String(
+            d["services"]["nats-ingest"]["command"] = Value::Sequence(vec![Value::String(
                 "millrace keygen --dir /var/lib/millrace/config".to_string(),
             )]);
         }),
@@ -1177,6 +1417,120 @@ fn a_broken_compose_file_is_caught() {
                 Value::String("aggregator".to_string());
         }),
         "has no stage \"aggregator\"",
+    );
+}
+
+/// The ingestor's part of the compose checks: present in every profile, reachable, published,
+/// and blind to the other parties' keys.
+#[test]
+fn a_broken_compose_ingestor_is_caught() {
+    expect_problem(
+        &problems_after(|d| {
+            if let Some(m) = d["services"].as_mapping_mut() {
+                m.remove("nats-ingestor");
+                m.remove("nats-ingest");
+                m.remove("nats-status");
+            }
+        }),
+        "profile nats: 0 ingestor service(s), expected 1",
+    );
+    // The whole volume: keygen's directory with every party's keys.
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["rabbitmq-ingestor"]["volumes"] = Value::Sequence(vec![Value::String(
+                "rabbitmq-data:/var/lib/millrace".to_string(),
+            )]);
+        }),
+        "rabbitmq-ingestor: sees other parties' private keys",
+    );
+    // Another party's key directory, on its own.
+    expect_problem(
+        &problems_after(|d| {
+            if let Some(vols) = d["services"]["kafka-ingestor"]["volumes"].as_sequence_mut() {
+                vols.push(
+                    serde_norway::from_str(
+                        "{type: volume, source: kafka-data, target: /k, volume: {subpath: config/keys/alpha}}",
+                    )
+                    .unwrap_or(Value::Null),
+                );
+            }
+        }),
+        "kafka-ingestor: sees other parties' private keys",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["pubsub-ingestor"]["environment"]["MILLRACE_STORE1"] =
+                Value::String("file:///srv/fac-1".to_string());
+        }),
+        "pubsub-ingestor: store \"file:///srv/fac-1\" is not inside a mounted volume",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["aws-ingestor"]["command"] = Value::Sequence(Vec::new());
+        }),
+        "aws-ingestor: --listen \"127.0.0.1:8080\" must bind 0.0.0.0",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["aws-ingestor"]["ports"] = Value::Sequence(Vec::new());
+        }),
+        "aws-ingestor: its upload port 8080 is not published on the host",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["rabbitmq-ingest"]["environment"]["MILLRACE_INGESTOR_URL"] =
+                Value::String("http://nats-ingestor:8080".to_string());
+        }),
+        "rabbitmq-ingest: --ingestor-url \"http://nats-ingestor:8080\" does not reach rabbitmq-ingestor",
+    );
+    expect_problem(
+        &problems_after(|d| {
+            d["services"]["kafka-ingestor"]["environment"]["MILLRACE_BUS"] =
+                Value::String("kafka://kafka:9092".to_string());
+        }),
+        "kafka-ingestor: `ingestor` reads no environment variable MILLRACE_BUS",
+    );
+}
+
+#[test]
+fn only_keygen_directories_of_other_parties_count_as_foreign_keys() {
+    let keygen = ("data".to_string(), "config".to_string());
+    let mount = |subpath: &str| Mount {
+        source: "data".to_string(),
+        subpath: subpath.to_string(),
+        target: format!("/m/{subpath}"),
+    };
+    for seen in [
+        "",
+        "config",
+        "config/keys",
+        "config/keys/alpha",
+        "config/keys/beta/verify",
+    ] {
+        assert_eq!(
+            foreign_keys_seen(&[mount(seen)], &keygen, "ingestor-1").len(),
+            1,
+            "subpath {seen:?}"
+        );
+    }
+    for unseen in [
+        "ingestor-1",
+        "fac-0",
+        "config/keys/ingestor-1",
+        "configuration",
+    ] {
+        assert_eq!(
+            foreign_keys_seen(&[mount(unseen)], &keygen, "ingestor-1"),
+            Vec::<String>::new(),
+            "subpath {unseen:?}"
+        );
+    }
+    let mut other_volume = mount("");
+    other_volume.source = "elsewhere".to_string();
+    assert!(foreign_keys_seen(&[other_volume], &keygen, "ingestor-1").is_empty());
+    assert_eq!(
+        volume_path(&[mount(""), mount("fac-0")], "/m/fac-0/x"),
+        Some(("data".to_string(), "fac-0/x".to_string()))
     );
 }
 
@@ -1239,15 +1593,19 @@ struct Expect<'a> {
     /// CronJob name and schedule.
     cronjobs: &'a [(&'a str, &'a str)],
     facilitator: &'a str,
+    /// The ingestor with its Service, PodDisruptionBudget and autoscaler (or none of them).
+    ingestor: bool,
 }
 
-const ONE_FACILITATOR_AND_THE_MILL: Expect<'static> = Expect {
-    deployments: &["aggregate-worker", "intake-worker", "mill"],
+/// The base as the overlays deploy it: facilitator 0, the collector's mill and the ingestor.
+const FACILITATOR_0_THE_MILL_AND_THE_INGESTOR: Expect<'static> = Expect {
+    deployments: &["aggregate-worker", "ingestor", "intake-worker", "mill"],
     cronjobs: &[
         ("workflow-manager", "*/10 * * * *"),
         ("cleaner", "0 * * * *"),
     ],
     facilitator: "0",
+    ingestor: true,
 };
 
 fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -1484,6 +1842,192 @@ fn pod_templates(docs: &[Value]) -> Vec<(String, &Value, &Value, bool)> {
     out
 }
 
+/// The HTTP paths a flag's help text names (`Where to serve /metrics, /healthz and /readyz.`).
+fn served_paths(help: &str) -> BTreeSet<String> {
+    help.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| w.starts_with('/'))
+        .map(|w| {
+            w.trim_end_matches(|c: char| !(c.is_ascii_alphanumeric()))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The Millrace binary a container runs: its image's name (`REGISTRY/millrace/BINARY:TAG`).
+fn image_binary(container: &Value) -> String {
+    str_of(&container["image"])
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .and_then(|i| i.split(':').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What this test allows one write of a batch copy to a store on the ingestor's shutdown (a copy
+/// is at most `--max-batch-bytes`, 4 MiB by default), and the longest wait between two attempts
+/// (the batcher's retry delay is capped at 2 s).
+const STORE_WRITE_SECS: f64 = 10.0;
+const STORE_RETRY_MAX_SECS: f64 = 2.0;
+
+/// How long a binary takes to stop after SIGTERM: the worker loop's `--drain-grace`; for the
+/// ingestor, writing its open batches, `--store-attempts` attempts per copy at most.
+fn shutdown_secs(inv: &Invocation, cli: &Cli) -> Option<f64> {
+    let setting = |flag: &str| {
+        inv.setting(cli, flag)
+            .or_else(|| cli.defaults.get(flag).cloned())
+    };
+    if let Some(drain) = setting("--drain-grace") {
+        return seconds(&drain);
+    }
+    let attempts: f64 = setting("--store-attempts")?.parse().ok()?;
+    Some(attempts * (STORE_WRITE_SECS + STORE_RETRY_MAX_SECS))
+}
+
+/// The seconds a container's preStop hook sleeps before SIGTERM (`exec: sleep N` or `sleep:`).
+fn pre_stop_secs(container: &Value) -> f64 {
+    let hook = &container["lifecycle"]["preStop"];
+    if let Some(n) = hook["sleep"]["seconds"].as_u64() {
+        return n as f64;
+    }
+    let command = strings(&hook["exec"]["command"]);
+    match command.as_slice() {
+        [sleep, n] if sleep.rsplit('/').next() == Some("sleep") => {
+            seconds(n).or_else(|| n.parse().ok()).unwrap_or(0.0)
+        }
+        _ => 0.0,
+    }
+}
+
+/// The secret reference of an ingestor's signing key: its single-key `private_key`, or the file
+/// of its newest signing key that is not retired in its `private_key_dir`.
+fn ingestor_key_reference(i: &millrace_protocol::config::IngestorEntry) -> Option<String> {
+    if let Some(reference) = &i.private_key {
+        return Some(reference.clone());
+    }
+    let dir = i.private_key_dir.as_ref()?;
+    let id = i
+        .signing_keys
+        .iter()
+        .rev()
+        .find(|k| !k.retired)
+        .map(|k| k.id.clone())
+        .unwrap_or_else(|| i.name.clone());
+    Some(format!(
+        "file:{dir}/{}",
+        millrace_protocol::parties::signing_key_file(&id)
+    ))
+}
+
+/// Does a NetworkPolicy rule's port list let `port` (named `name` on the container) in?
+fn rule_admits(rule: &Value, port: u64, name: Option<&str>) -> bool {
+    match &rule["ports"] {
+        Value::Sequence(ports) => ports.iter().any(|p| {
+            p["port"].as_u64() == Some(port)
+                || (name.is_some() && str_of(&p["port"]).as_deref() == name)
+        }),
+        _ => true,
+    }
+}
+
+/// The ingestor's own objects: an autoscaler (CPU) that owns its replica count, at least two
+/// replicas, and a PodDisruptionBudget over its pods; or, where no ingestor runs, none of its
+/// objects at all.
+fn check_ingestor_objects(docs: &[Value], expect: &Expect) -> Vec<String> {
+    let mut problems = Vec::new();
+    let deployment = find(docs, "Deployment", "ingestor");
+    if !expect.ingestor {
+        for k in [
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+            "ServiceAccount",
+        ] {
+            if find(docs, k, "ingestor").is_some() {
+                problems.push(format!(
+                    "{k} ingestor is here, but this rendering runs no ingestor"
+                ));
+            }
+        }
+        if let Some(key) = kind(docs, "Secret")
+            .into_iter()
+            .map(name_of)
+            .find(|n| n.starts_with("millrace-ingestor-key"))
+        {
+            problems.push(format!(
+                "Secret {key} (the ingestor's key) is here, but this rendering runs no ingestor"
+            ));
+        }
+        return problems;
+    }
+    let Some(deployment) = deployment else {
+        return vec!["no Deployment ingestor".to_string()];
+    };
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let hpa = kind(docs, "HorizontalPodAutoscaler").into_iter().find(|h| {
+        let target = &h["spec"]["scaleTargetRef"];
+        str_of(&target["kind"]).as_deref() == Some("Deployment")
+            && str_of(&target["name"]).as_deref() == Some("ingestor")
+    });
+    match hpa {
+        None => problems.push(
+            "no HorizontalPodAutoscaler scales Deployment ingestor (it is stateless: scale it on CPU)"
+                .to_string(),
+        ),
+        Some(h) => {
+            let min = h["spec"]["minReplicas"].as_u64().unwrap_or(1);
+            let max = h["spec"]["maxReplicas"].as_u64().unwrap_or(0);
+            if min < 2 || max < min {
+                problems.push(format!(
+                    "HorizontalPodAutoscaler {}: minReplicas {min} / maxReplicas {max}: the ingestor needs at least 2 replicas",
+                    name_of(h)
+                ));
+            }
+            let on_cpu = h["spec"]["metrics"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|m| {
+                    str_of(&m["type"]).as_deref() == Some("Resource")
+                        && str_of(&m["resource"]["name"]).as_deref() == Some("cpu")
+                });
+            if !on_cpu {
+                problems.push(format!(
+                    "HorizontalPodAutoscaler {} does not scale on CPU",
+                    name_of(h)
+                ));
+            }
+            if !deployment["spec"]["replicas"].is_null() {
+                problems.push(format!(
+                    "Deployment ingestor sets replicas ({:?}): leave the count to its HorizontalPodAutoscaler, or every `kubectl apply` resets it",
+                    deployment["spec"]["replicas"]
+                ));
+            }
+        }
+    }
+    let pdb = kind(docs, "PodDisruptionBudget").into_iter().find(|b| {
+        labels_match(&b["spec"]["selector"], labels)
+            && b["spec"]["selector"]["matchLabels"].is_mapping()
+    });
+    match pdb {
+        None => problems.push("no PodDisruptionBudget covers the ingestor's pods".to_string()),
+        Some(b) => {
+            let keeps_one = b["spec"]["minAvailable"].as_u64().is_some_and(|n| n >= 1)
+                || !b["spec"]["maxUnavailable"].is_null()
+                || str_of(&b["spec"]["minAvailable"])
+                    .is_some_and(|v| v.ends_with('%') && v != "0%");
+            if !keeps_one {
+                problems.push(format!(
+                    "PodDisruptionBudget {} lets every ingestor be evicted at once",
+                    name_of(b)
+                ));
+            }
+        }
+    }
+    problems
+}
+
 fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String> {
     let mut problems = Vec::new();
 
@@ -1578,6 +2122,7 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
         return with_overlay(cloud, problems);
     };
 
+    let mut invocations: Vec<Invocation> = Vec::new();
     for (owner, labels, pod, long_running) in pod_templates(docs) {
         // Its identity.
         let sa = str_of(&pod["serviceAccountName"]).unwrap_or_default();
@@ -1606,7 +2151,9 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
         let reaches_broker = ports
             .iter()
             .any(|p| p.is_none_or(|p| BROKER_PORTS.contains(&p)));
-        if owner.ends_with(" cleaner") || owner.ends_with(" cleaner-collector") {
+        let pod_binary = image_binary(&pod["containers"][0]);
+        if !uses_bus_binary(&pod_binary) {
+            // The cleaner and the ingestor use no bus.
             if uses_bus
                 || reaches_broker
                 || ports.iter().any(|p| {
@@ -1614,7 +2161,7 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
                 })
             {
                 problems.push(format!(
-                    "{owner}: the cleaner may reach only DNS, object storage and its identity endpoint, but its policies open {ports:?}"
+                    "{owner}: {pod_binary} uses no bus: it may reach only DNS, object storage and its identity endpoint, but its policies open {ports:?}"
                 ));
             }
         } else if !uses_bus || !BROKER_PORTS.iter().all(|b| ports.contains(&Some(*b))) {
@@ -1625,12 +2172,7 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
 
         for container in pod["containers"].as_sequence().into_iter().flatten() {
             let image = str_of(&container["image"]).unwrap_or_default();
-            let binary = image
-                .rsplit('/')
-                .next()
-                .and_then(|i| i.split(':').next())
-                .unwrap_or_default()
-                .to_string();
+            let binary = image_binary(container);
             let who = format!(
                 "{owner} container {}",
                 str_of(&container["name"]).unwrap_or_default()
@@ -1716,6 +2258,7 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             for p in check_invocation(&inv, &cli) {
                 problems.push(p);
             }
+            invocations.push(inv.clone());
             // URLs for this cloud.
             if let Some(bus) = inv.setting(&cli, "--bus") {
                 if !bus.starts_with(cloud.bus_scheme) {
@@ -1725,7 +2268,13 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
                     ));
                 }
             }
-            for flag in ["--store", "--peer-store", "--collector-store"] {
+            for flag in [
+                "--store",
+                "--peer-store",
+                "--collector-store",
+                "--store0",
+                "--store1",
+            ] {
                 if let Some(store) = inv
                     .setting(&cli, flag)
                     .filter(|_| cli.flags.contains_key(flag))
@@ -1784,24 +2333,58 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             let me = config.file.facilitator.iter().find(|f| f.index == index);
             let signing = me.and_then(|f| f.signing_key.clone());
             let hpke = me.and_then(|f| f.hpke_private_key.clone());
-            let verify: Vec<String> = config
+            let verify: Vec<Option<String>> = config
                 .file
                 .aggregation
                 .iter()
-                .map(|a| a.verify_key.clone())
+                .map(|a| Some(a.verify_key.clone()))
                 .collect();
+            // Each ingestor's key: only that ingestor may see it.
+            let me_ingestor = inv
+                .setting(&cli, "--ingestor")
+                .filter(|_| binary == "ingestor");
+            let mut own_ingestor_key = Vec::new();
+            let mut other_ingestor_keys = Vec::new();
+            for i in &config.file.ingestor {
+                if me_ingestor.as_deref() == Some(i.name.as_str()) {
+                    own_ingestor_key.push(ingestor_key_reference(i));
+                } else {
+                    other_ingestor_keys.push(ingestor_key_reference(i));
+                }
+            }
+            if let Some(name) = me_ingestor
+                .as_deref()
+                .filter(|_| own_ingestor_key.is_empty())
+            {
+                problems.push(format!("{who}: ingestor {name:?} is not in millrace.toml"));
+            }
             let (needs, must_not): (Vec<Option<String>>, Vec<Option<String>>) =
                 match binary.as_str() {
                     "intake-worker" => (
-                        [signing, hpke]
-                            .into_iter()
-                            .chain(verify.into_iter().map(Some))
-                            .collect(),
-                        Vec::new(),
+                        [signing, hpke].into_iter().chain(verify).collect(),
+                        other_ingestor_keys,
                     ),
                     // The workflow-manager of the leader signs window manifests.
-                    "aggregate-worker" | "workflow-manager" => (vec![signing], vec![hpke]),
-                    _ => (Vec::new(), vec![signing, hpke]),
+                    "aggregate-worker" | "workflow-manager" => (
+                        vec![signing],
+                        [hpke].into_iter().chain(other_ingestor_keys).collect(),
+                    ),
+                    // The ingestor signs its batches; it decrypts and verifies nothing.
+                    "ingestor" => (
+                        own_ingestor_key,
+                        [signing, hpke]
+                            .into_iter()
+                            .chain(verify)
+                            .chain(other_ingestor_keys)
+                            .collect(),
+                    ),
+                    _ => (
+                        Vec::new(),
+                        [signing, hpke]
+                            .into_iter()
+                            .chain(other_ingestor_keys)
+                            .collect(),
+                    ),
                 };
             let file_of = |reference: &str| -> Option<String> {
                 reference
@@ -1861,7 +2444,7 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             }
             if !matches!(
                 binary.as_str(),
-                "intake-worker" | "aggregate-worker" | "workflow-manager"
+                "intake-worker" | "aggregate-worker" | "workflow-manager" | "ingestor"
             ) && files
                 .values()
                 .any(|from| from.starts_with("Secret") && !bus_credentials(from))
@@ -1885,32 +2468,104 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
                             .flatten()
                     })
                 };
+                // What the binary says it serves there (`--help` of --metrics-addr).
+                let serves = served_paths(
+                    cli.help
+                        .get("--metrics-addr")
+                        .map(String::as_str)
+                        .unwrap_or(""),
+                );
                 for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
                 {
                     let get = &container[probe]["httpGet"];
                     let probe_port = get["port"]
                         .as_u64()
                         .or_else(|| str_of(&get["port"]).and_then(|n| named_port(&n)));
-                    if str_of(&get["path"]).as_deref() != Some(path)
-                        || probe_port != port
-                        || port.is_none()
-                    {
+                    let probe_path = str_of(&get["path"]).unwrap_or_default();
+                    if probe_path != path || probe_port != port || port.is_none() {
                         problems.push(format!(
                             "{who}: {probe} must GET {path} on the metrics port {port:?}"
                         ));
                     }
+                    if !serves.contains(&probe_path) {
+                        problems.push(format!(
+                            "{who}: {probe} GETs {probe_path:?}, which `{binary} --help` does not list among what --metrics-addr serves ({serves:?})"
+                        ));
+                    }
                 }
-                // SIGTERM drains for --drain-grace: the pod must be given longer.
-                let drain = inv
-                    .setting(&cli, "--drain-grace")
-                    .or_else(|| cli.defaults.get("--drain-grace").cloned())
-                    .and_then(|d| seconds(&d));
+                // SIGTERM: the worker drains for --drain-grace, the ingestor writes its open
+                // batches; after the preStop sleep. The pod must be given longer.
+                let drain = shutdown_secs(&inv, &cli);
+                let pre_stop = pre_stop_secs(container);
                 let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) as f64;
                 match drain {
-                    Some(d) if grace > d => {}
+                    Some(d) if grace > d + pre_stop => {}
                     other => problems.push(format!(
-                        "{who}: terminationGracePeriodSeconds {grace} is not longer than the drain grace {other:?}"
+                        "{who}: terminationGracePeriodSeconds {grace} is not longer than the drain grace {other:?} plus the preStop sleep ({pre_stop} s)"
                     )),
+                }
+                // A service that takes connections (--listen): on all interfaces, on a named
+                // container port, behind a Service, and let in by a NetworkPolicy.
+                if cli.flags.contains_key("--listen") {
+                    let listen = inv
+                        .setting(&cli, "--listen")
+                        .or_else(|| cli.defaults.get("--listen").cloned())
+                        .unwrap_or_default();
+                    let listen_port: Option<u64> =
+                        listen.rsplit(':').next().and_then(|p| p.parse().ok());
+                    if !listen.starts_with("0.0.0.0:") {
+                        problems.push(format!(
+                            "{who}: --listen {listen:?} must bind 0.0.0.0 in a pod"
+                        ));
+                    }
+                    let port_name = container["ports"].as_sequence().and_then(|ps| {
+                        ps.iter().find_map(|p| {
+                            (p["containerPort"].as_u64() == listen_port)
+                                .then(|| str_of(&p["name"]))
+                                .flatten()
+                        })
+                    });
+                    if port_name.is_none() {
+                        problems.push(format!(
+                            "{who}: its --listen port {listen_port:?} is not a named container port"
+                        ));
+                    }
+                    let serviced = kind(docs, "Service").into_iter().any(|svc| {
+                        let selector = &svc["spec"]["selector"];
+                        selector.as_mapping().is_some_and(|m| {
+                            !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v))
+                        }) && svc["spec"]["ports"]
+                            .as_sequence()
+                            .into_iter()
+                            .flatten()
+                            .any(|p| {
+                                let t = &p["targetPort"];
+                                t.as_u64() == listen_port
+                                    || (port_name.is_some() && str_of(t) == port_name)
+                            })
+                    });
+                    if !serviced {
+                        problems.push(format!(
+                            "{who}: no Service sends traffic to its --listen port {listen_port:?}"
+                        ));
+                    }
+                    let admitted = listen_port.is_some_and(|lp| {
+                        selected.iter().any(|p| {
+                            strings(&p["spec"]["policyTypes"])
+                                .iter()
+                                .any(|t| t == "Ingress")
+                                && p["spec"]["ingress"]
+                                    .as_sequence()
+                                    .into_iter()
+                                    .flatten()
+                                    .any(|rule| rule_admits(rule, lp, port_name.as_deref()))
+                        })
+                    });
+                    if !admitted {
+                        problems.push(format!(
+                            "{who}: no NetworkPolicy lets clients in to its --listen port {listen_port:?}"
+                        ));
+                    }
                 }
             } else if inv
                 .setting(&cli, "--once")
@@ -1922,7 +2577,35 @@ fn check_rendering(docs: &[Value], cloud: &Cloud, expect: &Expect) -> Vec<String
             }
         }
     }
+    problems.extend(check_ingestor_objects(docs, expect));
+    problems.extend(check_ingestor_stores(&invocations, expect));
     with_overlay(cloud, problems)
+}
+
+/// The ingestor writes to facilitator 0's store as --store0 and facilitator 1's as --store1: in
+/// facilitator F's rendering those are its services' --store (F) and --peer-store (the other).
+fn check_ingestor_stores(invocations: &[Invocation], expect: &Expect) -> Vec<String> {
+    let mut problems = Vec::new();
+    let f: usize = expect.facilitator.parse().unwrap_or(0);
+    let setting = |inv: &Invocation, flag: &str| inv.setting(&cli_for(inv), flag);
+    for ingestor in invocations.iter().filter(|i| i.binary == "ingestor") {
+        let by_index = [setting(ingestor, "--store0"), setting(ingestor, "--store1")];
+        for facilitator in invocations
+            .iter()
+            .filter(|i| PEER_STORE_USERS.contains(&i.binary.as_str()))
+        {
+            for (index, flag) in [(f, "--store"), (1 - f.min(1), "--peer-store")] {
+                let theirs = setting(facilitator, flag);
+                if theirs.is_some() && by_index[index] != theirs {
+                    problems.push(format!(
+                        "{}: --store{index} {:?} is not facilitator {index}'s store {:?} ({}'s {flag})",
+                        ingestor.who, by_index[index], theirs, facilitator.who
+                    ));
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// Does `binary` use the bus (and so may see its credentials)?
@@ -1946,13 +2629,21 @@ fn overlay(name: &str) -> Vec<Value> {
 
 #[test]
 fn the_aws_overlay_renders_a_complete_facilitator_on_sns_sqs_and_s3() {
-    let problems = check_rendering(&overlay("aws"), &AWS, &ONE_FACILITATOR_AND_THE_MILL);
+    let problems = check_rendering(
+        &overlay("aws"),
+        &AWS,
+        &FACILITATOR_0_THE_MILL_AND_THE_INGESTOR,
+    );
     assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
 }
 
 #[test]
 fn the_gcp_overlay_renders_a_complete_facilitator_on_pubsub_and_gcs() {
-    let problems = check_rendering(&overlay("gcp"), &GCP, &ONE_FACILITATOR_AND_THE_MILL);
+    let problems = check_rendering(
+        &overlay("gcp"),
+        &GCP,
+        &FACILITATOR_0_THE_MILL_AND_THE_INGESTOR,
+    );
     assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
 }
 
@@ -1969,7 +2660,7 @@ const AMAZON_MQ: Cloud = Cloud {
 #[test]
 fn the_amazon_mq_overlay_takes_the_bus_password_from_a_secret() {
     let docs = overlay("aws-amazon-mq");
-    let problems = check_rendering(&docs, &AMAZON_MQ, &ONE_FACILITATOR_AND_THE_MILL);
+    let problems = check_rendering(&docs, &AMAZON_MQ, &FACILITATOR_0_THE_MILL_AND_THE_INGESTOR);
     assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
     let secret = find(&docs, "Secret", BUS_CREDENTIALS)
         .unwrap_or_else(|| panic!("no Secret {BUS_CREDENTIALS}"));
@@ -1979,7 +2670,7 @@ fn the_amazon_mq_overlay_takes_the_bus_password_from_a_secret() {
 fn amazon_mq_problems_after(edit: impl FnOnce(&mut Vec<Value>)) -> Vec<String> {
     let mut docs = overlay("aws-amazon-mq");
     edit(&mut docs);
-    check_rendering(&docs, &AMAZON_MQ, &ONE_FACILITATOR_AND_THE_MILL)
+    check_rendering(&docs, &AMAZON_MQ, &FACILITATOR_0_THE_MILL_AND_THE_INGESTOR)
 }
 
 #[test]
@@ -2093,10 +2784,16 @@ fn the_facilitator_1_component_drops_the_collector_and_sets_the_index() {
             ("cleaner", "0 * * * *"),
         ],
         facilitator: "1",
+        ingestor: false,
     };
     let problems = check_rendering(&docs, &AWS, &expect);
     assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
-    for (k, name) in [("CronJob", "cleaner-collector"), ("ServiceAccount", "mill")] {
+    for (k, name) in [
+        ("CronJob", "cleaner-collector"),
+        ("ServiceAccount", "mill"),
+        ("ServiceAccount", "ingestor"),
+        ("NetworkPolicy", "allow-ingestor"),
+    ] {
         assert!(
             find(&docs, k, name).is_none(),
             "facilitator 1 still has {k} {name}"
@@ -2107,7 +2804,7 @@ fn the_facilitator_1_component_drops_the_collector_and_sets_the_index() {
 fn rendering_problems_after(edit: impl FnOnce(&mut Vec<Value>)) -> Vec<String> {
     let mut docs = overlay("aws");
     edit(&mut docs);
-    check_rendering(&docs, &AWS, &ONE_FACILITATOR_AND_THE_MILL)
+    check_rendering(&docs, &AWS, &FACILITATOR_0_THE_MILL_AND_THE_INGESTOR)
 }
 
 fn doc_mut<'a>(docs: &'a mut [Value], k: &str, name: &str) -> &'a mut Value {
@@ -2221,7 +2918,7 @@ fn a_broken_rendering_is_caught() {
             doc_mut(d, "CronJob", "cleaner")["spec"]["jobTemplate"]["spec"]["template"]
                 ["metadata"]["labels"]["millrace.io/bus"] = Value::String("true".to_string());
         }),
-        "the cleaner may reach only DNS, object storage and its identity endpoint",
+        "cleaner uses no bus: it may reach only DNS, object storage and its identity endpoint",
     );
     expect_problem(
         &rendering_problems_after(|d| {
@@ -2234,6 +2931,173 @@ fn a_broken_rendering_is_caught() {
             doc_mut(d, "ServiceAccount", "mill")["metadata"]["annotations"] = Value::Null;
         }),
         "ServiceAccount mill has no eks.amazonaws.com/role-arn annotation",
+    );
+}
+
+fn ingestor_container(docs: &mut [Value]) -> &mut Value {
+    &mut doc_mut(docs, "Deployment", "ingestor")["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn set_env(container: &mut Value, name: &str, value: &str) {
+    if let Some(env) = container["env"].as_sequence_mut() {
+        env.retain(|e| str_of(&e["name"]).as_deref() != Some(name));
+        env.push(
+            serde_norway::from_str(&format!("{{name: {name}, value: '{value}'}}"))
+                .unwrap_or(Value::Null),
+        );
+    }
+}
+
+#[test]
+fn a_broken_ingestor_rendering_is_caught() {
+    for (k, name, needle) in [
+        (
+            "HorizontalPodAutoscaler",
+            "ingestor",
+            "no HorizontalPodAutoscaler scales Deployment ingestor",
+        ),
+        (
+            "PodDisruptionBudget",
+            "ingestor",
+            "no PodDisruptionBudget covers the ingestor's pods",
+        ),
+        (
+            "Service",
+            "ingestor",
+            "no Service sends traffic to its --listen port Some(8080)",
+        ),
+        (
+            "NetworkPolicy",
+            "allow-ingestor",
+            "no NetworkPolicy lets clients in to its --listen port Some(8080)",
+        ),
+    ] {
+        expect_problem(
+            &rendering_problems_after(|d| {
+                d.retain(|doc| {
+                    !(str_of(&doc["kind"]).as_deref() == Some(k) && name_of(doc) == name)
+                })
+            }),
+            needle,
+        );
+    }
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "HorizontalPodAutoscaler", "ingestor")["spec"]["minReplicas"] =
+                Value::Number(serde_norway::Number::from(1u64));
+        }),
+        "the ingestor needs at least 2 replicas",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "Deployment", "ingestor")["spec"]["replicas"] =
+                Value::Number(serde_norway::Number::from(2u64));
+        }),
+        "leave the count to its HorizontalPodAutoscaler",
+    );
+    // Probes: on the metrics port, at paths the binary serves there.
+    expect_problem(
+        &rendering_problems_after(|d| {
+            ingestor_container(d)["livenessProbe"]["httpGet"]["port"] =
+                Value::String("http".to_string());
+        }),
+        "livenessProbe must GET /healthz on the metrics port",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            ingestor_container(d)["readinessProbe"]["httpGet"]["path"] =
+                Value::String("/ready".to_string());
+        }),
+        "readinessProbe GETs \"/ready\", which `ingestor --help` does not list",
+    );
+    // Shutdown: the preStop sleep plus writing the open batches.
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "Deployment", "ingestor")["spec"]["template"]["spec"]
+                ["terminationGracePeriodSeconds"] = Value::Number(serde_norway::Number::from(30u64));
+        }),
+        "terminationGracePeriodSeconds 30 is not longer than the drain grace Some(36.0) plus the preStop sleep (5 s)",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            set_env(ingestor_container(d), "MILLRACE_LISTEN", "127.0.0.1:8080")
+        }),
+        "--listen \"127.0.0.1:8080\" must bind 0.0.0.0 in a pod",
+    );
+    // Stores: by index, of this cloud.
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let peer = str_of(&settings_mut(d)["data"]["peer-store"]).unwrap_or_default();
+            settings_mut(d)["data"]["store0"] = Value::String(peer);
+        }),
+        "--store0 Some(\"s3://example-millrace-fac-1?region=us-east-1\") is not facilitator 0's store",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            settings_mut(d)["data"]["store1"] = Value::String("gs://elsewhere".to_string());
+        }),
+        "--store1 \"gs://elsewhere\" is not a s3:// URL",
+    );
+    // Keys: the ingestor's own and no facilitator's; no facilitator service sees the ingestor's.
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let signing = kind(d, "Secret")
+                .into_iter()
+                .map(name_of)
+                .find(|n| n.starts_with("millrace-signing-key"))
+                .unwrap_or_default();
+            let pod = &mut doc_mut(d, "Deployment", "ingestor")["spec"]["template"]["spec"];
+            pod["volumes"][1]["secret"]["secretName"] = Value::String(signing);
+        }),
+        "may not see file:keys/alpha.ed25519",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            let key = kind(d, "Secret")
+                .into_iter()
+                .map(name_of)
+                .find(|n| n.starts_with("millrace-ingestor-key"))
+                .unwrap_or_default();
+            let pod = &mut doc_mut(d, "Deployment", "aggregate-worker")["spec"]["template"]["spec"];
+            pod["volumes"][1] = serde_norway::from_str(&format!(
+                "{{name: keys, projected: {{sources: [{{secret: {{name: millrace-signing-key}}}}, {{secret: {{name: {key}}}}}]}}}}"
+            ))
+            .unwrap_or(Value::Null);
+        }),
+        "may not see file:keys/ingestor-1.ed25519",
+    );
+    expect_problem(
+        &rendering_problems_after(|d| {
+            set_env(ingestor_container(d), "MILLRACE_INGESTOR", "ingestor-9")
+        }),
+        "ingestor \"ingestor-9\" is not in millrace.toml",
+    );
+    // Network: no bus for the ingestor.
+    expect_problem(
+        &rendering_problems_after(|d| {
+            doc_mut(d, "Deployment", "ingestor")["spec"]["template"]["metadata"]["labels"]
+                ["millrace.io/bus"] = Value::String("true".to_string());
+        }),
+        "ingestor uses no bus: it may reach only DNS, object storage and its identity endpoint",
+    );
+    // Where no ingestor runs, none of its objects may stay behind.
+    let mut docs = overlay("aws");
+    docs.retain(|doc| {
+        name_of(doc) != "ingestor" || str_of(&doc["kind"]).as_deref() == Some("Service")
+    });
+    let expect = Expect {
+        deployments: &["aggregate-worker", "intake-worker", "mill"],
+        ingestor: false,
+        ..FACILITATOR_0_THE_MILL_AND_THE_INGESTOR
+    };
+    let problems = check_rendering(&docs, &AWS, &expect);
+    expect_problem(
+        &problems,
+        "Service ingestor is here, but this rendering runs no ingestor",
+    );
+    expect_problem(
+        &problems,
+        "(the ingestor's key) is here, but this rendering runs no ingestor",
     );
 }
 
@@ -2392,6 +3256,59 @@ fn a_missing_tool_is_reported_with_what_to_install() {
         e.contains("install millrace-no-such-tool") && e.contains("it is needed"),
         "{e}"
     );
+}
+
+/// The Kubernetes ServiceAccounts a Terraform module gives a cloud identity (`service_account =
+/// "NAME"` in its roles), beside the ones the base has: each must have one.
+fn terraform_identity_problems(
+    module: &str,
+    text: &str,
+    service_accounts: &BTreeSet<String>,
+) -> Vec<String> {
+    let granted: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once('=')?;
+            (key.trim() == "service_account")
+                .then(|| value.trim().trim_matches('"').to_string())
+                .filter(|v| !v.contains('$'))
+        })
+        .collect();
+    service_accounts
+        .difference(&granted)
+        .map(|sa| {
+            format!("{module}: ServiceAccount {sa:?} of the base has no cloud identity (no role with service_account = \"{sa}\")")
+        })
+        .collect()
+}
+
+#[test]
+fn every_service_account_of_the_base_has_a_cloud_identity_in_each_terraform_module() {
+    let base = kustomize(&root().join("deploy/k8s/base"));
+    let service_accounts: BTreeSet<String> = kind(&base, "ServiceAccount")
+        .into_iter()
+        .map(name_of)
+        .collect();
+    assert!(
+        service_accounts.contains("ingestor"),
+        "{service_accounts:?}"
+    );
+    for module in ["aws", "gcp"] {
+        let path = format!("deploy/terraform/modules/{module}/iam.tf");
+        let text = read(&root().join(&path));
+        let problems = terraform_identity_problems(&path, &text, &service_accounts);
+        assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+        // And the check can fail: the module without its ingestor.
+        let without: String = text
+            .lines()
+            .filter(|l| !l.contains("service_account = \"ingestor\""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        expect_problem(
+            &terraform_identity_problems(&path, &without, &service_accounts),
+            "ServiceAccount \"ingestor\" of the base has no cloud identity",
+        );
+    }
 }
 
 /// The AWS module names SNS topics and SQS queues by a rule of its own; it must be the bus's.

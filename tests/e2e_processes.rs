@@ -1,7 +1,8 @@
 //! End to end as separate processes: every service of both facilitators and the mill runs as
-//! its own OS process (its own binary), sharing only a real broker and local-file stores;
-//! `millrace ingest` feeds them and `millrace status --expect` checks every result against the
-//! plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka, sns-sqs, pubsub); `make test`
+//! its own OS process (its own binary), sharing only a real broker and local-file stores; the
+//! ingestor runs as its own process too, `millrace ingest` sends it reports made now (the config
+//! has minute-long windows) while the fleet runs, and `millrace status --expect` checks every
+//! result against the plaintext. Run one with `make e2e BUS=amqp` (or nats, kafka, sns-sqs, pubsub); `make test`
 //! runs all five.
 //!
 //! While the real tasks flow, the test also publishes a hostile corpus (tests/support/hostile.rs)
@@ -37,6 +38,24 @@ fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `line` without its terminal colour codes (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn run(cmd: &mut Command, what: &str) -> String {
@@ -88,6 +107,38 @@ impl Fleet {
             out.push_str(&format!("\n--- {name} ---\n{tail}\n"));
         }
         out
+    }
+
+    /// The address `name` logged after `key` (`listen=127.0.0.1:40123`) in its "started" line,
+    /// once it has.
+    fn logged_address(&self, name: &str, key: &str) -> String {
+        let path = self.logs.join(format!("{name}.log"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let found = text
+                .lines()
+                .map(strip_ansi)
+                .filter(|l| l.contains("started"))
+                .find_map(|l| {
+                    let rest = l.split(key).nth(1)?;
+                    Some(
+                        rest.split_whitespace()
+                            .next()?
+                            .trim_matches('"')
+                            .to_string(),
+                    )
+                });
+            if let Some(address) = found {
+                return address;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} logged no {key} within a minute:\n{}",
+                self.log_tails()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until `name`'s log has a line containing every one of `needles`.
@@ -324,35 +375,16 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let config = d.join("millrace.toml");
+    // Minute-long windows: the reports are made now, through the ingestor, and their windows
+    // close (past a 10 s grace) about a minute later.
     run(
         Command::new(bin("millrace"))
-            .args(["keygen", "--dir"])
+            .args(["keygen", "--short-windows", "--dir"])
             .arg(d),
         "millrace keygen",
     );
     let [s0, s1, sc] = stores.urls(d, label);
     let expect = d.join("expect.json");
-    run(
-        Command::new(bin("millrace"))
-            .envs(env.iter().cloned())
-            .args(["ingest", "--config"])
-            .arg(&config)
-            .args([
-                "--store0",
-                &s0,
-                "--store1",
-                &s1,
-                "--reports",
-                "2000",
-                "--invalid-fraction",
-                "0.05",
-                "--batch-size",
-                "200",
-                "--expect-out",
-            ])
-            .arg(&expect),
-        "millrace ingest",
-    );
     let logs = d.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let prefix = format!(
@@ -434,6 +466,57 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
             started.elapsed()
         })
     };
+    // The ingestor, the fleet's front door, and the simulated clients sending it reports made
+    // now, while the fleet runs (as a real deployment is fed).
+    fleet.spawn(
+        "ingestor",
+        "ingestor",
+        &[
+            "--config",
+            &cfg,
+            "--ingestor",
+            millrace::keygen::INGESTOR,
+            "--store0",
+            &s0,
+            "--store1",
+            &s1,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+    );
+    let ingestor_url = format!("http://{}", fleet.logged_address("ingestor", "listen="));
+    let clients = {
+        let (env, config, expect, ingestor_url) = (
+            env.clone(),
+            config.clone(),
+            expect.clone(),
+            ingestor_url.clone(),
+        );
+        std::thread::spawn(move || {
+            run(
+                Command::new(bin("millrace"))
+                    .envs(env.iter().cloned())
+                    .args(["ingest", "--config"])
+                    .arg(&config)
+                    .args([
+                        "--ingestor-url",
+                        &ingestor_url,
+                        "--reports",
+                        "2000",
+                        "--invalid-fraction",
+                        "0.05",
+                        "--batch-size",
+                        "100",
+                        "--expect-out",
+                    ])
+                    .arg(&expect),
+                "millrace ingest",
+            )
+        })
+    };
     for (f, own, peer) in [("0", &s0, &s1), ("1", &s1, &s0)] {
         fleet.spawn(
             &format!("workflow-manager-{f}"),
@@ -450,6 +533,10 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
             ]),
         );
     }
+    let uploaded = clients
+        .join()
+        .unwrap_or_else(|_| panic!("{label}: millrace ingest failed (above)"));
+    println!("{label}: {}", uploaded.trim());
     let status = Command::new(bin("millrace"))
         .envs(env.iter().cloned())
         .args(["status", "--config"])

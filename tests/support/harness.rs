@@ -61,7 +61,29 @@ pub async fn harness(reports: usize, invalid_fraction: f64, batch_size: usize) -
     }
 }
 
+/// A harness whose facilitator stores hold no reports yet: the keys and config `keygen` writes
+/// (in a fresh directory), `stores` as the facilitators' stores, a memory collector store and the
+/// memory bus. For tests whose reports come in through an ingestor: pass the stores it writes to
+/// (memory stores it shares, or `file://` stores opened on the same URLs as an ingestor process).
+pub fn harness_on(stores: [Store; 2]) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let path = millrace::keygen::keygen(dir.path(), false).unwrap();
+    let config = Arc::new(Config::load(&path).unwrap());
+    Harness {
+        _dir: dir,
+        config,
+        stores,
+        collector: Store::memory(),
+        bus: Arc::new(MemoryBus::new()),
+        expectations: Expectations::default(),
+    }
+}
+
 impl Harness {
+    /// The config file `keygen` wrote, for a service started as its own process.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("millrace.toml")
+    }
     pub fn wm(&self, f: u8, instance: &str) -> WorkflowManager {
         self.wm_with(f, instance, Duration::from_secs(600), false)
     }

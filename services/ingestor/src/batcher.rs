@@ -13,9 +13,14 @@
 //! Duplicates: each window keeps the ids of the reports admitted to it (until the window closes
 //! past its grace). A report id seen before is acknowledged once its first copy is stored and is
 //! stored once; a first copy whose batch failed is forgotten, so the client's retry is stored.
+//! A window remembers at most `max_remembered_ids` stored ids: past that it forgets the stored
+//! ones (never those still pending), so its memory does not grow with the window's traffic. A
+//! repeat that arrives after that is stored again, and the facilitators drop it as `replayed`:
+//! it still counts once.
 //!
 //! Memory is bounded: admitted reports not yet answered count against `max_pending_reports` and
-//! `max_pending_bytes`; past either, uploads are refused with 429 until batches drain.
+//! `max_pending_bytes`; past either, uploads are refused with 429 until batches drain, and
+//! [`Batcher::shed`] refuses a body before it is decoded when the budget is already spent.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -63,6 +68,8 @@ struct WindowIds {
     /// its ids are dropped.
     closes: i64,
     ids: HashMap<ReportId, Seen>,
+    /// How many of `ids` are [`Seen::Stored`].
+    stored: usize,
 }
 
 #[derive(Default)]
@@ -129,6 +136,41 @@ impl Batcher {
         self.lock().pending_reports
     }
 
+    /// Refuses a body of `body_bytes` before it is decoded when nothing could admit it now: 503
+    /// while closing, 429 while the pending budget is already spent. Under overload, refusing
+    /// costs no decoding or checking; [`Batcher::admit`] still checks the exact budget.
+    pub(crate) fn shed(&self, body_bytes: usize) -> Result<(), Problem> {
+        let retry = self.settings.retry_after.as_secs().max(1);
+        let state = self.lock();
+        if state.closing {
+            return Err(Problem::new(
+                ProblemKind::Unavailable,
+                "this ingestor is shutting down; send the report again (to another replica)",
+            )
+            .retry_after(retry));
+        }
+        let s = &self.settings;
+        if state.pending_reports > 0
+            && (state.pending_reports >= s.max_pending_reports
+                || state.pending_bytes.saturating_add(body_bytes) > s.max_pending_bytes)
+        {
+            metrics::counter!("millrace_ingestor_overloaded_total").increment(1);
+            return Err(Problem::new(
+                ProblemKind::Overloaded,
+                format!(
+                    "{} reports ({} bytes) are waiting to be stored, at the limit of {} reports \
+                     or {} bytes",
+                    state.pending_reports,
+                    state.pending_bytes,
+                    s.max_pending_reports,
+                    s.max_pending_bytes
+                ),
+            )
+            .retry_after(retry));
+        }
+        Ok(())
+    }
+
     /// Admits every report of one request, or none: refused while closing (503) or when the
     /// pending budget would be exceeded (429).
     pub(crate) fn admit(
@@ -191,6 +233,7 @@ impl Batcher {
                 let ids = st.seen.entry(key.clone()).or_insert_with(|| WindowIds {
                     closes: a.closes,
                     ids: HashMap::new(),
+                    stored: 0,
                 });
                 match ids.ids.get(&id) {
                     Some(Seen::Stored) => {
@@ -280,7 +323,11 @@ impl Batcher {
         // report from a fast clock may be in a window that has not started).
         let time = now.clamp(batch.window.start, batch.window.end - 1);
         let batch_id = hex::encode(random_bytes::<16>());
-        let object = ingestion_key(aggregation, Partition::of(time), &batch_id);
+        let object = ingestion_key(
+            aggregation,
+            Partition::with_length(time, batch.window.end - batch.window.start),
+            &batch_id,
+        );
         let n = batch.reports.len();
         let outcome = match self.encode(aggregation, &batch, &batch_id, time).await {
             Ok([first, second]) => {
@@ -318,10 +365,20 @@ impl Batcher {
             if let Some(w) = state.seen.get_mut(&key) {
                 for r in &batch.reports {
                     if outcome == Outcome::Stored {
-                        w.ids.insert(r.report_id, Seen::Stored);
+                        if !matches!(w.ids.insert(r.report_id, Seen::Stored), Some(Seen::Stored)) {
+                            w.stored += 1;
+                        }
                     } else {
                         w.ids.remove(&r.report_id);
                     }
+                }
+                if w.stored > self.settings.max_remembered_ids {
+                    w.ids.retain(|_, seen| matches!(seen, Seen::Pending(_)));
+                    w.ids.shrink_to_fit();
+                    metrics::counter!("millrace_ingestor_remembered_ids_forgotten_total", "aggregation" => aggregation.clone())
+                        .increment(w.stored as u64);
+                    tracing::info!(aggregation = %aggregation, window = %batch.window.name(), forgotten = w.stored, "forgot the stored report ids of a busy window (a repeat is now stored again and dropped by the facilitators as replayed)");
+                    w.stored = 0;
                 }
             }
             state.pending_reports = state.pending_reports.saturating_sub(n);

@@ -79,6 +79,11 @@ pub struct Settings {
     /// Attempts at writing one batch copy to a store before its reports get 503.
     #[arg(long, env = "MILLRACE_STORE_ATTEMPTS", default_value_t = 3)]
     pub store_attempts: u32,
+    /// Stored report ids one window remembers to acknowledge a repeat without storing it again;
+    /// past it the window forgets them (a later repeat is stored again and dropped by the
+    /// facilitators as `replayed`). About 50 bytes each.
+    #[arg(long, env = "MILLRACE_MAX_REMEMBERED_IDS", default_value_t = 1_000_000)]
+    pub max_remembered_ids: usize,
     /// How long clients may cache the HPKE config answer (`Cache-Control: max-age`). Keep it
     /// well below the facilitators' key rotation overlap.
     #[arg(long, env = "MILLRACE_HPKE_CONFIG_MAX_AGE", default_value = "5m", value_parser = duration)]
@@ -96,6 +101,7 @@ impl Default for Settings {
             max_pending_bytes: 256 << 20,
             retry_after: Duration::from_secs(1),
             store_attempts: 3,
+            max_remembered_ids: 1_000_000,
             hpke_config_max_age: Duration::from_secs(300),
         }
     }
@@ -342,6 +348,7 @@ impl Ingestor {
                 Problem::new(ProblemKind::Malformed, rejection.body_text())
             }
         })?;
+        self.inner.batcher.shed(body.len())?;
         let media_type = headers
             .get(header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("(not text)"))

@@ -329,6 +329,48 @@ async fn a_duplicate_report_is_acknowledged_and_stored_once() {
 }
 
 #[tokio::test]
+async fn a_busy_window_forgets_stored_ids_past_its_limit_and_a_later_repeat_is_stored_again() {
+    let f = fixture();
+    let stores = memory_stores();
+    let running = f
+        .start(
+            stores.clone(),
+            Settings {
+                max_remembered_ids: 2,
+                ..by_size(1)
+            },
+        )
+        .await;
+    let doc = hpke_config(&running.base, "clicks").await;
+    let reports: Vec<_> = (0..3).map(|i| report(&doc, now(), i % 2 == 0)).collect();
+    for r in &reports[..2] {
+        assert_eq!(post_one(&running.base, r).await.status, 201);
+    }
+    // Two stored ids, within the limit: a repeat is acknowledged, not stored.
+    assert_eq!(
+        post_one(&running.base, &reports[0]).await.json["duplicates"],
+        1
+    );
+    // The third stored id passes the limit: the window forgets them all, so the same repeat
+    // is now stored a second time (the facilitators drop it as `replayed`).
+    assert_eq!(post_one(&running.base, &reports[2]).await.status, 201);
+    let again = post_one(&running.base, &reports[0]).await;
+    assert_eq!(again.status, 201, "{}", again.json);
+    assert_eq!(again.json["duplicates"], 0);
+    for store in &stores {
+        let copies = f
+            .batches(store, "clicks")
+            .await
+            .into_iter()
+            .flat_map(|(_, b)| b.reports.into_iter().map(|r| r.report_id))
+            .filter(|id| *id == reports[0].report_id)
+            .count();
+        assert_eq!(copies, 2);
+    }
+    stop(running).await;
+}
+
+#[tokio::test]
 async fn created_is_answered_only_once_both_stores_hold_the_batch() {
     use object_store::memory::InMemory;
     use object_store::throttle::{ThrottleConfig, ThrottledStore};
@@ -423,6 +465,10 @@ async fn overload_is_refused_with_429_and_shutdown_answers_what_was_admitted() {
     assert_problem(&a, 429, "overloaded", &["1 reports", "limit of 1 reports"]);
     assert_eq!(a.retry_after.as_deref(), Some("1"));
     assert!(f.batches(&stores[0], "clicks").await.is_empty());
+    // Shed before decoding: while the budget is spent even a malformed body costs nothing but
+    // a 429 (not a 400 naming what is wrong with it).
+    let garbage = post(&running.base, "clicks", REPORT_MEDIA_TYPE, vec![0xff; 64]).await;
+    assert_problem(&garbage, 429, "overloaded", &["limit of 1 reports"]);
 
     // Shutdown writes the open batch and answers it before the server stops.
     assert!(running.readiness.is_ready());

@@ -8,7 +8,7 @@
 //! task delivered twice changes nothing.
 //!
 //! A batch that cannot be read at all (truncated, tampered, wrongly signed), or whose signed time
-//! is not in the hour partition it is stored under (a batch copied into another hour), is logged
+//! is not in the partition it is stored under (a batch copied into another hour or window), is logged
 //! with the object's key, counted, and answered with an empty validation batch, so both
 //! facilitators agree to exclude it and its window is not held up.
 //!
@@ -295,10 +295,10 @@ impl WorkerRef {
                 batch.facilitator
             ));
         }
-        if Partition::of(batch.time) != partition {
+        if self.agg.partition_of(batch.time) != partition {
             return empty(format!(
                 "the batch's signed time {} is not in the partition {} it is stored under (a \
-                 batch counts only in the hour it was signed for)",
+                 batch counts only in the partition it was signed for)",
                 millrace_protocol::layout::Window::rfc3339(batch.time),
                 partition.path()
             ));

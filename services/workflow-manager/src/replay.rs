@@ -286,7 +286,7 @@ impl WorkflowManager {
     /// Everything in the store about window `w`, settled partitions included.
     async fn whole_window(&self, agg: &Aggregation, w: Window) -> Result<WindowView, ReplayError> {
         let mut view = WindowView::default();
-        for p in Partition::range(w.start, w.end) {
+        for p in Partition::range(w.start, w.end, agg.partition_secs()) {
             for obj in self.store.list(&ingestion_prefix(&agg.id, p)).await? {
                 if let Some((_, batch)) = parse_ingestion_key(&agg.id, &obj.key) {
                     view.own.insert(WindowBatch {
@@ -406,7 +406,7 @@ impl WorkflowManager {
         }
         // The window's partitions are listed again by both sides' next passes (settled markers
         // only save listings; the helper must see the new generation, and both re-settle).
-        for p in Partition::range(w.start, w.end) {
+        for p in Partition::range(w.start, w.end, agg.partition_secs()) {
             let key = settled_marker_key(&agg.id, p);
             self.store.delete(&key).await?;
             if let Some(peer) = &self.peer {

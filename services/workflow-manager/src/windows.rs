@@ -174,7 +174,7 @@ impl WorkflowManager {
             .filter_map(|o| parse_settled_key(&agg.id, &o.key))
             .collect();
         let mut windows: BTreeMap<Window, WindowView> = BTreeMap::new();
-        for p in Partition::range(oldest.start, now + 1) {
+        for p in Partition::range(oldest.start, now + 1, agg.partition_secs()) {
             if settled.contains(&p) {
                 continue;
             }
@@ -678,7 +678,7 @@ impl WorkflowManager {
             "at": now,
         })
         .to_string();
-        for p in Partition::range(window.start, window.end) {
+        for p in Partition::range(window.start, window.end, agg.partition_secs()) {
             // A partition with a batch whose intake is not published yet stays unsettled.
             if view.partitions.get(&p) == Some(&false) {
                 continue;

@@ -106,7 +106,8 @@ pub struct HpkeKeySlot {
 pub struct AggregationEntry {
     pub id: String,
     pub vdaf: VdafSpec,
-    /// Window length, a whole number of hours (`1h`, `6h`, `1day`).
+    /// Window length: a whole number of hours (`1h`, `6h`, `1day`), or whole minutes dividing
+    /// an hour (`1m`, `5m`, `15m`), whose batches are then partitioned by window.
     pub window: String,
     /// How long after a window ends batches may still arrive.
     pub grace: String,
@@ -123,8 +124,8 @@ pub struct AggregationEntry {
     /// mill for the second sum part (from the first). Default 1 hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_deadline: Option<String>,
-    /// Report times are rounded down to a multiple of this (default `1h`; must divide an
-    /// hour). Coarser times say less about when a client reported.
+    /// Report times are rounded down to a multiple of this (default `1h`, or the window when
+    /// shorter; must divide an hour and the window). Coarser times say less about when a client reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_precision: Option<String>,
     /// How much later than its batch's signed time a report's time may be (client clocks run
@@ -207,6 +208,16 @@ impl Aggregation {
     /// manifest by `max_age`, the helper has given up waiting for it by `wait_deadline` later).
     pub fn horizon(&self, now: i64) -> i64 {
         now - self.max_age.as_secs() as i64 - self.wait_deadline.as_secs() as i64 - self.window_secs
+    }
+
+    /// The length of this aggregation's batch partitions: the hour, or the window when shorter.
+    pub fn partition_secs(&self) -> i64 {
+        crate::layout::partition_secs(self.window_secs)
+    }
+
+    /// The partition a batch collected at `time` is stored under.
+    pub fn partition_of(&self, time: i64) -> crate::layout::Partition {
+        crate::layout::Partition::with_length(time, self.partition_secs())
     }
 
     /// A report made at `time` carries this time: rounded down to the time precision.
@@ -419,9 +430,17 @@ impl Config {
             }
             let window = duration(&shown, "window", &a.window)?;
             let window_secs = window.as_secs() as i64;
-            if window_secs == 0 || window_secs % 3600 != 0 || window.subsec_nanos() != 0 {
+            // Batches are partitioned by hour, or by window when a window is shorter: a
+            // partition lies inside one window either way.
+            let whole_hours = window_secs % 3600 == 0;
+            let minutes_dividing_the_hour = window_secs % 60 == 0 && 3600 % window_secs == 0;
+            if window_secs == 0
+                || window.subsec_nanos() != 0
+                || !(whole_hours || minutes_dividing_the_hour)
+            {
                 return Err(ctx(format!(
-                    "window {:?} must be a whole number of hours (batches are partitioned by hour)",
+                    "window {:?} must be a whole number of hours, or whole minutes dividing an \
+                     hour (1m, 2m, 5m, 10m, 15m, 30m, ...)",
                     a.window
                 )));
             }
@@ -435,16 +454,19 @@ impl Config {
             let vdaf = Prio3Vdaf::new(&a.vdaf, &a.id).map_err(|e| ctx(e.to_string()))?;
             let time_precision = match &a.time_precision {
                 Some(text) => duration(&shown, "time_precision", text)?,
-                None => Duration::from_secs(DEFAULT_TIME_PRECISION_SECS as u64),
+                None => Duration::from_secs(DEFAULT_TIME_PRECISION_SECS.min(window_secs) as u64),
             };
             let time_precision_secs = time_precision.as_secs() as i64;
             if time_precision_secs == 0
                 || time_precision.subsec_nanos() != 0
                 || 3600 % time_precision_secs != 0
+                || window_secs % time_precision_secs != 0
             {
                 return Err(ctx(format!(
-                    "time_precision {:?} must be whole seconds dividing an hour (1s … 1h)",
-                    a.time_precision.as_deref().unwrap_or_default()
+                    "time_precision {:?} must be whole seconds dividing an hour (1s … 1h) and \
+                     the window ({:?})",
+                    a.time_precision.as_deref().unwrap_or_default(),
+                    a.window
                 )));
             }
             let dp = match &a.dp {
@@ -827,11 +849,51 @@ ingestors = ["ing"]
     }
 
     #[test]
+    fn minute_windows_partition_by_window_and_default_their_precision_to_it() {
+        let text = GOOD.replace("window = \"1h\"", "window = \"5m\"");
+        let c = Config::parse(&text, Path::new("m.toml"), Path::new(".")).unwrap();
+        let a = &c.aggregations[0];
+        assert_eq!(a.window_secs, 300);
+        assert_eq!(a.partition_secs(), 300);
+        assert_eq!(a.time_precision_secs, 300);
+        let t = 1_763_900_000; // 12:13:20
+        assert_eq!(a.partition_of(t).path(), "2025/11/23/12/10-15");
+        assert_eq!(a.report_time(t), t - 200);
+        assert_eq!(a.check_report_time(t - 200, t), Ok(()));
+        // The previous five minutes are another window.
+        assert_eq!(
+            a.check_report_time(t - 500, t),
+            Err(InvalidReason::OutsideWindow)
+        );
+        let hourly = Config::parse(GOOD, Path::new("m.toml"), Path::new(".")).unwrap();
+        assert_eq!(
+            hourly.aggregations[0].partition_of(t).path(),
+            "2025/11/23/12"
+        );
+        assert_eq!(hourly.aggregations[0].time_precision_secs, 3600);
+    }
+
+    #[test]
     fn bad_configs_say_what_is_wrong() {
         let cases = [
             (
                 GOOD.replace("window = \"1h\"", "window = \"90m\""),
                 "whole number of hours",
+            ),
+            (
+                GOOD.replace("window = \"1h\"", "window = \"7m\""),
+                "whole minutes dividing an hour",
+            ),
+            (
+                GOOD.replace("window = \"1h\"", "window = \"90s\""),
+                "whole minutes dividing an hour",
+            ),
+            (
+                GOOD.replace(
+                    "window = \"1h\"",
+                    "window = \"5m\"\ntime_precision = \"10m\"",
+                ),
+                "dividing an hour (1s … 1h) and the window",
             ),
             (
                 GOOD.replace("ingestors = [\"ing\"]", "ingestors = [\"nobody\"]"),

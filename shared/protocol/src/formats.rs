@@ -173,7 +173,7 @@ pub struct IngestionBatch {
     pub batch_id: String,
     /// The facilitator (0 or 1) whose key the input shares are encrypted to.
     pub facilitator: u8,
-    /// When the batch was collected (unix seconds), signed: it must lie in the hour partition
+    /// When the batch was collected (unix seconds), signed: it must lie in the partition
     /// the batch is stored under, and decides the batch's window.
     pub time: i64,
     pub reports: Vec<EncryptedReport>,
@@ -861,12 +861,13 @@ impl WindowManifest {
                 "window manifest: window end {window_end} is not after its start {window_start}"
             )));
         }
+        let partition_secs = crate::layout::partition_secs(window_end - window_start);
         let generation = r.u32("generation")?;
         let decided_at = r.i64("decided at")?;
         let n = r.count("batches", 9)?;
         let mut batches = Vec::with_capacity(n);
         for _ in 0..n {
-            batches.push(read_batch(&mut r, "batch id")?);
+            batches.push(read_batch(&mut r, "batch id", partition_secs)?);
         }
         if batches.windows(2).any(|pair| pair[0] >= pair[1]) {
             return Err(FormatError::Invalid(
@@ -877,7 +878,7 @@ impl WindowManifest {
         let n = r.count("excluded batches", 11)?;
         let mut excluded = Vec::with_capacity(n);
         for _ in 0..n {
-            let batch = read_batch(&mut r, "excluded batch id")?;
+            let batch = read_batch(&mut r, "excluded batch id", partition_secs)?;
             let reason = ExclusionReason::from_u8(r.u8("exclusion reason")?)?;
             let flags = r.u8("validated by")?;
             if flags > 3 {
@@ -914,18 +915,25 @@ impl WindowManifest {
     }
 }
 
-fn read_batch(r: &mut Reader<'_>, what: &str) -> Result<WindowBatch, FormatError> {
+/// A batch and the start of its partition, whose length is the window's
+/// ([`crate::layout::partition_secs`]).
+fn read_batch(
+    r: &mut Reader<'_>,
+    what: &str,
+    partition_secs: i64,
+) -> Result<WindowBatch, FormatError> {
     let batch = r.short_str(what)?;
     validate_id(what, &batch)?;
     let start = r.i64("partition")?;
-    if start.rem_euclid(3600) != 0 {
+    if start.rem_euclid(partition_secs) != 0 {
         return Err(FormatError::Invalid(format!(
-            "window manifest: partition {start} of batch {batch} is not the start of an hour"
+            "window manifest: partition {start} of batch {batch} is not the start of a \
+             {partition_secs}-second partition"
         )));
     }
     Ok(WindowBatch {
         batch,
-        partition: Partition { start },
+        partition: Partition::with_length(start, partition_secs),
     })
 }
 
@@ -1210,7 +1218,7 @@ mod tests {
     fn manifest() -> WindowManifest {
         let batch = |b: &str, hour: i64| WindowBatch {
             batch: b.into(),
-            partition: Partition { start: hour * 3600 },
+            partition: Partition::of(hour * 3600),
         };
         WindowManifest {
             aggregation: "clicks".into(),

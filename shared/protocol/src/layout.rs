@@ -24,7 +24,8 @@
 //! markers/{agg}/results/{window}                                   the mill's result-ready marker
 //! ```
 //!
-//! Keys are partitioned by the hour the batch was collected, and a partition whose batches are
+//! Keys are partitioned by the hour the batch was collected (by its window, for windows shorter
+//! than an hour: `{HH}/{MM}-{MM}`), and a partition whose batches are
 //! all scheduled and whose window has its manifest is marked settled, so the workflow-manager
 //! lists only partitions that can still hold new work: a pass costs O(new objects), not
 //! O(history).
@@ -50,39 +51,75 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), FormatError> {
     }
 }
 
-/// One hour-long time partition, `YYYY/MM/DD/HH`.
+/// One time partition of an aggregation's batches: an hour, `YYYY/MM/DD/HH`, or for an
+/// aggregation whose windows are shorter than an hour, one window, `YYYY/MM/DD/HH/MM-MM` (the
+/// minutes of the hour it spans: `2026/11/28/16/05-10`, the last one of an hour ending in `60`).
+/// Every partition lies inside one window, and a path says its own length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Partition {
-    /// Start of the hour, unix seconds.
+    /// Start, unix seconds.
     pub start: i64,
+    /// Length in seconds: 3600, or a whole number of minutes dividing the hour.
+    pub secs: i64,
+}
+
+/// The partition length of an aggregation with windows of `window_secs`: the window itself
+/// when shorter than an hour, the hour otherwise.
+pub fn partition_secs(window_secs: i64) -> i64 {
+    window_secs.clamp(60, 3600)
 }
 
 impl Partition {
+    /// The hour-long partition holding `time`.
     pub fn of(time: i64) -> Self {
+        Self::with_length(time, 3600)
+    }
+
+    /// The partition of length `secs` holding `time` ([`partition_secs`] of the aggregation's
+    /// window).
+    pub fn with_length(time: i64, secs: i64) -> Self {
+        let secs = partition_secs(secs);
         Partition {
-            start: time.div_euclid(3600) * 3600,
+            start: time.div_euclid(secs) * secs,
+            secs,
         }
+    }
+
+    pub fn end(&self) -> i64 {
+        self.start + self.secs
     }
 
     pub fn path(&self) -> String {
-        match Utc.timestamp_opt(self.start, 0).single() {
-            Some(t) => format!(
-                "{:04}/{:02}/{:02}/{:02}",
-                t.year(),
-                t.month(),
-                t.day(),
-                t.hour()
-            ),
-            None => "0000/00/00/00".to_string(),
+        let Some(t) = Utc.timestamp_opt(self.start, 0).single() else {
+            return "0000/00/00/00".to_string();
+        };
+        let hour = format!(
+            "{:04}/{:02}/{:02}/{:02}",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour()
+        );
+        if self.secs >= 3600 {
+            hour
+        } else {
+            let from = t.minute() as i64;
+            format!("{hour}/{from:02}-{:02}", from + self.secs / 60)
         }
     }
 
-    /// Parses `YYYY/MM/DD/HH`.
+    /// Parses `YYYY/MM/DD/HH` or `YYYY/MM/DD/HH/MM-MM`.
     pub fn parse(path: &str) -> Result<Self, FormatError> {
-        let bad = || FormatError::Invalid(format!("partition {path:?} is not YYYY/MM/DD/HH"));
+        let bad = || {
+            FormatError::Invalid(format!(
+                "partition {path:?} is not YYYY/MM/DD/HH or YYYY/MM/DD/HH/MM-MM"
+            ))
+        };
         let parts: Vec<&str> = path.split('/').collect();
-        let [y, m, d, h] = parts.as_slice() else {
-            return Err(bad());
+        let (y, m, d, h, minutes) = match parts.as_slice() {
+            [y, m, d, h] => (*y, *m, *d, *h, None),
+            [y, m, d, h, mm] => (*y, *m, *d, *h, Some(*mm)),
+            _ => return Err(bad()),
         };
         let num = |s: &str, len: usize| -> Result<u32, FormatError> {
             if s.len() != len || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -94,18 +131,32 @@ impl Partition {
             .with_ymd_and_hms(num(y, 4)? as i32, num(m, 2)?, num(d, 2)?, num(h, 2)?, 0, 0)
             .single()
             .ok_or_else(bad)?;
+        let Some(minutes) = minutes else {
+            return Ok(Partition {
+                start: t.timestamp(),
+                secs: 3600,
+            });
+        };
+        let (from, to) = minutes.split_once('-').ok_or_else(bad)?;
+        let (from, to) = (i64::from(num(from, 2)?), i64::from(num(to, 2)?));
+        let len = to - from;
+        // A sub-hour partition is a whole number of minutes dividing the hour, aligned to it.
+        if len <= 0 || len >= 60 || 60 % len != 0 || from % len != 0 {
+            return Err(bad());
+        }
         Ok(Partition {
-            start: t.timestamp(),
+            start: t.timestamp() + from * 60,
+            secs: len * 60,
         })
     }
 
-    /// The partitions whose hour overlaps `[from, to)`, oldest first.
-    pub fn range(from: i64, to: i64) -> Vec<Partition> {
+    /// The partitions of length `secs` overlapping `[from, to)`, oldest first.
+    pub fn range(from: i64, to: i64, secs: i64) -> Vec<Partition> {
         let mut out = Vec::new();
-        let mut p = Partition::of(from);
+        let mut p = Partition::with_length(from, secs);
         while p.start < to {
             out.push(p);
-            p.start += 3600;
+            p.start += p.secs;
         }
         out
     }
@@ -310,8 +361,38 @@ mod tests {
         let w = Window::containing(t, 3600);
         assert_eq!(w.name(), "20251123T1200Z-20251123T1300Z");
         assert_eq!(Window::parse(&w.name()).unwrap(), w);
-        assert_eq!(Partition::range(w.start, w.end), vec![p]);
-        assert_eq!(Partition::range(w.start - 1, w.end).len(), 2);
+        assert_eq!(Partition::range(w.start, w.end, 3600), vec![p]);
+        assert_eq!(Partition::range(w.start - 1, w.end, 3600).len(), 2);
+    }
+
+    #[test]
+    fn minute_partitions_say_their_length_and_round_trip() {
+        let t = 1_763_900_000; // 2025-11-23T12:13:20Z
+        let p = Partition::with_length(t, 300);
+        assert_eq!(p.path(), "2025/11/23/12/10-15");
+        assert_eq!(Partition::parse(&p.path()).unwrap(), p);
+        let last = Partition::with_length(t + 46 * 60, 300);
+        assert_eq!(last.path(), "2025/11/23/12/55-60");
+        assert_eq!(Partition::parse(&last.path()).unwrap(), last);
+        assert_eq!(Partition::with_length(t, 60).path(), "2025/11/23/12/13-14");
+        // Misaligned, not dividing the hour, empty, or the hour itself: refused.
+        for bad in [
+            "12/11-16", "12/00-07", "12/05-05", "12/00-60", "12/10-05", "12/5-10",
+        ] {
+            let path = format!("2025/11/23/{bad}");
+            assert!(Partition::parse(&path).is_err(), "{path}");
+        }
+        let w = Window::containing(t, 300);
+        assert_eq!(Partition::range(w.start, w.end, 300), vec![p]);
+        assert_eq!(Partition::range(w.start, w.start + 3600, 300).len(), 12);
+        // Keys under a minute partition parse back to it.
+        let k = ingestion_key("clicks", p, "b1");
+        assert_eq!(k, "ingestion/clicks/2025/11/23/12/10-15/b1.batch");
+        assert_eq!(parse_ingestion_key("clicks", &k), Some((p, "b1".into())));
+        assert_eq!(
+            parse_settled_key("clicks", &settled_marker_key("clicks", p)),
+            Some(p)
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
-# Both facilitators and the collector in one Google Cloud project (one shared bus), for the
-# kustomize overlay deploy/k8s/overlays/gcp. The GKE cluster needs workload identity enabled.
-# Fill in terraform.tfvars (see terraform.tfvars.example), then:
+# Both facilitators, the collector and the ingestor in one Google Cloud project (one shared
+# bus), for the kustomize overlay deploy/k8s/overlays/gcp. The GKE cluster needs workload
+# identity enabled. Fill in terraform.tfvars (see terraform.tfvars.example), then:
 #
 #   terraform init && terraform apply
 #   terraform output k8s_service_accounts   # -> the overlay's iam.gke.io/gcp-service-account
-#   terraform output store_urls             # -> the overlay's store / peer-store / collector-store
+#   terraform output store_urls             # -> the overlay's store / peer-store / collector-store,
+#                                           #    and the ingestor's store0 (fac-0) / store1 (fac-1)
 
 terraform {
   required_version = ">= 1.5"

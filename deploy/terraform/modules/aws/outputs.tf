@@ -4,7 +4,7 @@ output "bus_url" {
 }
 
 output "store_urls" {
-  description = "Store URLs by store (fac-0, fac-1, collector): the overlay's store, peer-store and collector-store."
+  description = "Store URLs by store (fac-0, fac-1, collector): the overlay's store, peer-store and collector-store, and the ingestor's store0 (fac-0) and store1 (fac-1)."
   value = {
     for k, b in aws_s3_bucket.store :
     k => "s3://${b.bucket}${var.store_key_prefix == "" ? "" : "/${var.store_key_prefix}"}?region=${local.region}"

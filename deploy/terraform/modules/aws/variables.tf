@@ -106,6 +106,18 @@ variable "k8s_namespaces" {
   }
 }
 
+variable "ingestor" {
+  description = "Also create the ingestor's role: it creates (and reads back) ingestion/ in both facilitators' buckets and uses no bus. The ingestor belongs to the ingestor organisation; create it in the instance of this module that organisation's cluster trusts."
+  type        = bool
+  default     = true
+}
+
+variable "k8s_ingestor_namespace" {
+  description = "Kubernetes namespace of the ingestor (the base runs it beside facilitator 0)."
+  type        = string
+  default     = "millrace-fac-0"
+}
+
 variable "k8s_collector_namespace" {
   description = "Kubernetes namespace of the mill and the collector cleaner (the base runs them beside facilitator 0)."
   type        = string

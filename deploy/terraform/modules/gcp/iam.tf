@@ -14,6 +14,9 @@
 #   cleaner           list its store, read markers/ + manifests/ (is a batch's window settled? is a
 #                     batch in its window's manifest?), record late batches in excluded/, delete;
 #                     no bus
+#   ingestor          create ingestion/ in both facilitators' stores, and read it back (a create
+#                     retried after a lost answer compares what is there); no bus. It belongs to
+#                     the ingestor organisation (var.ingestor, var.k8s_ingestor_namespace)
 #
 # Every bus user may also view the topics and subscriptions it checks at start-up (each with its
 # .dead and .rejected companions) and publish to the companions of what it consumes. A consumer
@@ -110,7 +113,24 @@ locals {
     }
   } : {}
 
-  roles = merge(local.facilitator_roles, local.collector_roles)
+  # The ingestor writes every batch to both facilitators' stores, whichever of them this
+  # instance of the module creates.
+  ingestor_roles = var.ingestor ? {
+    "ingestor" = {
+      account_id      = "${var.name_prefix}-ingestor"
+      namespace       = var.k8s_ingestor_namespace
+      service_account = "ingestor"
+      checks          = []
+      publish         = []
+      consume         = []
+      storage = [
+        { bucket = "fac-0", read = ["ingestion/"], write = ["ingestion/"], delete = [] },
+        { bucket = "fac-1", read = ["ingestion/"], write = ["ingestion/"], delete = [] },
+      ]
+    }
+  } : {}
+
+  roles = merge(local.facilitator_roles, local.collector_roles, local.ingestor_roles)
 
   # "topic=group" pairs, expanded: each checked topic with its companions, and the subscription
   # of the one group on each (the companions' group is "inspect").
