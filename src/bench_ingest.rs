@@ -23,8 +23,9 @@
 //!    would not open at intake, which nothing runs here). Its peak resident memory is sampled
 //!    each second: bounded memory means the peak stops rising while the 429s keep coming.
 //!    What still grows is the open window's set of report ids (for the duplicate check), in
-//!    steps as its hash table doubles, with the reports accepted, not with the 429s; the output
-//!    shows that growth per report. The plateau itself is the bodies in flight: it grows with
+//!    steps as its hash table doubles, with the reports accepted, not with the 429s, up to the
+//!    ingestor's `--max-remembered-ids` (1,000,000 by default), where it forgets the stored
+//!    ones; the output shows that growth per report. The plateau itself is the bodies in flight: it grows with
 //!    `--overload-concurrency` times the body size, not with the pending limit.
 //!
 //! Each ingestor is the real binary (`ingestor`, built beside `millrace`), a child process with

@@ -190,18 +190,7 @@ fn generate_batch(
             agg.report_time(time)
         };
         let (public, mut shares) = agg.vdaf.shard(&m, &id).context("sharding a measurement")?;
-        match damage {
-            Some(Damage::Truncated) => {
-                let keep = shares[1].len() / 2;
-                shares[1].truncate(keep);
-            }
-            Some(Damage::Tampered) => {
-                if let Some(b) = shares[1].first_mut() {
-                    *b ^= 0x01;
-                }
-            }
-            _ => {}
-        }
+        damage_input_share(damage, &mut shares);
         for f in 0..2u8 {
             let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
                 &keys.stranger
@@ -258,6 +247,42 @@ fn generate_batch(
     })
 }
 
+/// The aggregations that take reports from `ingestor`; at least one.
+fn served_aggregations(config: &Config, ingestor: &str) -> anyhow::Result<Vec<Aggregation>> {
+    let aggs: Vec<Aggregation> = config
+        .aggregations
+        .iter()
+        .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
+        .cloned()
+        .collect();
+    anyhow::ensure!(
+        !aggs.is_empty(),
+        "ingestor {ingestor:?} takes reports for no aggregation of this config"
+    );
+    Ok(aggs)
+}
+
+/// Every how many reports one is broken on purpose, for a share of `fraction`.
+fn invalid_every(fraction: f64) -> Option<usize> {
+    (fraction > 0.0).then(|| ((1.0 / fraction).round() as usize).max(1))
+}
+
+/// Breaks facilitator 1's input share as `damage` says (before it is sealed).
+fn damage_input_share(damage: Option<Damage>, shares: &mut [Vec<u8>; 2]) {
+    match damage {
+        Some(Damage::Truncated) => {
+            let keep = shares[1].len() / 2;
+            shares[1].truncate(keep);
+        }
+        Some(Damage::Tampered) => {
+            if let Some(b) = shares[1].first_mut() {
+                *b ^= 0x01;
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Generates and writes every batch; returns what each window's result must be.
 pub async fn ingest(
     config: &Config,
@@ -277,21 +302,8 @@ pub async fn ingest(
         stranger: hpke_generate().1,
         signer: config.ingestor_signer(ingestor)?,
     });
-    let aggs: Vec<Aggregation> = config
-        .aggregations
-        .iter()
-        .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
-        .cloned()
-        .collect();
-    anyhow::ensure!(
-        !aggs.is_empty(),
-        "ingestor {ingestor:?} may not submit to any aggregation"
-    );
-    let invalid_every = if plan.invalid_fraction > 0.0 {
-        Some(((1.0 / plan.invalid_fraction).round() as usize).max(1))
-    } else {
-        None
-    };
+    let aggs = served_aggregations(config, ingestor)?;
+    let invalid_every = invalid_every(plan.invalid_fraction);
     let per_agg = plan.reports / aggs.len();
     let batch_size = plan.batch_size.max(1);
     let span = (plan.end - plan.start).max(1);
@@ -422,18 +434,7 @@ fn make_chunk(
         let m = agg.vdaf.random_measurement(&mut rng);
         let id: [u8; 16] = random_bytes();
         let (public, mut shares) = agg.vdaf.shard(&m, &id).context("sharding a measurement")?;
-        match damage {
-            Some(Damage::Truncated) => {
-                let keep = shares[1].len() / 2;
-                shares[1].truncate(keep);
-            }
-            Some(Damage::Tampered) => {
-                if let Some(b) = shares[1].first_mut() {
-                    *b ^= 0x01;
-                }
-            }
-            _ => {}
-        }
+        damage_input_share(damage, &mut shares);
         let mut sealed = Vec::with_capacity(2);
         for f in 0..2u8 {
             let (key_id, key) = &keys[usize::from(f)];
@@ -484,21 +485,8 @@ pub async fn upload(
     plan: &UploadPlan,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<(Expectations, usize)> {
-    let aggs: Vec<Aggregation> = config
-        .aggregations
-        .iter()
-        .filter(|a| a.ingestors.iter().any(|i| i == ingestor))
-        .cloned()
-        .collect();
-    anyhow::ensure!(
-        !aggs.is_empty(),
-        "ingestor {ingestor:?} takes reports for no aggregation of this config"
-    );
-    let invalid_every = if plan.invalid_fraction > 0.0 {
-        Some(((1.0 / plan.invalid_fraction).round() as usize).max(1))
-    } else {
-        None
-    };
+    let aggs = served_aggregations(config, ingestor)?;
+    let invalid_every = invalid_every(plan.invalid_fraction);
     let per_agg = plan.reports / aggs.len();
     let bulk = plan.bulk_size.max(1);
     let stranger = Arc::new(hpke_generate().1);
