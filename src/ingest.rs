@@ -192,25 +192,13 @@ fn generate_batch(
         let (public, mut shares) = agg.vdaf.shard(&m, &id).context("sharding a measurement")?;
         damage_input_share(damage, &mut shares);
         for f in 0..2u8 {
-            let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
-                &keys.stranger
-            } else {
-                &hpke[usize::from(f)].1
-            };
-            let (encapped_key, mut ciphertext) = seal(
-                &agg.id,
-                f,
-                to,
-                &id,
-                report_time,
-                &public,
+            let (encapped_key, ciphertext) = seal_damaged(
+                damage,
+                &keys.stranger,
+                (&agg.id, f, &hpke[usize::from(f)].1),
+                (&id, report_time, &public),
                 &shares[usize::from(f)],
             )?;
-            if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
-                if let Some(b) = ciphertext.first_mut() {
-                    *b ^= 0x80;
-                }
-            }
             copies[usize::from(f)].push(EncryptedReport {
                 report_id: id,
                 time: report_time,
@@ -265,6 +253,29 @@ fn served_aggregations(config: &Config, ingestor: &str) -> anyhow::Result<Vec<Ag
 /// Every how many reports one is broken on purpose, for a share of `fraction`.
 fn invalid_every(fraction: f64) -> Option<usize> {
     (fraction > 0.0).then(|| ((1.0 / fraction).round() as usize).max(1))
+}
+
+/// Seals facilitator `f`'s share to its key, broken as `damage` says for facilitator 0: sealed
+/// to `stranger`'s key instead, or with a flipped ciphertext bit.
+fn seal_damaged(
+    damage: Option<Damage>,
+    stranger: &HpkePublicKey,
+    (agg, f, key): (&str, u8, &HpkePublicKey),
+    (id, time, public): (&[u8; 16], i64, &[u8]),
+    share: &[u8],
+) -> anyhow::Result<([u8; 32], Vec<u8>)> {
+    let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
+        stranger
+    } else {
+        key
+    };
+    let (encapped_key, mut ciphertext) = seal(agg, f, to, id, time, public, share)?;
+    if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
+        if let Some(b) = ciphertext.first_mut() {
+            *b ^= 0x80;
+        }
+    }
+    Ok((encapped_key, ciphertext))
 }
 
 /// Breaks facilitator 1's input share as `damage` says (before it is sealed).
@@ -438,18 +449,13 @@ fn make_chunk(
         let mut sealed = Vec::with_capacity(2);
         for f in 0..2u8 {
             let (key_id, key) = &keys[usize::from(f)];
-            let to = if f == 0 && matches!(damage, Some(Damage::WrongKey)) {
-                stranger
-            } else {
-                key
-            };
-            let (encapped_key, mut ciphertext) =
-                seal(&agg.id, f, to, &id, time, &public, &shares[usize::from(f)])?;
-            if f == 0 && matches!(damage, Some(Damage::Ciphertext)) {
-                if let Some(b) = ciphertext.first_mut() {
-                    *b ^= 0x80;
-                }
-            }
+            let (encapped_key, ciphertext) = seal_damaged(
+                damage,
+                stranger,
+                (&agg.id, f, key),
+                (&id, time, &public),
+                &shares[usize::from(f)],
+            )?;
             sealed.push(SealedShare {
                 hpke_key_id: *key_id,
                 encapped_key,

@@ -140,8 +140,13 @@ impl Batcher {
     /// while closing, 429 while the pending budget is already spent. Under overload, refusing
     /// costs no decoding or checking; [`Batcher::admit`] still checks the exact budget.
     pub(crate) fn shed(&self, body_bytes: usize) -> Result<(), Problem> {
+        self.refuse(&self.lock(), 1, body_bytes)
+    }
+
+    /// 503 while closing; 429 (counted) when `new_reports` more reports of `new_bytes` would
+    /// pass the pending budget. The budget never refuses the only pending body.
+    fn refuse(&self, state: &State, new_reports: usize, new_bytes: usize) -> Result<(), Problem> {
         let retry = self.settings.retry_after.as_secs().max(1);
-        let state = self.lock();
         if state.closing {
             return Err(Problem::new(
                 ProblemKind::Unavailable,
@@ -150,16 +155,17 @@ impl Batcher {
             .retry_after(retry));
         }
         let s = &self.settings;
-        if state.pending_reports > 0
-            && (state.pending_reports >= s.max_pending_reports
-                || state.pending_bytes.saturating_add(body_bytes) > s.max_pending_bytes)
+        if new_reports > 0
+            && state.pending_reports > 0
+            && (state.pending_reports.saturating_add(new_reports) > s.max_pending_reports
+                || state.pending_bytes.saturating_add(new_bytes) > s.max_pending_bytes)
         {
             metrics::counter!("millrace_ingestor_overloaded_total").increment(1);
             return Err(Problem::new(
                 ProblemKind::Overloaded,
                 format!(
-                    "{} reports ({} bytes) are waiting to be stored, at the limit of {} reports \
-                     or {} bytes",
+                    "{} reports ({} bytes) are waiting to be stored; this body would pass the \
+                     limit of {} reports or {} bytes",
                     state.pending_reports,
                     state.pending_bytes,
                     s.max_pending_reports,
@@ -178,17 +184,10 @@ impl Batcher {
         reports: Vec<Admit>,
         now: i64,
     ) -> Result<Admitted, Problem> {
-        let retry = self.settings.retry_after.as_secs().max(1);
         let mut to_flush = Vec::new();
         let admitted = {
             let mut state = self.lock();
-            if state.closing {
-                return Err(Problem::new(
-                    ProblemKind::Unavailable,
-                    "this ingestor is shutting down; send the report again (to another replica)",
-                )
-                .retry_after(retry));
-            }
+            self.refuse(&state, 0, 0)?;
             state.seen.retain(|_, w| w.closes > now);
             // Count what is new before admitting anything: a body is admitted whole or not at all.
             let mut fresh = HashSet::new();
@@ -204,26 +203,8 @@ impl Batcher {
                     new_bytes += a.report.encoded_len();
                 }
             }
+            self.refuse(&state, new_reports, new_bytes)?;
             let s = &self.settings;
-            if new_reports > 0
-                && state.pending_reports > 0
-                && (state.pending_reports + new_reports > s.max_pending_reports
-                    || state.pending_bytes + new_bytes > s.max_pending_bytes)
-            {
-                metrics::counter!("millrace_ingestor_overloaded_total").increment(1);
-                return Err(Problem::new(
-                    ProblemKind::Overloaded,
-                    format!(
-                        "{} reports ({} bytes) are waiting to be stored; this body would pass \
-                         the limit of {} reports or {} bytes",
-                        state.pending_reports,
-                        state.pending_bytes,
-                        s.max_pending_reports,
-                        s.max_pending_bytes
-                    ),
-                )
-                .retry_after(retry));
-            }
             let mut waits = Vec::with_capacity(reports.len());
             let mut duplicates = 0;
             for a in reports {
