@@ -12,12 +12,16 @@ build:
 # Pub/Sub, the cloud stores, the end-to-end runs as separate processes), then adds up cargo's
 # per-binary summaries into one closing line. The Kafka broker (tansu) and the cloud emulators
 # (moto, the Pub/Sub emulator, fake-gcs-server) are installed into build/ if missing, started on
-# free loopback ports, and stopped again; RabbitMQ and NATS are the machine's own.
+# free loopback ports, and stopped again; RabbitMQ and NATS are the machine's own. promtool (for
+# deploy/monitoring) comes from Debian's prometheus package, and headless Chromium (for
+# tests/status_page.rs) from Debian's chromium package, each installed if missing.
 EMULATORS := scripts/emulator.sh
 test:
 	@mkdir -p build
 	$(CARGO) build --workspace --bins
 	scripts/kafka-broker.sh start
+	scripts/chromium.sh install
+	scripts/prometheus.sh install
 	$(EMULATORS) all start
 	set -o pipefail; trap 'scripts/kafka-broker.sh stop; $(EMULATORS) all stop' EXIT; \
 	  MILLRACE_TEST_KAFKA=$$(scripts/kafka-broker.sh addr) \

@@ -6,6 +6,7 @@ pub mod bench_ingest;
 pub mod bench_reference;
 pub mod bench_windows;
 pub mod config_check;
+pub mod dead_letters;
 pub mod demo;
 pub mod fleet;
 pub mod ingest;

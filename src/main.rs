@@ -144,26 +144,11 @@ enum Command {
         #[arg(long, default_value_t = 900)]
         timeout_secs: u64,
     },
-    /// Every window the collector knows of, and its state.
-    Status {
-        #[arg(long, env = "MILLRACE_CONFIG")]
-        config: PathBuf,
-        #[arg(long, env = "MILLRACE_COLLECTOR_STORE")]
-        collector_store: String,
-        /// Facilitator 0's store: adds its view (batches left out or late, windows it gave up on).
-        #[arg(long)]
-        store0: Option<String>,
-        /// Facilitator 1's store, likewise.
-        #[arg(long)]
-        store1: Option<String>,
-        /// Expected results written by `millrace ingest --expect-out`: exit 0 only if every
-        /// expected window has a result equal to it.
-        #[arg(long)]
-        expect: Option<PathBuf>,
-        /// With --expect: wait up to this many seconds for the results to appear.
-        #[arg(long, default_value_t = 0)]
-        wait_secs: u64,
-    },
+    /// Every window of every aggregation: both facilitators' progress side by side, why a window
+    /// waits, the results; with --bus, the messages waiting on each topic's .dead and .rejected.
+    /// As tables, --json, or a page (--serve). Exit 0 ok, 1 --expect differs, 2 could not run,
+    /// 3 a problem (FAILED, REFUSED, unreadable, dead letters) with --fail-on-problems.
+    Status(millrace::status::StatusArgs),
     /// Publish one batch's intake task or one window's aggregate task again (recovery after an
     /// outage or a bad deploy), through the marker protocol, recording who, when and why.
     Replay {
@@ -171,6 +156,14 @@ enum Command {
         what: ReplayCommand,
         #[command(flatten)]
         common: ReplayArgs,
+    },
+    /// What the worker loop moved to `{topic}.dead`: list it, show one message, redrive the
+    /// originals to the topic once the cause is fixed, or purge them.
+    DeadLetters {
+        #[command(subcommand)]
+        what: DeadLettersCommand,
+        #[command(flatten)]
+        common: DeadLettersArgs,
     },
     /// Benchmarks (not tests).
     Bench {
@@ -285,6 +278,101 @@ struct ReplayArgs {
     /// Say what would be published; write and publish nothing.
     #[arg(long, global = true)]
     dry_run: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadLettersCommand {
+    /// Every message on `{topic}.dead` (id, attempt, size, reason, the start of the body);
+    /// nothing is removed.
+    List,
+    /// One message whole: its attributes and body.
+    Show {
+        #[command(flatten)]
+        which: DeadLetterOne,
+    },
+    /// Republishes the original body and attributes (without the ones the worker added) to the
+    /// topic, then removes the dead copy. A copy whose body was cut to fit the broker is refused.
+    Redrive {
+        #[command(flatten)]
+        which: DeadLetterSelection,
+        /// Say what would be redriven; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Removes messages from `{topic}.dead`, printing each.
+    Purge {
+        #[command(flatten)]
+        which: DeadLetterSelection,
+        /// Say what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct DeadLetterOne {
+    /// The message's id, as `list` shows it.
+    #[arg(long)]
+    id: Option<String>,
+    /// The message's position in `list` (1-based; messages are sorted by id).
+    #[arg(long)]
+    position: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct DeadLetterSelection {
+    /// The message's id, as `list` shows it.
+    #[arg(long)]
+    id: Option<String>,
+    /// The message's position in `list` (1-based; messages are sorted by id).
+    #[arg(long)]
+    position: Option<usize>,
+    /// Every message on `{topic}.dead`.
+    #[arg(long)]
+    all: bool,
+}
+
+impl DeadLetterSelection {
+    fn selection(self) -> millrace_bus::dead_letters::Selection {
+        use millrace_bus::dead_letters::Selection;
+        match (self.id, self.position) {
+            (Some(id), _) => Selection::Id(id),
+            (None, Some(position)) => Selection::Position(position),
+            (None, None) => Selection::All,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct DeadLettersArgs {
+    /// Message bus URL.
+    #[arg(long, env = "MILLRACE_BUS", global = true)]
+    bus: Option<String>,
+    #[arg(
+        long,
+        env = "MILLRACE_TOPIC_PREFIX",
+        default_value = "millrace",
+        global = true
+    )]
+    topic_prefix: String,
+    /// The topic (`0.intake`, `millrace.0.intake` or `millrace.0.intake.dead`).
+    #[arg(long, global = true)]
+    topic: Option<String>,
+    /// A scan of `{topic}.dead` ends once nothing new has come for this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, global = true)]
+    idle: Duration,
+    /// ... and after this long at most.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    max_wait: Duration,
+    /// The most messages one run handles.
+    #[arg(long, default_value_t = 1000, global = true)]
+    limit: usize,
+    /// What a scan saw is deliverable again only after this, and a scan lasts at least this long
+    /// (on NATS, shorter loses messages to a withdrawn pull request until their lease runs out).
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, global = true)]
+    release_delay: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -588,44 +676,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Status {
-            config,
-            collector_store,
-            store0,
-            store1,
-            expect,
-            wait_secs,
-        } => {
-            let config = Arc::new(Config::load(&config)?);
-            let collector = Store::open(&collector_store)?;
-            if let Some(path) = expect {
-                let text =
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                let expectations: millrace::ingest::Expectations = serde_json::from_slice(&text)
-                    .with_context(|| format!("{} is not an expectations file", path.display()))?;
-                let ok = millrace::status::check(
-                    &collector,
-                    &expectations,
-                    Duration::from_secs(wait_secs),
-                )
-                .await?;
-                if !ok {
-                    return Ok(ExitCode::FAILURE);
+        Command::Status(args) => {
+            // Exit codes of their own (see StatusArgs): an error here means status could not run.
+            return Ok(match millrace::status::run(args).await {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("millrace status: {e:#}");
+                    ExitCode::from(millrace::status::EXIT_CANNOT_RUN)
                 }
-            } else {
-                let rows = millrace::status::collect(&config, &collector).await?;
-                millrace::status::print(&rows);
-                let mut facilitators = Vec::new();
-                for (index, url) in [(0u8, store0), (1u8, store1)] {
-                    if let Some(url) = url {
-                        facilitators.push((index, Store::open(&url)?));
-                    }
-                }
-                if !facilitators.is_empty() {
-                    let rows = millrace::status::facilitator_rows(&config, &facilitators).await?;
-                    millrace::status::print_facilitators(&rows);
-                }
-            }
+            });
         }
         Command::Replay { what, common } => {
             let need = |v: Option<String>, flag: &str| {
@@ -689,6 +748,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let done = millrace::replay::replay(request, &target).await?;
             print!("{}", millrace::replay::describe(&done));
+        }
+        Command::DeadLetters { what, common } => {
+            use millrace::dead_letters::Action;
+            let bus_url = common
+                .bus
+                .ok_or_else(|| anyhow::anyhow!("millrace dead-letters needs --bus"))?;
+            let topic = common
+                .topic
+                .ok_or_else(|| anyhow::anyhow!("millrace dead-letters needs --topic"))?;
+            anyhow::ensure!(common.limit > 0, "--limit must be at least 1");
+            let topic = millrace::dead_letters::resolve_topic(&common.topic_prefix, &topic)?;
+            let action = match what {
+                DeadLettersCommand::List => Action::List,
+                DeadLettersCommand::Show { which } => {
+                    Action::Show(match (which.id, which.position) {
+                        (Some(id), _) => millrace_bus::dead_letters::Selection::Id(id),
+                        (None, Some(n)) => millrace_bus::dead_letters::Selection::Position(n),
+                        (None, None) => {
+                            anyhow::bail!("millrace dead-letters show needs --id or --position")
+                        }
+                    })
+                }
+                DeadLettersCommand::Redrive { which, dry_run } => Action::Redrive {
+                    which: which.selection(),
+                    dry_run,
+                },
+                DeadLettersCommand::Purge { which, dry_run } => Action::Purge {
+                    which: which.selection(),
+                    dry_run,
+                },
+            };
+            let bus = millrace_bus::connect(&bus_url).await.with_context(|| {
+                format!("opening the bus {}", millrace_secrets::redact(&bus_url))
+            })?;
+            let options = millrace_bus::dead_letters::ScanOptions {
+                idle: common.idle,
+                max_wait: common.max_wait,
+                limit: common.limit,
+                release_delay: common.release_delay,
+            };
+            let outcome = millrace::dead_letters::run(&*bus, &topic, &action, &options).await?;
+            print!("{}", outcome.text);
+            if !outcome.ok {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Bench {
             what:

@@ -10,6 +10,10 @@
 //!   paths the binary says it serves), grace periods, settings and their URLs per cloud, the
 //!   config and key files each container needs (and no more), network policies, the ingestor's
 //!   Service, PodDisruptionBudget and autoscaler; and the facilitator-1 component.
+//! * The operator's kit: the compose profile `monitoring` scrapes exactly the services that serve
+//!   metrics; in the cloud overlays a PodMonitor selects every Deployment's pods on their metrics
+//!   port, each worker has a KEDA ScaledObject on its own SQS queue or Pub/Sub subscription (as
+//!   the bus names them), and every Deployment a PodDisruptionBudget that lets nodes drain.
 //! * `deploy/terraform`: `terraform fmt -check`, and the AWS module's SNS/SQS naming against the
 //!   bus's own mapping.
 //!
@@ -392,6 +396,9 @@ const PROFILES: [(&str, &str, &str); 5] = [
         "gcr.io/google.com/cloudsdktool/google-cloud-cli:",
     ),
 ];
+
+/// Profiles that add to a broker profile rather than run a fleet of their own.
+const ADD_ON_PROFILES: [&str; 1] = ["monitoring"];
 
 /// Splits a `sh -c` script into simple commands (words), joining `\`-continued lines and
 /// honouring quotes; `;`, `&&`, `||`, `|` and newlines separate commands.
@@ -863,6 +870,9 @@ fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
     // Every profile is a whole fleet on its own broker.
     let all_profiles: BTreeSet<String> = services.values().flat_map(|s| profiles_of(s)).collect();
     for p in &all_profiles {
+        if ADD_ON_PROFILES.contains(&p.as_str()) {
+            continue;
+        }
         let Some((_, scheme, broker_image)) = PROFILES.iter().find(|(name, _, _)| name == p) else {
             problems.push(format!(
                 "profile {p:?} is not one this test knows (add it to PROFILES)"
@@ -950,6 +960,9 @@ fn check_compose(doc: &Value, cli: &dyn Fn(&Invocation) -> Cli) -> Vec<String> {
                                 )),
                             }
                         }
+                        // A CLI command for which the bus is optional (`millrace status
+                        // --bus` adds dead-letter counts) may go without.
+                        None if !uses_bus_binary(&inv.binary) && !c.required.contains("--bus") => {}
                         None => problems.push(format!("{name}: no bus URL")),
                     }
                 }
@@ -2793,12 +2806,15 @@ fn the_facilitator_1_component_drops_the_collector_and_sets_the_index() {
         ("ServiceAccount", "mill"),
         ("ServiceAccount", "ingestor"),
         ("NetworkPolicy", "allow-ingestor"),
+        ("PodDisruptionBudget", "mill"),
     ] {
         assert!(
             find(&docs, k, name).is_none(),
             "facilitator 1 still has {k} {name}"
         );
     }
+    let problems = check_disruption_budgets(&docs);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
 }
 
 fn rendering_problems_after(edit: impl FnOnce(&mut Vec<Value>)) -> Vec<String> {
@@ -3395,4 +3411,591 @@ fn fleet_topics(prefix: &str) -> Vec<(String, String)> {
         .collect();
     fleet.extend(companions);
     fleet
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator's kit: Prometheus in Docker Compose, and in Kubernetes the PodMonitor, the KEDA
+// ScaledObjects and the PodDisruptionBudgets. (tests/monitoring.rs checks the rules and the
+// dashboard themselves.)
+// ---------------------------------------------------------------------------------------------
+
+/// The binaries that serve /metrics.
+const METRICS_BINARIES: [&str; 5] = [
+    "workflow-manager",
+    "intake-worker",
+    "aggregate-worker",
+    "mill",
+    "ingestor",
+];
+
+/// Where a compose service serves /metrics (`--metrics-addr` or `MILLRACE_METRICS_ADDR`), if its
+/// binary serves any; the binary's default is 127.0.0.1:9464.
+fn compose_metrics_addr(svc: &Value) -> Option<String> {
+    let binary = compose_binary(svc)?;
+    if !METRICS_BINARIES.contains(&binary.as_str()) {
+        return None;
+    }
+    let words = strings(&svc["command"]);
+    let from_flag = words.iter().enumerate().find_map(|(i, w)| {
+        if w == "--metrics-addr" {
+            words.get(i + 1).cloned()
+        } else {
+            w.strip_prefix("--metrics-addr=").map(str::to_string)
+        }
+    });
+    Some(
+        from_flag
+            .or_else(|| environment(svc).get("MILLRACE_METRICS_ADDR").cloned())
+            .unwrap_or_else(|| "127.0.0.1:9464".to_string()),
+    )
+}
+
+/// The `monitoring` profile: one Prometheus that loads deploy/monitoring's rules and scrapes
+/// exactly the services that serve metrics, each at the port it listens on.
+fn check_compose_monitoring(doc: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(services) = doc["services"].as_mapping() else {
+        return vec!["docker-compose.yml has no services".to_string()];
+    };
+    let services: BTreeMap<String, &Value> = services
+        .iter()
+        .filter_map(|(k, v)| Some((str_of(k)?, v)))
+        .collect();
+    let monitors: Vec<(&String, &&Value)> = services
+        .iter()
+        .filter(|(_, s)| profiles_of(s).contains("monitoring"))
+        .collect();
+    let [(name, prometheus)] = monitors.as_slice() else {
+        return vec![format!(
+            "profile monitoring: {} services, expected exactly one (prometheus)",
+            monitors.len()
+        )];
+    };
+    if !str_of(&prometheus["image"]).is_some_and(|i| i.starts_with("prom/prometheus:")) {
+        problems.push(format!(
+            "{name}: image {:?} is not prom/prometheus",
+            prometheus["image"]
+        ));
+    }
+    // deploy/monitoring is mounted; the config file and its rule files are in it.
+    let mount = strings(&prometheus["volumes"]).into_iter().find_map(|v| {
+        let mut parts = v.split(':');
+        let (source, target) = (parts.next()?, parts.next()?);
+        (source.trim_start_matches("./").trim_end_matches('/') == "deploy/monitoring")
+            .then(|| target.trim_end_matches('/').to_string())
+    });
+    let Some(mount) = mount else {
+        problems.push(format!("{name}: does not mount ./deploy/monitoring"));
+        return problems;
+    };
+    let in_checkout = |path: &str| -> Option<PathBuf> {
+        let rest = path.strip_prefix(&format!("{mount}/"))?;
+        Some(root().join("deploy/monitoring").join(rest))
+    };
+    let config = strings(&prometheus["command"])
+        .into_iter()
+        .find_map(|w| w.strip_prefix("--config.file=").map(str::to_string));
+    let Some(config) = config else {
+        problems.push(format!("{name}: no --config.file= in its command"));
+        return problems;
+    };
+    let Some(config_path) = in_checkout(&config).filter(|p| p.is_file()) else {
+        problems.push(format!(
+            "{name}: --config.file={config} is not a file of deploy/monitoring mounted at {mount}"
+        ));
+        return problems;
+    };
+    let scrape = load_yaml(&read(&config_path), &config_path.display().to_string());
+    let rule_files = strings(&scrape["rule_files"]);
+    if rule_files.is_empty() {
+        problems.push(format!("{}: no rule_files", config_path.display()));
+    }
+    for rules in rule_files {
+        if !in_checkout(&rules).is_some_and(|p| p.is_file()) {
+            problems.push(format!(
+                "{}: rule file {rules} is not a file of deploy/monitoring mounted at {mount}",
+                config_path.display()
+            ));
+        }
+    }
+    // Its targets are exactly the services that serve metrics, on their ports.
+    let mut targets = BTreeSet::new();
+    for job in scrape["scrape_configs"].as_sequence().into_iter().flatten() {
+        for group in job["static_configs"].as_sequence().into_iter().flatten() {
+            targets.extend(strings(&group["targets"]));
+        }
+    }
+    let mut want = BTreeSet::new();
+    for (svc_name, svc) in &services {
+        let Some(addr) = compose_metrics_addr(svc) else {
+            continue;
+        };
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), ""));
+        if host.starts_with("127.") || host == "localhost" {
+            problems.push(format!(
+                "{svc_name}: serves metrics on {addr}, which Prometheus in another container cannot reach"
+            ));
+            continue;
+        }
+        want.insert(format!("{svc_name}:{port}"));
+    }
+    for missing in want.difference(&targets) {
+        problems.push(format!(
+            "{}: does not scrape {missing}, which serves metrics",
+            config_path.display()
+        ));
+    }
+    for extra in targets.difference(&want) {
+        problems.push(format!(
+            "{}: scrapes {extra}, which is not a compose service serving metrics there",
+            config_path.display()
+        ));
+    }
+    problems
+}
+
+#[test]
+fn the_monitoring_profile_scrapes_exactly_the_services_that_serve_metrics() {
+    let problems = check_compose_monitoring(&compose_doc());
+    assert!(
+        problems.is_empty(),
+        "docker-compose.yml, profile monitoring:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn a_broken_monitoring_profile_is_caught() {
+    let after = |edit: &dyn Fn(&mut Value)| {
+        let mut doc = compose_doc();
+        edit(&mut doc);
+        check_compose_monitoring(&doc)
+    };
+    // A new service serving metrics that Prometheus does not know about.
+    expect_problem(
+        &after(&|d| {
+            let mill = d["services"]["nats-mill"].clone();
+            d["services"]["nats-mill-2"] = mill;
+        }),
+        "does not scrape nats-mill-2:9464",
+    );
+    // A service that no longer serves metrics beyond its own loopback.
+    expect_problem(
+        &after(&|d| {
+            d["services"]["kafka-intake-worker-1"]["environment"]["MILLRACE_METRICS_ADDR"] =
+                Value::String("127.0.0.1:9464".to_string());
+        }),
+        "kafka-intake-worker-1: serves metrics on 127.0.0.1:9464",
+    );
+    // A service moved to another port.
+    expect_problem(
+        &after(&|d| {
+            d["services"]["aws-ingestor"]["command"] = serde_norway::from_str(
+                "[--listen, '0.0.0.0:8080', --metrics-addr, '0.0.0.0:9465']",
+            )
+            .unwrap_or(Value::Null);
+        }),
+        "scrapes aws-ingestor:9464, which is not a compose service serving metrics there",
+    );
+    // The config file outside the mount.
+    expect_problem(
+        &after(&|d| {
+            d["services"]["prometheus"]["command"] =
+                serde_norway::from_str("['--config.file=/etc/prometheus/prometheus.yml']")
+                    .unwrap_or(Value::Null);
+        }),
+        "is not a file of deploy/monitoring",
+    );
+}
+
+/// The worker Deployments KEDA scales, each with the topic and consumer group it consumes.
+fn worker_queue(deployment: &str, prefix: &str, facilitator: u8) -> Option<(String, String)> {
+    use millrace_protocol::tasks::{groups, topics};
+    match deployment {
+        "intake-worker" => Some((
+            topics::intake(prefix, facilitator),
+            groups::intake(facilitator),
+        )),
+        "aggregate-worker" => Some((
+            topics::aggregate(prefix, facilitator),
+            groups::aggregate(facilitator),
+        )),
+        "mill" => Some((topics::collect(prefix), groups::collect())),
+        _ => None,
+    }
+}
+
+fn settings_of(docs: &[Value]) -> BTreeMap<String, String> {
+    kind(docs, "ConfigMap")
+        .into_iter()
+        .find(|c| name_of(c).starts_with("millrace-settings"))
+        .and_then(|c| c["data"].as_mapping())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((str_of(k)?, str_of(v)?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each Deployment's pods have a PodDisruptionBudget that still lets a node drain.
+fn check_disruption_budgets(docs: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for d in kind(docs, "Deployment") {
+        let name = name_of(d);
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        let budgets: Vec<&Value> = kind(docs, "PodDisruptionBudget")
+            .into_iter()
+            .filter(|b| {
+                b["spec"]["selector"]["matchLabels"].is_mapping()
+                    && labels_match(&b["spec"]["selector"], labels)
+            })
+            .collect();
+        let [budget] = budgets.as_slice() else {
+            problems.push(format!(
+                "Deployment {name}: {} PodDisruptionBudgets cover its pods, expected one",
+                budgets.len()
+            ));
+            continue;
+        };
+        // The fewest replicas it runs: fixed, or its autoscaler's minimum.
+        let scaler_min = kind(docs, "ScaledObject")
+            .into_iter()
+            .chain(kind(docs, "HorizontalPodAutoscaler"))
+            .find(|s| str_of(&s["spec"]["scaleTargetRef"]["name"]).as_deref() == Some(&name))
+            .and_then(|s| {
+                s["spec"]["minReplicaCount"]
+                    .as_u64()
+                    .or(s["spec"]["minReplicas"].as_u64())
+            });
+        let replicas = d["spec"]["replicas"].as_u64().or(scaler_min).unwrap_or(1);
+        let min_available = budget["spec"]["minAvailable"].as_u64();
+        let max_unavailable = budget["spec"]["maxUnavailable"].as_u64();
+        let blocks = match (min_available, max_unavailable) {
+            (Some(n), _) => n >= replicas,
+            (None, Some(n)) => n == 0,
+            (None, None) => false,
+        };
+        if blocks {
+            problems.push(format!(
+                "PodDisruptionBudget {} lets none of Deployment {name}'s {replicas} replica(s) be evicted: node drains would hang",
+                name_of(budget)
+            ));
+        }
+    }
+    problems
+}
+
+/// The PodMonitor, the PrometheusRule, and on AWS and Google Cloud a KEDA ScaledObject per worker
+/// on its own queue or subscription (elsewhere none).
+fn check_operations(docs: &[Value], cloud: &Cloud) -> Vec<String> {
+    let mut problems = check_disruption_budgets(docs);
+    let deployments: BTreeMap<String, &Value> = kind(docs, "Deployment")
+        .into_iter()
+        .map(|d| (name_of(d), d))
+        .collect();
+
+    // PodMonitor: every Deployment's pods are selected, on a port they name.
+    let monitors = kind(docs, "PodMonitor");
+    let [monitor] = monitors.as_slice() else {
+        problems.push(format!("{} PodMonitors, expected one", monitors.len()));
+        return problems;
+    };
+    if str_of(&monitor["apiVersion"]).as_deref() != Some("monitoring.coreos.com/v1") {
+        problems.push(format!("PodMonitor apiVersion {:?}", monitor["apiVersion"]));
+    }
+    let ports: Vec<String> = monitor["spec"]["podMetricsEndpoints"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| str_of(&e["port"]))
+        .collect();
+    if ports.is_empty() {
+        problems.push("PodMonitor has no podMetricsEndpoints with a named port".to_string());
+    }
+    for (name, d) in &deployments {
+        let pod = &d["spec"]["template"];
+        if !labels_match(&monitor["spec"]["selector"], &pod["metadata"]["labels"]) {
+            problems.push(format!(
+                "PodMonitor does not select Deployment {name}'s pods"
+            ));
+            continue;
+        }
+        for port in &ports {
+            // The named port, and the one /readyz is probed on: the metrics server's.
+            let container = pod["spec"]["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|c| {
+                    c["ports"].as_sequence().into_iter().flatten().any(|p| {
+                        str_of(&p["name"]).as_deref() == Some(port.as_str())
+                            && p["containerPort"].as_u64().is_some()
+                    })
+                });
+            match container {
+                None => problems.push(format!(
+                    "PodMonitor scrapes port {port:?}, which Deployment {name}'s pods do not name"
+                )),
+                Some(c) => {
+                    if str_of(&c["readinessProbe"]["httpGet"]["port"]).as_deref()
+                        != Some(port.as_str())
+                    {
+                        problems.push(format!(
+                            "Deployment {name}: /readyz is not probed on port {port:?}, so that port is not the metrics server's"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if kind(docs, "PrometheusRule").is_empty() {
+        problems.push("no PrometheusRule".to_string());
+    }
+
+    // KEDA.
+    let settings = settings_of(docs);
+    let prefix = settings.get("topic-prefix").cloned().unwrap_or_default();
+    let facilitator: u8 = settings
+        .get("facilitator")
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(u8::MAX);
+    let bus = settings.get("bus").cloned().unwrap_or_default();
+    let trigger_type = match cloud.name {
+        "aws" => Some("aws-sqs-queue"),
+        "gcp" => Some("gcp-pubsub"),
+        _ => None,
+    };
+    let scaled = kind(docs, "ScaledObject");
+    let Some(trigger_type) = trigger_type else {
+        for s in &scaled {
+            problems.push(format!(
+                "ScaledObject {} on a bus KEDA is not set up for here",
+                name_of(s)
+            ));
+        }
+        for (name, d) in &deployments {
+            if worker_queue(name, &prefix, facilitator).is_some() && d["spec"]["replicas"].is_null()
+            {
+                problems.push(format!(
+                    "Deployment {name} sets no replicas and nothing scales it"
+                ));
+            }
+        }
+        return problems;
+    };
+    let auths: BTreeSet<String> = kind(docs, "TriggerAuthentication")
+        .into_iter()
+        .map(name_of)
+        .collect();
+    // The AWS account the identities are in (the IRSA role ARNs).
+    let accounts: BTreeSet<String> = kind(docs, "ServiceAccount")
+        .into_iter()
+        .filter_map(|sa| str_of(&sa["metadata"]["annotations"][cloud.identity_annotation]))
+        .filter_map(|arn| arn.split(':').nth(4).map(str::to_string))
+        .collect();
+    for s in &scaled {
+        let target = str_of(&s["spec"]["scaleTargetRef"]["name"]).unwrap_or_default();
+        let target_kind =
+            str_of(&s["spec"]["scaleTargetRef"]["kind"]).unwrap_or_else(|| "Deployment".into());
+        if target_kind != "Deployment" || !deployments.contains_key(&target) {
+            problems.push(format!(
+                "ScaledObject {} scales {target_kind} {target:?}, which is not a Deployment here",
+                name_of(s)
+            ));
+        }
+    }
+    for (name, d) in &deployments {
+        let Some((topic, group)) = worker_queue(name, &prefix, facilitator) else {
+            continue;
+        };
+        let mine: Vec<&&Value> = scaled
+            .iter()
+            .filter(|s| str_of(&s["spec"]["scaleTargetRef"]["name"]).as_deref() == Some(name))
+            .collect();
+        let [s] = mine.as_slice() else {
+            problems.push(format!(
+                "Deployment {name}: {} ScaledObjects scale it, expected one",
+                mine.len()
+            ));
+            continue;
+        };
+        let so = name_of(s);
+        if !d["spec"]["replicas"].is_null() {
+            problems.push(format!(
+                "Deployment {name} sets replicas ({:?}): leave the count to ScaledObject {so}, or every `kubectl apply` resets it",
+                d["spec"]["replicas"]
+            ));
+        }
+        let min = s["spec"]["minReplicaCount"].as_u64().unwrap_or(0);
+        let max = s["spec"]["maxReplicaCount"].as_u64().unwrap_or(100);
+        if min < 1 || max < min {
+            problems.push(format!(
+                "ScaledObject {so}: minReplicaCount {min} / maxReplicaCount {max} (a worker must not scale to zero: it holds the bus connection /readyz reports)"
+            ));
+        }
+        let triggers: Vec<&Value> = s["spec"]["triggers"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .collect();
+        if triggers.is_empty() {
+            problems.push(format!("ScaledObject {so} has no trigger"));
+        }
+        for t in triggers {
+            let ty = str_of(&t["type"]).unwrap_or_default();
+            if ty != trigger_type {
+                problems.push(format!(
+                    "ScaledObject {so}: trigger {ty:?}, expected {trigger_type} on {}",
+                    cloud.name
+                ));
+                continue;
+            }
+            let auth = str_of(&t["authenticationRef"]["name"]).unwrap_or_default();
+            if !auths.contains(&auth) {
+                problems.push(format!(
+                    "ScaledObject {so}: authenticationRef {auth:?} is no TriggerAuthentication here"
+                ));
+            }
+            let meta = &t["metadata"];
+            match trigger_type {
+                "aws-sqs-queue" => {
+                    let region = bus.strip_prefix("sns-sqs://").unwrap_or_default();
+                    let queue = millrace_bus::sns_sqs::queue_name(&topic, &group);
+                    let url = str_of(&meta["queueURL"]).unwrap_or_default();
+                    let account = url.split('/').nth(3).unwrap_or_default().to_string();
+                    let want_prefix = format!("https://sqs.{region}.amazonaws.com/");
+                    if !url.starts_with(&want_prefix) || !url.ends_with(&format!("/{queue}")) {
+                        problems.push(format!(
+                            "ScaledObject {so}: queueURL {url:?}, expected {want_prefix}ACCOUNT/{queue} (the queue of {topic} / {group})"
+                        ));
+                    }
+                    if !accounts.contains(&account) {
+                        problems.push(format!(
+                            "ScaledObject {so}: queueURL's account {account:?} is not the one of the service accounts' roles {accounts:?}"
+                        ));
+                    }
+                    if str_of(&meta["awsRegion"]).as_deref() != Some(region) {
+                        problems.push(format!(
+                            "ScaledObject {so}: awsRegion {:?}, but the bus is in {region:?}",
+                            meta["awsRegion"]
+                        ));
+                    }
+                }
+                _ => {
+                    let project = bus.strip_prefix("pubsub://").unwrap_or_default();
+                    let want = format!(
+                        "projects/{project}/subscriptions/{}",
+                        millrace_bus::pubsub::subscription_id(&topic, &group)
+                    );
+                    let got = str_of(&meta["subscriptionName"]).unwrap_or_default();
+                    if got != want {
+                        problems.push(format!(
+                            "ScaledObject {so}: subscriptionName {got:?}, expected {want:?} (the subscription of {topic} / {group})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_cloud_overlays_scale_each_worker_on_its_own_queue_and_are_monitored() {
+    for cloud in [&AWS, &GCP] {
+        let docs = overlay(cloud.name);
+        let problems = with_overlay(cloud, check_operations(&docs, cloud));
+        assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+        assert_eq!(
+            kind(&docs, "ScaledObject").len(),
+            3,
+            "overlay {}",
+            cloud.name
+        );
+    }
+    // Amazon MQ is RabbitMQ: no SQS queue to scale on, fixed replicas instead.
+    let docs = overlay("aws-amazon-mq");
+    let problems = check_operations(&docs, &AMAZON_MQ);
+    assert!(problems.is_empty(), "\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn broken_autoscaling_or_monitoring_is_caught() {
+    let after = |cloud: &Cloud, edit: &dyn Fn(&mut Vec<Value>)| {
+        let mut docs = overlay(cloud.name);
+        edit(&mut docs);
+        check_operations(&docs, cloud)
+    };
+    expect_problem(
+        &after(&AWS, &|docs| {
+            doc_mut(docs, "ScaledObject", "aggregate-worker")["spec"]["triggers"][0]["metadata"]
+                ["queueURL"] = Value::String(
+                "https://sqs.us-east-1.amazonaws.com/111122223333/millrace_0_intake__intake-worker-0"
+                    .to_string(),
+            );
+        }),
+        "ScaledObject aggregate-worker: queueURL",
+    );
+    expect_problem(
+        &after(&AWS, &|docs| {
+            doc_mut(docs, "ScaledObject", "mill")["spec"]["triggers"][0]["metadata"]["awsRegion"] =
+                Value::String("eu-west-1".to_string());
+        }),
+        "awsRegion",
+    );
+    expect_problem(
+        &after(&GCP, &|docs| {
+            doc_mut(docs, "ScaledObject", "intake-worker")["spec"]["triggers"][0]["metadata"]
+                ["subscriptionName"] = Value::String(
+                "projects/example-project/subscriptions/millrace.1.intake~intake-worker-1"
+                    .to_string(),
+            );
+        }),
+        "ScaledObject intake-worker: subscriptionName",
+    );
+    expect_problem(
+        &after(&GCP, &|docs| {
+            doc_mut(docs, "ScaledObject", "mill")["spec"]["scaleTargetRef"]["name"] =
+                Value::String("mil".to_string());
+        }),
+        "scales Deployment \"mil\", which is not a Deployment here",
+    );
+    expect_problem(
+        &after(&AWS, &|docs| {
+            doc_mut(docs, "Deployment", "intake-worker")["spec"]["replicas"] = Value::from(2u64);
+        }),
+        "Deployment intake-worker sets replicas",
+    );
+    expect_problem(
+        &after(&AWS, &|docs| {
+            let d = doc_mut(docs, "Deployment", "aggregate-worker");
+            d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"] =
+                Value::String("prometheus".to_string());
+        }),
+        "PodMonitor scrapes port \"metrics\", which Deployment aggregate-worker's pods do not name",
+    );
+    expect_problem(
+        &after(&AWS, &|docs| {
+            docs.retain(|d| {
+                !(str_of(&d["kind"]).as_deref() == Some("PodDisruptionBudget")
+                    && name_of(d) == "mill")
+            });
+        }),
+        "Deployment mill: 0 PodDisruptionBudgets",
+    );
+    expect_problem(
+        &after(&AWS, &|docs| {
+            let b = doc_mut(docs, "PodDisruptionBudget", "mill");
+            b["spec"] = serde_norway::from_str(
+                "{minAvailable: 1, selector: {matchLabels: {app.kubernetes.io/name: mill}}}",
+            )
+            .unwrap_or(Value::Null);
+        }),
+        "node drains would hang",
+    );
+    expect_problem(
+        &check_operations(&overlay("aws"), &AMAZON_MQ),
+        "ScaledObject intake-worker on a bus KEDA is not set up for here",
+    );
 }

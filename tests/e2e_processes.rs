@@ -17,13 +17,18 @@
 mod emulators;
 #[path = "support/hostile.rs"]
 mod hostile;
+#[path = "support/otlp.rs"]
+mod otlp;
 #[path = "support/plain_clients.rs"]
 mod plain_clients;
 
 use std::path::{Path, PathBuf};
 
 use millrace_protocol::tasks::{groups, topics};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn bin(name: &str) -> PathBuf {
@@ -59,9 +64,15 @@ fn strip_ansi(line: &str) -> String {
 }
 
 fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    started(&child);
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -94,6 +105,7 @@ impl Fleet {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        started(&child);
         self.children.push((name.to_string(), child));
     }
 
@@ -270,6 +282,96 @@ const WAITING_RETRIES: &[&str] = &[
     "50",
 ];
 
+/// Every process the tests started, so that the watchdog can stop them all.
+static STARTED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn started(child: &Child) {
+    STARTED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(child.id());
+}
+
+/// Turns a run that hangs into a failure that says where: a run that takes longer than `limit`
+/// (several times what one ever needs) gets its current step and every service's log tail
+/// written to stderr, every process the tests started killed, and the test binary ended with a
+/// failure, so that `make test` fails in minutes instead of waiting forever.
+struct Watchdog {
+    finished: Arc<AtomicBool>,
+    step: Arc<Mutex<String>>,
+}
+
+impl Watchdog {
+    fn start(label: &str, logs: PathBuf, limit: Duration) -> Watchdog {
+        let finished = Arc::new(AtomicBool::new(false));
+        let step = Arc::new(Mutex::new("starting".to_string()));
+        let (label, watched_finish, watched_step) =
+            (label.to_string(), finished.clone(), step.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if watched_finish.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let step = watched_step
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+            let mut report = format!(
+                "\n{label}: the run did not finish within {limit:?}; it was {step}. The services' logs end:\n"
+            );
+            let mut names: Vec<PathBuf> = std::fs::read_dir(&logs)
+                .map(|dir| dir.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            names.sort();
+            for path in names {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                report.push_str(&format!(
+                    "\n--- {} ---\n{}\n",
+                    path.display(),
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                ));
+            }
+            // Straight to the file descriptor: the test harness would hold back `eprintln!`.
+            let _ = std::io::stderr().lock().write_all(report.as_bytes());
+            let pids = STARTED
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+            for pid in pids {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            std::process::exit(101);
+        });
+        Watchdog { finished, step }
+    }
+
+    /// What the run is doing now (shown if it hangs).
+    fn step(&self, what: &str) {
+        let mut step = self
+            .step
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *step = what.to_string();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.finished.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How long one end-to-end run may take before the watchdog ends it (a run takes one to two
+/// minutes: a minute window must close, then every worker drains).
+const RUN_LIMIT: Duration = Duration::from_secs(600);
+
 /// One fleet at a time: three fleets of seven processes at once would only fight over two cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -340,7 +442,7 @@ impl Plain {
 const MAX_LOG_LINE: usize = 8 * 1024;
 const MAX_LOG_TOTAL: usize = 1024 * 1024;
 
-fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: Plain) {
+fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: Plain) -> Scraped {
     e2e_with(
         BusUrls {
             services: bus_url,
@@ -351,8 +453,11 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
         stores,
         env,
         plain,
-    );
+    )
 }
+
+/// What each service's `/metrics` showed once every result was in (service name → text).
+type Scraped = Vec<(String, String)>;
 
 /// The bus URL the services get, the one the test's own clients use, and a secret no service may
 /// ever log. The two URLs differ when the services read their password from a reference the
@@ -363,7 +468,13 @@ struct BusUrls<'a> {
     secret: Option<&'a str>,
 }
 
-fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], plain: Plain) {
+fn e2e_with(
+    urls: BusUrls,
+    label: &str,
+    stores: Stores,
+    env: &[(&str, &str)],
+    plain: Plain,
+) -> Scraped {
     let bus_url = urls.test;
     let _turn = ONE_AT_A_TIME
         .lock()
@@ -387,6 +498,7 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
     let expect = d.join("expect.json");
     let logs = d.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
+    let watchdog = Watchdog::start(label, logs.clone(), RUN_LIMIT);
     let prefix = format!(
         "e2e-{label}-{}-{}",
         std::process::id(),
@@ -445,10 +557,12 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
     }
     // Consumers first, so their queues and groups exist (each logs "started" once it has
     // created its topics); then the publishers.
+    watchdog.step("waiting for the consumers to start");
     for (name, _) in &fleet.children {
         fleet.wait_for_log(name, &["started", "service"], Duration::from_secs(60));
     }
     // The hostile corpus, published with the broker's own client while the real tasks flow.
+    watchdog.step("connecting the test's own bus clients");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let bus = runtime
         .block_on(millrace_bus::connect(bus_url))
@@ -468,6 +582,7 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
     };
     // The ingestor, the fleet's front door, and the simulated clients sending it reports made
     // now, while the fleet runs (as a real deployment is fed).
+    watchdog.step("starting the ingestor");
     fleet.spawn(
         "ingestor",
         "ingestor",
@@ -533,20 +648,42 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
             ]),
         );
     }
+    watchdog.step("waiting for `millrace ingest` (uploading reports to the ingestor)");
     let uploaded = clients
         .join()
         .unwrap_or_else(|_| panic!("{label}: millrace ingest failed (above)"));
     println!("{label}: {}", uploaded.trim());
+    watchdog.step("waiting for `millrace status --wait-secs 240`");
     let status = Command::new(bin("millrace"))
         .envs(env.iter().cloned())
         .args(["status", "--config"])
         .arg(&config)
         .args(["--collector-store", &sc, "--wait-secs", "240", "--expect"])
         .arg(&expect)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    started(&status);
+    let status = status.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&status.stdout).to_string();
+    watchdog.step("scraping every service's /metrics");
+    let mut scraped = Vec::new();
+    for (name, _) in &fleet.children {
+        let addr = fleet.logged_address(name, "metrics=");
+        let text = runtime
+            .block_on(async {
+                reqwest::get(format!("http://{addr}/metrics"))
+                    .await?
+                    .text()
+                    .await
+            })
+            .unwrap_or_else(|e| panic!("{label}: scraping {name}'s /metrics at {addr}: {e}"));
+        scraped.push((name.clone(), text));
+    }
+    watchdog.step("waiting for the hostile corpus to be published");
     let published = publisher.join();
+    watchdog.step("stopping the fleet (SIGTERM)");
     let problems = fleet.stop();
     assert!(
         status.status.success(),
@@ -556,6 +693,7 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
     let published = published
         .unwrap_or_else(|_| panic!("{label}: publishing the hostile corpus failed (above)"));
     // Each hostile item once on its topic's .rejected, bounded; nothing else there.
+    watchdog.step("reading every topic's .rejected");
     let summary = runtime.block_on(hostile::check_rejected(
         bus.clone(),
         &sent,
@@ -578,6 +716,7 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
         "{label}: {problems:?}\n{}",
         fleet.log_tails()
     );
+    watchdog.step("running the cleaner once on each store");
     // The cleaner needs no bus: one pass over each store must succeed (and, with a week's TTL,
     // delete nothing that is this young).
     for s in [&s0, &s1] {
@@ -603,6 +742,8 @@ fn e2e_with(urls: BusUrls, label: &str, stores: Stores, env: &[(&str, &str)], pl
         "cleaner --once (collector)",
     );
     println!("{label}: every result equals the plaintext\n{report}");
+    watchdog.step("removing the run's topics from the broker");
+    scraped
 }
 
 /// Every topic the fleet used, with the consumer group on it.
@@ -722,14 +863,260 @@ fn e2e_amqp() {
     );
 }
 
+/// NATS, with every process exporting its spans to a real OTLP receiver: one batch's trace runs
+/// from the ingestor through both facilitators' workflow-managers and intake-workers, and the
+/// window's trace, which links to it, through the aggregate-workers to the mill.
 #[test]
 fn e2e_nats() {
-    e2e(
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (endpoint, received) = otlp::start(&runtime);
+    let scraped = e2e(
         "nats://127.0.0.1:4222",
         "nats",
         Stores::Files,
-        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "500"),
+        ],
         Plain::Nats,
+    );
+    assert!(
+        received.undecodable().is_empty(),
+        "the OTLP receiver got bodies it could not decode: {:?}",
+        received.undecodable()
+    );
+    let trace = one_batch_trace(&received.spans());
+    println!("nats: one batch's trace, as the OTLP receiver got it:\n{trace}");
+    check_metrics_reference(&scraped);
+}
+
+/// The README's metrics reference against a running fleet: every `millrace_*` metric a service
+/// exported is documented there, every documented one is defined in the code, the fleet's main
+/// ones were exported by this run, and the lag histograms have their explicit buckets.
+fn check_metrics_reference(scraped: &Scraped) {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("#### Metrics reference")
+        .nth(1)
+        .and_then(|rest| rest.split("\n#").next())
+        .expect("the README has a \"Metrics reference\" table");
+    let documented: std::collections::BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect();
+    assert!(
+        documented.len() > 20,
+        "the table lists too few metrics: {documented:?}"
+    );
+    let mut problems = Vec::new();
+    let mut exported: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (service, text) in scraped {
+        for line in text.lines().filter(|l| l.starts_with("millrace_")) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| documented.contains(*base))
+                .unwrap_or(name);
+            let services = exported.entry(family.to_string()).or_default();
+            if !services.contains(service) {
+                services.push(service.clone());
+            }
+        }
+    }
+    for (name, services) in &exported {
+        if !documented.contains(name) {
+            problems.push(format!(
+                "{name} (exported by {services:?}) is not in the README's metrics reference"
+            ));
+        }
+    }
+    let code = source_text(Path::new(env!("CARGO_MANIFEST_DIR")));
+    for name in &documented {
+        if !code.contains(&format!("\"{name}\"")) {
+            problems.push(format!(
+                "{name} is in the README's metrics reference but defined nowhere in the code"
+            ));
+        }
+    }
+    for name in [
+        "millrace_tasks_total",
+        "millrace_tasks_scheduled_total",
+        "millrace_reports_validated_total",
+        "millrace_windows_succeeded_total",
+        "millrace_ingestor_reports_accepted_total",
+        millrace_runtime::lag::BATCH_INTAKE,
+        millrace_runtime::lag::BATCH_VALIDATION,
+        millrace_runtime::lag::WINDOW_MANIFEST,
+        millrace_runtime::lag::WINDOW_SUM_PART,
+        millrace_runtime::lag::WINDOW_RESULT,
+    ] {
+        if !exported.contains_key(name) {
+            problems.push(format!(
+                "{name} was not exported by any service of a fleet that ran"
+            ));
+        }
+    }
+    for name in millrace_runtime::lag::ALL {
+        let bucket = format!("{name}_bucket{{");
+        let has_buckets = scraped.iter().any(|(_, text)| {
+            text.lines()
+                .any(|l| l.starts_with(&bucket) && l.contains("le=\"86400\""))
+        });
+        if !has_buckets {
+            problems.push(format!(
+                "{name} has no explicit buckets (no le=\"86400\" bucket)"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "metrics reference:\n  {}",
+        problems.join("\n  ")
+    );
+    println!(
+        "metrics reference: {} documented, {} exported by this fleet",
+        documented.len(),
+        exported.len()
+    );
+}
+
+/// Every Rust source under the crate's services/, shared/ and src/, concatenated.
+fn source_text(root: &Path) -> String {
+    let mut out = String::new();
+    let mut stack: Vec<PathBuf> = ["services", "shared", "src"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "target") {
+                    stack.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// Finds a batch whose spans form the whole chain, and returns it drawn as a tree; panics with
+/// what was received when no batch does.
+fn one_batch_trace(spans: &[otlp::ReceivedSpan]) -> String {
+    use otlp::{CONSUMER, PRODUCER};
+    let by_id: std::collections::HashMap<&str, &otlp::ReceivedSpan> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let parent_of = |s: &otlp::ReceivedSpan| by_id.get(s.parent_span_id.as_str()).copied();
+    let mut why = Vec::new();
+    for intake in spans
+        .iter()
+        .filter(|s| s.service == "intake-worker" && s.kind == CONSUMER)
+    {
+        let Some(batch) = intake.attribute("batch") else {
+            continue;
+        };
+        let t = &intake.trace_id;
+        let in_trace: Vec<&otlp::ReceivedSpan> =
+            spans.iter().filter(|s| &s.trace_id == t).collect();
+        let stored = in_trace
+            .iter()
+            .any(|s| s.service == "ingestor" && s.attribute("batch") == Some(batch));
+        // Both facilitators' intake tasks: each consumer span is the child of a
+        // workflow-manager's producer span of the same trace.
+        let validated: Vec<_> = in_trace
+            .iter()
+            .filter(|s| s.service == "intake-worker" && s.kind == CONSUMER)
+            .filter(|s| {
+                parent_of(s).is_some_and(|p| {
+                    p.service == "workflow-manager"
+                        && p.kind == PRODUCER
+                        && p.attribute("messaging.destination.name")
+                            == s.attribute("messaging.destination.name")
+                })
+            })
+            .collect();
+        let groups: std::collections::BTreeSet<_> = validated
+            .iter()
+            .filter_map(|s| s.attribute("messaging.consumer.group.name"))
+            .collect();
+        // The aggregate-workers link to the batch's trace from their window's trace; each sends a
+        // sum part the mill consumes as a child of that send.
+        let aggregated: Vec<_> = spans
+            .iter()
+            .filter(|s| {
+                s.service == "aggregate-worker" && s.kind == CONSUMER && s.links.contains(t)
+            })
+            .collect();
+        let milled = aggregated.iter().any(|a| {
+            spans.iter().any(|m| {
+                m.service == "mill"
+                    && m.kind == CONSUMER
+                    && m.trace_id == a.trace_id
+                    && parent_of(m).is_some_and(|send| {
+                        send.service == "aggregate-worker"
+                            && send.kind == PRODUCER
+                            && send.parent_span_id == a.span_id
+                    })
+            })
+        });
+        let window_from_wm = aggregated.iter().all(|a| {
+            parent_of(a).is_some_and(|p| p.service == "workflow-manager" && p.kind == PRODUCER)
+        });
+        if stored && groups.len() == 2 && aggregated.len() >= 2 && milled && window_from_wm {
+            let window_traces: std::collections::BTreeSet<&str> =
+                aggregated.iter().map(|a| a.trace_id.as_str()).collect();
+            let in_window = spans
+                .iter()
+                .filter(|s| window_traces.contains(s.trace_id.as_str()));
+            let mut lines = Vec::new();
+            for s in in_trace.iter().copied().chain(in_window) {
+                lines.push(format!(
+                    "  trace {}… span {} parent {:16} {:>16} {:9} {} {}",
+                    &s.trace_id[..8],
+                    s.span_id,
+                    s.parent_span_id,
+                    s.service,
+                    match s.kind {
+                        PRODUCER => "producer",
+                        CONSUMER => "consumer",
+                        _ => "internal",
+                    },
+                    s.name,
+                    if s.links.is_empty() {
+                        String::new()
+                    } else {
+                        format!("(links to {} batch traces)", s.links.len())
+                    }
+                ));
+            }
+            return lines.join("\n");
+        }
+        why.push(format!(
+            "batch {batch}: stored by the ingestor in its trace: {stored}; validated under a \
+             workflow-manager's send by groups {groups:?}; aggregate-worker spans linking to it: {}; \
+             a mill span under an aggregate-worker's send: {milled}; aggregate spans under a \
+             workflow-manager's send: {window_from_wm}",
+            aggregated.len()
+        ));
+    }
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for s in spans {
+        *counts
+            .entry((s.service.clone(), s.name.clone()))
+            .or_default() += 1;
+    }
+    panic!(
+        "no batch has a whole trace; received {} spans: {counts:#?}\n{}",
+        spans.len(),
+        why.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
     );
 }
 

@@ -179,6 +179,9 @@ async fn the_helper_publishes_only_after_the_leaders_manifest_and_both_cover_the
     let (r1, t1) = pass(&h, 1, t).await;
     assert!(t1.is_empty(), "{t1:?}");
     assert_eq!(r1.windows_waiting, h.expectations.windows.len(), "{r1:?}");
+    // ... for the leader's manifest, the reason `millrace_windows_waiting{reason}` shows.
+    assert_eq!(r1.waiting_for_manifest, r1.windows_waiting, "{r1:?}");
+    assert_eq!(r1.waiting_for_validations, 0, "{r1:?}");
     // The leader decides every window and writes one manifest per window to both stores.
     let (r0, t0) = pass(&h, 0, t).await;
     assert_eq!(r0.manifests_written, h.expectations.windows.len(), "{r0:?}");
@@ -543,6 +546,11 @@ async fn batches_one_side_lacks_are_left_out_after_the_peer_deadline() {
     // Right after validation: that window waits (the others are decided).
     let (r0, early) = pass(&h, 0, t).await;
     assert_eq!(r0.windows_waiting, 1, "{r0:?}");
+    assert_eq!(
+        (r0.waiting_for_validations, r0.waiting_for_manifest),
+        (1, 0),
+        "{r0:?}"
+    );
     assert!(!h.stores[0].exists(&manifest_key(&agg, w, 0)).await.unwrap());
     // Past the peer deadline (10 minutes by default), far before max age.
     complete(&h, t + 11 * MIN).await;

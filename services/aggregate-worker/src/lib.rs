@@ -58,7 +58,7 @@ use millrace_protocol::tasks::{
     topics, AggregateTask, SumPartReady, TaskMessage, SUM_PART_READY_VERSION,
 };
 use millrace_protocol::vdaf::{Accumulator, Prio3Vdaf, ReportId};
-use millrace_runtime::{Handler, Task, TaskError};
+use millrace_runtime::{lag, propagation, Handler, Task, TaskError};
 use millrace_store::Store;
 
 pub struct AggregateWorker {
@@ -219,6 +219,10 @@ impl AggregateWorker {
                 task.generation
             ))
         })?;
+        // One task covers the window's batches: its span links to each batch's trace.
+        for b in &manifest.batches {
+            propagation::link(propagation::batch_context(&task.aggregation, &b.batch));
+        }
         Ok((manifest, key))
     }
 
@@ -524,6 +528,7 @@ impl AggregateWorker {
                         invalid = part.invalid_count,
                         "sum part written"
                     );
+                    lag::record(lag::WINDOW_SUM_PART, &agg.id, window.end);
                     Released::Part(part)
                 }
             }
@@ -536,13 +541,14 @@ impl AggregateWorker {
             generation: manifest.generation,
             facilitator: self.facilitator,
         };
-        self.bus
-            .publish(
-                &topics::collect(&self.topic_prefix),
-                Message::new(ready.to_json()),
-            )
-            .await
-            .map_err(|e| TaskError::Transient(e.to_string()))?;
+        propagation::publish(
+            self.bus.as_ref(),
+            &topics::collect(&self.topic_prefix),
+            Message::new(ready.to_json()),
+            None,
+        )
+        .await
+        .map_err(|e| TaskError::Transient(e.to_string()))?;
         Ok(released)
     }
 
@@ -691,6 +697,7 @@ impl Handler for AggregateWorker {
     async fn handle(&self, task: &Task) -> Result<(), TaskError> {
         let t = AggregateTask::from_json(&task.body)
             .map_err(|e| TaskError::Permanent(format!("message {}: {e}", task.message_id)))?;
+        propagation::record_subject(&t.aggregation, Some(&t.window), None);
         self.aggregate(&t).await.map(|_| ())
     }
 }

@@ -49,11 +49,13 @@ async fn main() -> anyhow::Result<()> {
         service.bus.clone(),
         &args.bus.topic_prefix,
     )?;
-    service
+    let consumed = service
         .consume(
             "aggregate-worker",
             args.worker.worker_config(topic, group),
             Arc::new(worker),
         )
-        .await
+        .await;
+    millrace_runtime::telemetry::shutdown();
+    consumed
 }

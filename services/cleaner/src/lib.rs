@@ -61,6 +61,9 @@ pub struct Cleaner {
 
 impl Cleaner {
     pub fn new(config: Arc<Config>, store: Store, settings: Settings) -> Self {
+        // Zero until something is deleted, rather than absent: a pushed or scraped run that
+        // deleted nothing still says so.
+        metrics::counter!("millrace_cleaner_deleted_total").increment(0);
         Cleaner {
             config,
             store,

@@ -10,6 +10,9 @@ use millrace_protocol::config::Config;
 use millrace_runtime::cli::parse_duration;
 use millrace_store::Store;
 
+/// The cleaner's Pushgateway job.
+const JOB: &str = "millrace-cleaner";
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum RoleArg {
     Facilitator,
@@ -47,12 +50,21 @@ struct Args {
     /// Delete nothing; log each deletion that would be made.
     #[arg(long, env = "MILLRACE_DRY_RUN")]
     dry_run: bool,
+    /// A Prometheus Pushgateway (`http://host:9091`) to push this process's metrics to: after
+    /// the pass with `--once`, every minute and at exit otherwise (the cleaner serves no
+    /// /metrics of its own). The group is `job/millrace-cleaner/instance/{the store}`.
+    #[arg(long, env = "MILLRACE_PUSHGATEWAY")]
+    pushgateway: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     millrace_runtime::telemetry::init_logging("info");
+    if args.pushgateway.is_some() {
+        millrace_runtime::push::record_for_push()?;
+    }
+    let instance = millrace_secrets::redact(&args.store);
     let config = Arc::new(Config::load(&args.config)?);
     let cleaner = Cleaner::new(
         config,
@@ -66,13 +78,31 @@ async fn main() -> anyhow::Result<()> {
             dry_run: args.dry_run,
         },
     );
-    if args.once {
-        let report = cleaner.run_once(chrono::Utc::now()).await?;
-        tracing::info!(deleted = report.deleted.len(), "clean pass finished");
+    let gateway = args.pushgateway.as_deref();
+    let result = if args.once {
+        cleaner.run_once(chrono::Utc::now()).await.map(|report| {
+            tracing::info!(deleted = report.deleted.len(), "clean pass finished");
+        })
     } else {
+        let pushing = gateway.map(|gateway| {
+            let (gateway, instance) = (gateway.to_string(), instance.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    millrace_runtime::push::push_or_warn(Some(&gateway), JOB, &instance).await;
+                }
+            })
+        });
         cleaner
             .run(args.interval, millrace_runtime::Shutdown::from_signals())
             .await;
-    }
-    Ok(())
+        if let Some(pushing) = pushing {
+            pushing.abort();
+        }
+        Ok(())
+    };
+    // The run's counters, failed or not.
+    millrace_runtime::push::push_or_warn(gateway, JOB, &instance).await;
+    millrace_runtime::telemetry::shutdown();
+    Ok(result?)
 }

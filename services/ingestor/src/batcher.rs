@@ -32,8 +32,10 @@ use millrace_protocol::formats::IngestionBatch;
 use millrace_protocol::layout::{ingestion_key, Partition, Window};
 use millrace_protocol::upload::UploadReport;
 use millrace_protocol::vdaf::ReportId;
+use millrace_runtime::propagation;
 use millrace_store::{Store, StoreError};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use crate::problem::{Problem, ProblemKind};
 use crate::Settings;
@@ -310,19 +312,32 @@ impl Batcher {
             &batch_id,
         );
         let n = batch.reports.len();
-        let outcome = match self.encode(aggregation, &batch, &batch_id, time).await {
-            Ok([first, second]) => {
-                let (a, b) = tokio::join!(
-                    self.write(0, &object, first),
-                    self.write(1, &object, second)
-                );
-                match (a, b) {
-                    (Ok(()), Ok(())) => Outcome::Stored,
-                    (Err(e), _) | (_, Err(e)) => Outcome::Failed(e),
+        // The first step of the batch's trace, which the workflow-managers and intake-workers
+        // continue (`propagation::batch_context`).
+        let span = tracing::info_span!(
+            "store batch",
+            aggregation = %aggregation,
+            batch = %batch_id,
+            reports = n
+        );
+        propagation::set_parent(&span, propagation::batch_context(aggregation, &batch_id));
+        let outcome = async {
+            match self.encode(aggregation, &batch, &batch_id, time).await {
+                Ok([first, second]) => {
+                    let (a, b) = tokio::join!(
+                        self.write(0, &object, first),
+                        self.write(1, &object, second)
+                    );
+                    match (a, b) {
+                        (Ok(()), Ok(())) => Outcome::Stored,
+                        (Err(e), _) | (_, Err(e)) => Outcome::Failed(e),
+                    }
                 }
+                Err(e) => Outcome::Failed(e),
             }
-            Err(e) => Outcome::Failed(e),
-        };
+        }
+        .instrument(span)
+        .await;
         match &outcome {
             Outcome::Stored => {
                 metrics::counter!("millrace_ingestor_batches_total", "aggregation" => aggregation.clone())

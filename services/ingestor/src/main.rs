@@ -68,5 +68,6 @@ async fn main() -> anyhow::Result<()> {
     serve(listener, ingestor, readiness, shutdown)
         .await
         .context("ingestor: serving")?;
+    millrace_runtime::telemetry::shutdown();
     Ok(())
 }

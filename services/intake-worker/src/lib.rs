@@ -38,7 +38,7 @@ use millrace_protocol::formats::{
 };
 use millrace_protocol::layout::{ingestion_key, states_key, validation_key, Partition};
 use millrace_protocol::tasks::{IntakeTask, TaskMessage};
-use millrace_runtime::{Handler, Task, TaskError};
+use millrace_runtime::{lag, propagation, Handler, Task, TaskError};
 use millrace_store::Store;
 
 /// What one intake-worker needs.
@@ -64,6 +64,8 @@ pub struct IntakeOutcome {
     pub batch_rejected: bool,
     /// Why the batch was rejected, when it was.
     pub rejected_because: Option<String>,
+    /// The batch's signed time (when the ingestor wrote it), once its signature verified.
+    pub batch_time: Option<i64>,
 }
 
 impl IntakeWorker {
@@ -190,6 +192,9 @@ impl IntakeWorker {
             .map_err(TaskError::from)?;
         metrics::counter!("millrace_reports_validated_total", "aggregation" => agg.id.clone())
             .increment(outcome.reports as u64);
+        if let Some(written) = outcome.batch_time {
+            lag::record(lag::BATCH_VALIDATION, &agg.id, written);
+        }
         for (reason, n) in outcome.invalid_reasons.by_label() {
             metrics::counter!("millrace_reports_invalid_total", "aggregation" => agg.id.clone(), "reason" => reason)
                 .increment(n);
@@ -352,6 +357,7 @@ impl WorkerRef {
             invalid_reasons: invalid,
             batch_rejected: false,
             rejected_because: None,
+            batch_time: Some(batch.time),
         };
         (
             ValidationBatch {
@@ -377,6 +383,7 @@ impl Handler for IntakeWorker {
     async fn handle(&self, task: &Task) -> Result<(), TaskError> {
         let intake = IntakeTask::from_json(&task.body)
             .map_err(|e| TaskError::Permanent(format!("message {}: {e}", task.message_id)))?;
+        propagation::record_subject(&intake.aggregation, None, Some(&intake.batch));
         self.validate(&intake).await.map(|_| ())
     }
 }

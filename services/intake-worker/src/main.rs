@@ -43,11 +43,13 @@ async fn main() -> anyhow::Result<()> {
         Store::open(&args.me.store)?,
         Store::open(&args.peer_store)?,
     )?;
-    service
+    let consumed = service
         .consume(
             "intake-worker",
             args.worker.worker_config(topic, group),
             Arc::new(worker),
         )
-        .await
+        .await;
+    millrace_runtime::telemetry::shutdown();
+    consumed
 }

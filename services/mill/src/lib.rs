@@ -58,7 +58,7 @@ use millrace_protocol::results::{
     AggregationResult, Computation, ComputationState, COMPUTATION_VERSION, RESULT_VERSION,
 };
 use millrace_protocol::tasks::{topics, ResultReady, SumPartReady, TaskMessage, TASK_VERSION};
-use millrace_runtime::{Handler, Shutdown, Task, TaskError};
+use millrace_runtime::{lag, propagation, Handler, Shutdown, Task, TaskError};
 use millrace_store::markers::{self, Claim};
 use millrace_store::{Store, StoreError};
 
@@ -600,21 +600,21 @@ impl Mill {
                     )));
                 }
             };
-        let published = self
-            .bus
-            .publish(
-                &topics::results(&self.topic_prefix),
-                Message::new(
-                    ResultReady {
-                        version: TASK_VERSION,
-                        aggregation: agg.id.clone(),
-                        window: name.clone(),
-                        result_key: rkey.clone(),
-                    }
-                    .to_json(),
-                ),
-            )
-            .await;
+        let published = propagation::publish(
+            self.bus.as_ref(),
+            &topics::results(&self.topic_prefix),
+            Message::new(
+                ResultReady {
+                    version: TASK_VERSION,
+                    aggregation: agg.id.clone(),
+                    window: name.clone(),
+                    result_key: rkey.clone(),
+                }
+                .to_json(),
+            ),
+            None,
+        )
+        .await;
         let message_id = match published {
             Ok(id) => id,
             Err(e) => {
@@ -649,6 +649,7 @@ impl Mill {
         self.unindex(&agg.id, window).await;
         metrics::counter!("millrace_windows_succeeded_total", "aggregation" => agg.id.clone())
             .increment(1);
+        lag::record(lag::WINDOW_RESULT, &agg.id, window.end);
         tracing::info!(aggregation = %agg.id, window = %name, generation, reports = result.report_count, "result written");
         Ok(Joined::Done(MillOutcome::Succeeded(Box::new(result))))
     }
@@ -916,6 +917,7 @@ impl Handler for Mill {
     async fn handle(&self, task: &Task) -> Result<(), TaskError> {
         let msg = SumPartReady::from_json(&task.body)
             .map_err(|e| TaskError::Permanent(format!("message {}: {e}", task.message_id)))?;
+        propagation::record_subject(&msg.aggregation, Some(&msg.window), None);
         self.join(&msg).await.map(|_| ())
     }
 }

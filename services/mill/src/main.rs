@@ -68,5 +68,6 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = sweeps.await {
         tracing::error!(error = %e, "the sweep loop ended abnormally");
     }
+    millrace_runtime::telemetry::shutdown();
     consumed
 }

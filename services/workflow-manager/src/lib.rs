@@ -55,6 +55,8 @@ use millrace_protocol::agreement::AggregationDigest;
 use millrace_protocol::config::Aggregation;
 use millrace_protocol::config::Config;
 use millrace_protocol::crypto::{KeyRing, Signer25519};
+use millrace_runtime::health::{Liveness, HEARTBEAT_EVERY};
+use millrace_runtime::propagation::{publish, SpanContext};
 use millrace_runtime::Shutdown;
 use millrace_store::markers::{self, Claim};
 use millrace_store::{LogLimiter, Store};
@@ -88,6 +90,10 @@ pub struct PassReport {
     /// Windows closed and past grace but not decided yet: on the leader, waiting for
     /// validations; on the helper, for the leader's manifest.
     pub windows_waiting: usize,
+    /// Of those, the leader's windows waiting for validations.
+    pub waiting_for_validations: usize,
+    /// Of those, the helper's windows waiting for the leader's manifest.
+    pub waiting_for_manifest: usize,
     /// Actions a dry run would have taken.
     pub would_publish: usize,
     /// Window manifests the leader wrote in this pass.
@@ -308,7 +314,16 @@ impl WorkflowManager {
     /// back by then, and the task waits for the outage, not for the interval); one with store
     /// failures on the next tick.
     pub async fn run(&self, interval: Duration, shutdown: Shutdown) {
+        self.run_observed(interval, shutdown, &Liveness::default())
+            .await
+    }
+
+    /// As [`WorkflowManager::run`], beating `liveness` (`/healthz`) before and after each pass
+    /// and every second between passes: the pass loop is this service's heartbeat, so a pass
+    /// that hangs shows once it has lasted longer than `--heartbeat-timeout`.
+    pub async fn run_observed(&self, interval: Duration, shutdown: Shutdown, liveness: &Liveness) {
         loop {
+            liveness.beat();
             let wait = match self.run_once(chrono::Utc::now().timestamp()).await {
                 Ok(report) => {
                     tracing::info!(?report, "pass finished");
@@ -328,9 +343,15 @@ impl WorkflowManager {
                     retry_in
                 }
             };
-            tokio::select! {
-                _ = shutdown.wait() => break,
-                _ = tokio::time::sleep(wait) => {}
+            liveness.beat();
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = &mut sleep => break,
+                    _ = tokio::time::sleep(HEARTBEAT_EVERY) => liveness.beat(),
+                }
             }
         }
     }
@@ -379,11 +400,17 @@ impl WorkflowManager {
             .increment(report.aggregate_published as u64);
         metrics::counter!("millrace_tasks_skipped_by_marker_total")
             .increment(report.skipped_by_marker as u64);
-        metrics::gauge!(
-            "millrace_windows_waiting",
-            "facilitator" => self.settings.facilitator.to_string()
-        )
-        .set(report.windows_waiting as f64);
+        for (reason, waiting) in [
+            ("validations", report.waiting_for_validations),
+            ("manifest", report.waiting_for_manifest),
+        ] {
+            metrics::gauge!(
+                "millrace_windows_waiting",
+                "facilitator" => self.settings.facilitator.to_string(),
+                "reason" => reason
+            )
+            .set(waiting as f64);
+        }
         metrics::counter!("millrace_partitions_listed_total")
             .increment(report.partitions_listed as u64);
         if report.is_complete() {
@@ -419,6 +446,7 @@ impl WorkflowManager {
         marker: &str,
         topic: &str,
         body: Vec<u8>,
+        trace: SpanContext,
     ) -> Result<Scheduled, PassError> {
         if self.settings.dry_run {
             if markers::is_published(&self.store, marker).await? {
@@ -448,7 +476,14 @@ impl WorkflowManager {
                 if took_over {
                     tracing::warn!(marker, generation, "took over a stale claim");
                 }
-                let message_id = match self.bus.publish(topic, Message::new(body)).await {
+                let message_id = match publish(
+                    self.bus.as_ref(),
+                    topic,
+                    Message::new(body),
+                    Some(trace),
+                )
+                .await
+                {
                     Ok(id) => id,
                     Err(e) => {
                         // Give the claim up at once: whichever instance passes next (this one's

@@ -26,6 +26,11 @@ struct Args {
     /// Run one pass and exit (for a CronJob).
     #[arg(long, env = "MILLRACE_ONCE", conflicts_with = "interval")]
     once: bool,
+    /// With `--once` (a CronJob, gone before Prometheus scrapes it): a Prometheus Pushgateway
+    /// (`http://host:9091`) to push the pass's metrics to, as the group
+    /// `job/millrace-workflow-manager/instance/facilitator-{N}`.
+    #[arg(long, env = "MILLRACE_PUSHGATEWAY", requires = "once")]
+    pushgateway: Option<String>,
     /// Time between passes when running as a loop.
     #[arg(long, env = "MILLRACE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     interval: Duration,
@@ -91,11 +96,20 @@ async fn main() -> anyhow::Result<()> {
         // An aggregation that failed does not stop the others; the exit status still says so.
         let result = wm.run_once(chrono::Utc::now().timestamp()).await;
         service.bus.flush().await?;
+        // The pass's counters, failed or not.
+        millrace_runtime::push::push_or_warn(
+            args.pushgateway.as_deref(),
+            "millrace-workflow-manager",
+            &format!("facilitator-{}", args.me.facilitator),
+        )
+        .await;
         let report = result?;
         tracing::info!(?report, "pass finished");
     } else {
-        wm.run(args.interval, service.shutdown).await;
+        wm.run_observed(args.interval, service.shutdown, &service.liveness)
+            .await;
         service.bus.flush().await?;
     }
+    millrace_runtime::telemetry::shutdown();
     Ok(())
 }

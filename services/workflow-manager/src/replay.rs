@@ -32,6 +32,7 @@ use millrace_protocol::layout::{
 use millrace_protocol::tasks::{
     topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, INTAKE_TASK_VERSION,
 };
+use millrace_runtime::propagation::{batch_context, publish, window_context};
 use millrace_store::markers::{self, ReplayClaim};
 use millrace_store::Store;
 
@@ -124,7 +125,7 @@ impl WorkflowManager {
     ) -> Result<Replayed, ReplayError> {
         let f = self.settings.facilitator;
         let prefix = &self.settings.topic_prefix;
-        let (marker, topic, body, batches) = match target {
+        let (marker, topic, body, batches, trace) = match target {
             ReplayTarget::Batch {
                 aggregation,
                 batch,
@@ -146,6 +147,7 @@ impl WorkflowManager {
                     topics::intake(prefix, f),
                     task.to_json(),
                     1,
+                    batch_context(&agg.id, batch),
                 )
             }
             ReplayTarget::Window {
@@ -178,6 +180,7 @@ impl WorkflowManager {
                     topics::aggregate(prefix, f),
                     task.to_json(),
                     manifest.batches.len(),
+                    window_context(&agg.id, &w.name()),
                 )
             }
         };
@@ -195,7 +198,7 @@ impl WorkflowManager {
         }
         let me = &self.settings.instance;
         match markers::claim_replay(&self.store, &marker, me, reason).await? {
-            ReplayClaim::NotPublished => match self.schedule(&marker, &topic, body).await? {
+            ReplayClaim::NotPublished => match self.schedule(&marker, &topic, body, trace).await? {
                 Scheduled::Published => {
                     let record = markers::published(&self.store, &marker).await?;
                     tracing::info!(marker, topic, by = %me, reason, "replay: first publish of a task never published");
@@ -213,7 +216,8 @@ impl WorkflowManager {
                 Window::rfc3339(at)
             ))),
             ReplayClaim::Won { number } => {
-                let message_id = self.bus.publish(&topic, Message::new(body)).await?;
+                let message_id =
+                    publish(self.bus.as_ref(), &topic, Message::new(body), Some(trace)).await?;
                 markers::mark_replayed(&self.store, &marker, me, number, reason, &message_id)
                     .await?;
                 tracing::info!(marker, topic, number, by = %me, reason, message_id = %message_id, "task replayed");
@@ -424,7 +428,11 @@ impl WorkflowManager {
             };
             let marker = aggregate_marker_key(&agg.id, w, generation);
             let topic = topics::aggregate(&self.settings.topic_prefix, LEADER);
-            match self.schedule(&marker, &topic, task.to_json()).await? {
+            let trace = window_context(&agg.id, &task.window);
+            match self
+                .schedule(&marker, &topic, task.to_json(), trace)
+                .await?
+            {
                 Scheduled::Published | Scheduled::Skipped => {
                     done.task = Some(String::from_utf8_lossy(&task.to_json()).to_string());
                 }

@@ -19,6 +19,8 @@ use millrace_protocol::results::{
 use millrace_protocol::tasks::{
     topics, AggregateTask, IntakeTask, TaskMessage, AGGREGATE_TASK_VERSION, INTAKE_TASK_VERSION,
 };
+use millrace_runtime::lag;
+use millrace_runtime::propagation::{batch_context, window_context};
 use millrace_store::{markers, StoreError};
 
 use crate::{PassError, PassReport, Scheduled, WindowFailure, WorkflowManager};
@@ -207,8 +209,19 @@ impl WorkflowManager {
                             partition: p.path(),
                         };
                         let topic = topics::intake(&self.settings.topic_prefix, f);
-                        match self.schedule(&marker, &topic, task.to_json()).await? {
-                            Scheduled::Published => report.intake_published += 1,
+                        let trace = batch_context(&agg.id, &batch);
+                        match self
+                            .schedule(&marker, &topic, task.to_json(), trace)
+                            .await?
+                        {
+                            Scheduled::Published => {
+                                report.intake_published += 1;
+                                lag::record(
+                                    lag::BATCH_INTAKE,
+                                    &agg.id,
+                                    obj.last_modified.timestamp(),
+                                );
+                            }
                             Scheduled::Skipped => report.skipped_by_marker += 1,
                             Scheduled::Held => {
                                 report.skipped_by_marker += 1;
@@ -287,7 +300,11 @@ impl WorkflowManager {
                 generation: manifest.generation,
             };
             let topic = topics::aggregate(&self.settings.topic_prefix, self.settings.facilitator);
-            task_out = match self.schedule(&marker, &topic, task.to_json()).await? {
+            let trace = window_context(&agg.id, &task.window);
+            task_out = match self
+                .schedule(&marker, &topic, task.to_json(), trace)
+                .await?
+            {
                 Scheduled::Published => {
                     report.aggregate_published += 1;
                     true
@@ -426,6 +443,7 @@ impl WorkflowManager {
             || next_deadline.is_some_and(|deadline| now >= deadline);
         if !ready {
             report.windows_waiting += 1;
+            report.waiting_for_validations += 1;
             let one = states
                 .iter()
                 .filter(|s| matches!(s, Pending::PeerMissing { .. }))
@@ -565,6 +583,7 @@ impl WorkflowManager {
             manifest = %key,
             "window manifest written to both stores"
         );
+        lag::record(lag::WINDOW_MANIFEST, &agg.id, window.end);
         Ok((manifest, bytes))
     }
 
@@ -710,6 +729,7 @@ impl WorkflowManager {
             .unwrap_or("facilitator 0");
         if now < deadline {
             report.windows_waiting += 1;
+            report.waiting_for_manifest += 1;
             if let Some(passes) = self
                 .waiting_log
                 .hit(&format!("{}/{}", agg.id, window.name()), 1)

@@ -14,6 +14,7 @@ use millrace_bus::{Bus, BusError, Capabilities, Limits, Message, SubscribeOption
 use millrace_protocol::config::Config;
 use millrace_protocol::layout::{ingestion_key, ingestion_prefix, Partition};
 use millrace_protocol::tasks::{topics, IntakeTask, TaskMessage};
+use millrace_runtime::health::Liveness;
 use millrace_runtime::Shutdown;
 use millrace_store::Store;
 use millrace_workflow_manager::{FailureCause, PassIncomplete, Settings, WorkflowManager};
@@ -344,4 +345,96 @@ async fn run_tries_again_soon_after_the_bus_ended_a_pass() {
     looping.await.unwrap();
     seen.sort();
     assert_eq!(seen, names);
+}
+
+/// A bus whose publishes never return, as a pass wedged on a broker would be.
+struct HangingBus(MemoryBus);
+
+#[async_trait]
+impl Bus for HangingBus {
+    fn name(&self) -> &'static str {
+        "hanging"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn limits(&self) -> Limits {
+        self.0.limits()
+    }
+    async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {
+        self.0.create_topic(topic, group).await
+    }
+    async fn publish(&self, _topic: &str, _message: Message) -> Result<String, BusError> {
+        std::future::pending().await
+    }
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        self.0.subscribe(topic, options).await
+    }
+    async fn flush(&self) -> Result<(), BusError> {
+        self.0.flush().await
+    }
+}
+
+#[tokio::test]
+async fn the_pass_loop_beats_between_passes_so_an_idle_manager_stays_alive() {
+    let store = Store::memory();
+    let manager = wm(config(&["only"]), &store, Arc::new(MemoryBus::new()), "wm");
+    let timeout = Duration::from_secs(1);
+    let liveness = Liveness::new(timeout);
+    let shutdown = Shutdown::new();
+    let looping = {
+        let (shutdown, liveness) = (shutdown.clone(), liveness.clone());
+        tokio::spawn(async move {
+            manager
+                .run_observed(Duration::from_secs(3600), shutdown, &liveness)
+                .await
+        })
+    };
+    // The one pass is over at once; for three timeouts the loop waits for the next.
+    let end = Instant::now() + timeout * 3;
+    while Instant::now() < end {
+        assert_eq!(liveness.check(), Ok(()), "waiting between passes is alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.trigger();
+    looping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pass_that_hangs_stops_the_heartbeat_and_fails_liveness() {
+    let store = Store::memory();
+    batches(&store, "only", 1).await;
+    let manager = wm(
+        config(&["only"]),
+        &store,
+        Arc::new(HangingBus(MemoryBus::new())),
+        "wm",
+    );
+    let liveness = Liveness::new(Duration::from_secs(1));
+    let shutdown = Shutdown::new();
+    let looping = {
+        let (shutdown, liveness) = (shutdown.clone(), liveness.clone());
+        tokio::spawn(async move {
+            manager
+                .run_observed(Duration::from_secs(3600), shutdown, &liveness)
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let why = loop {
+        if let Err(why) = liveness.check() {
+            break why;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a pass hanging on its publish still looks alive after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(why.contains("no progress since"), "{why}");
+    looping.abort();
 }

@@ -324,6 +324,10 @@ struct Link {
 struct Shared {
     target: Target,
     link: tokio::sync::Mutex<Option<Link>>,
+    /// The connection of the latest link, readable without the async lock (readiness probes).
+    current: Mutex<Option<Arc<Connection>>>,
+    /// A reconnect started by [`Bus::connection`] is under way.
+    probing: std::sync::atomic::AtomicBool,
     declared_generation: Mutex<Option<Arc<Mutex<HashSet<String>>>>>,
     consumer_seq: AtomicU64,
 }
@@ -378,6 +382,7 @@ impl Shared {
             publisher,
             declared,
         };
+        *lock(&self.current) = Some(link.connection.clone());
         *guard = Some(link.clone());
         tracing::info!("amqp: connected");
         Ok(link)
@@ -851,6 +856,8 @@ impl AmqpBus {
         let shared = Arc::new(Shared {
             target,
             link: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
+            probing: std::sync::atomic::AtomicBool::new(false),
             declared_generation: Mutex::new(None),
             consumer_seq: AtomicU64::new(0),
         });
@@ -931,6 +938,40 @@ impl Bus for AmqpBus {
             // Half of it leaves room for the properties and this backend's own headers.
             max_attributes_bytes: 64 * 1024,
         }
+    }
+
+    /// The state of the shared connection (subscriptions and the publisher use one). A service
+    /// that only publishes reconnects when it next publishes; so that its readiness does not
+    /// wait for that, asking while the connection is lost also starts one reconnect attempt in
+    /// the background (at most one at a time; a probe's period is its backoff).
+    fn connection(&self) -> crate::Connection {
+        let current = lock(&self.shared.current).clone();
+        let state = match current {
+            Some(connection) if connection.status().connected() => return crate::Connection::Up,
+            Some(connection) => {
+                let status = connection.status();
+                if status.errored() {
+                    "failed"
+                } else if status.closed() || status.closing() {
+                    "closed"
+                } else {
+                    "connecting"
+                }
+            }
+            None => "not connected",
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if !self.shared.probing.swap(true, Ordering::AcqRel) {
+                let shared = self.shared.clone();
+                runtime.spawn(async move {
+                    if let Err(failure) = shared.link().await {
+                        tracing::debug!(error = %failure.message, "amqp: reconnect attempt failed");
+                    }
+                    shared.probing.store(false, Ordering::Release);
+                });
+            }
+        }
+        crate::Connection::Lost(format!("RabbitMQ connection lost ({state}); reconnecting"))
     }
 
     async fn create_topic(&self, topic: &str, group: Option<&str>) -> Result<(), BusError> {

@@ -24,7 +24,12 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::time::{timeout, Instant};
 
-use crate::{Attributes, Bus, BusError, Delivery, Message, SubscribeOptions, Subscription};
+use crate::dead_letters::{self, DeadLetter, ScanOptions, Selection};
+use crate::limits::bound_copy;
+use crate::{
+    dead_topic, Attributes, Bus, BusError, Delivery, Message, SubscribeOptions, Subscription,
+    ATTR_ATTEMPT, ATTR_ORIGIN_TOPIC, ATTR_REASON, INSPECT_GROUP,
+};
 
 /// Upper bound for anything that should happen "soon": only a broken backend waits this long.
 const SOON: Duration = Duration::from_secs(10);
@@ -54,6 +59,7 @@ macro_rules! for_each_conformance_case {
         $case!(abandoned_delivery_goes_to_another_consumer);
         $case!(close_and_reopen_loses_nothing);
         $case!(flush_after_publish_loses_nothing);
+        $case!(dead_letters_list_redrive_and_purge);
     };
 }
 
@@ -70,6 +76,7 @@ pub async fn run_all(bus: Arc<dyn Bus>, prefix: &str) {
     abandoned_delivery_goes_to_another_consumer(bus, prefix).await;
     close_and_reopen_loses_nothing(bus, prefix).await;
     flush_after_publish_loses_nothing(bus, prefix).await;
+    dead_letters_list_redrive_and_purge(bus, prefix).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,4 +774,192 @@ pub async fn flush_after_publish_loses_nothing(bus: &dyn Bus, prefix: &str) {
         ack(d, what).await;
     }
     assert_quiet(&mut sub, QUIET, what).await;
+}
+
+/// (j) Dead letters (`millrace dead-letters`, [`crate::dead_letters`]): copies on `{t}.dead`, made
+/// as the worker loop makes them, are listed without being consumed (a second listing finds the
+/// same ones), a dry run changes nothing, a redrive puts the original body and the original
+/// attributes (without the worker's own) on `{t}`, where a normal group receives it as a fresh
+/// message, and removes the dead copy; a purge removes exactly the one selected. Five attributes
+/// on each copy, two of them the original's: within SNS's ten.
+pub async fn dead_letters_list_redrive_and_purge(bus: &dyn Bus, prefix: &str) {
+    let what = "dead_letters_list_redrive_and_purge";
+    let topic = format!("{prefix}.dl");
+    let dead = dead_topic(&topic);
+    setup(bus, &topic, "g").await;
+    setup(bus, &dead, INSPECT_GROUP).await;
+    let original = Attributes::from([
+        (
+            "traceparent".to_string(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string(),
+        ),
+        (
+            "note".to_string(),
+            "ünï-码 ✓ with spaces=and;symbols".to_string(),
+        ),
+    ]);
+    let bodies: Vec<Vec<u8>> = (40..43).map(body_for).collect();
+    for body in &bodies {
+        let (copy, trimmed) = bound_copy(
+            &body.clone().into(),
+            &[
+                (ATTR_REASON, "store unreachable: connection reset"),
+                (ATTR_ATTEMPT, "8"),
+                (ATTR_ORIGIN_TOPIC, &topic),
+            ],
+            &original,
+            &bus.limits(),
+        );
+        assert_eq!(trimmed, Default::default(), "{what}: the copy was trimmed");
+        publish(bus, &dead, copy).await;
+    }
+    flush(bus).await;
+    let options = ScanOptions {
+        idle: Duration::from_secs(2),
+        max_wait: SOON,
+        ..ScanOptions::default()
+    };
+
+    // Listed, and listed again: nothing was consumed.
+    let first = list_all(bus, &topic, &options, bodies.len(), what).await;
+    let second = list_all(bus, &dead, &options, bodies.len(), what).await;
+    let ids = |letters: &[DeadLetter]| letters.iter().map(|l| l.id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&second),
+        ids(&first),
+        "{what}: a second listing found other messages"
+    );
+    for letter in &first {
+        assert!(
+            bodies.iter().any(|b| letter.body == b[..]),
+            "{what}: {} has a body that was not published",
+            letter.id
+        );
+        assert_eq!(
+            letter.reason(),
+            Some("store unreachable: connection reset"),
+            "{what}"
+        );
+        assert_eq!(letter.attempt(), Some("8"), "{what}");
+        assert_eq!(
+            letter.original_attributes(),
+            original,
+            "{what}: attributes of {}",
+            letter.id
+        );
+    }
+
+    // A dry run redrives nothing.
+    let mut sub = subscribe(bus, &topic, "g", LONG_LEASE, 10).await;
+    let dry = retry_until(what, "a dry-run redrive of all", || async {
+        let report = dead_letters::redrive(bus, &topic, &Selection::All, true, &options)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: dry-run redrive failed: {e}"));
+        (report.redriven.len() == bodies.len()).then_some(report)
+    })
+    .await;
+    assert!(
+        dry.refused.is_empty(),
+        "{what}: dry run refused {:?}",
+        dry.refused
+    );
+    assert_quiet(&mut sub, QUIET, &format!("{what}: after a dry run")).await;
+
+    // Redrive one: the original arrives on the topic, as a first delivery.
+    let target = &first[0];
+    let report = dead_letters::redrive(
+        bus,
+        &topic,
+        &Selection::Id(target.id.clone()),
+        false,
+        &options,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: redrive of {} failed: {e}", target.id));
+    assert!(
+        report.refused.is_empty(),
+        "{what}: refused {:?}",
+        report.refused
+    );
+    assert_eq!(report.redriven.len(), 1, "{what}: redriven");
+    assert_eq!(report.redriven[0].still_on_dead, None, "{what}");
+    let d = receive(&mut sub, &format!("{what}: the redriven message")).await;
+    assert_same_message(&d, &target.body, &original, what);
+    assert_eq!(d.attempt, 1, "{what}: a redriven message starts again");
+    ack(d, what).await;
+
+    // Purge another.
+    let purged = &first[1];
+    let report = dead_letters::purge(
+        bus,
+        &topic,
+        &Selection::Id(purged.id.clone()),
+        false,
+        &options,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: purge of {} failed: {e}", purged.id));
+    assert!(report.failed.is_empty(), "{what}: {:?}", report.failed);
+    assert_eq!(
+        ids(&report.purged),
+        vec![purged.id.clone()],
+        "{what}: purged"
+    );
+
+    // Only the third is left; nothing else reached the topic.
+    let left = list_all(bus, &topic, &options, 1, what).await;
+    assert_eq!(
+        ids(&left),
+        vec![first[2].id.clone()],
+        "{what}: left on {dead}"
+    );
+    assert_quiet(&mut sub, QUIET, &format!("{what}: after the purge")).await;
+    if let Err(e) = sub.close().await {
+        panic!("{what}: close failed: {e}");
+    }
+}
+
+/// Lists `topic`'s dead letters until at least `n` are seen at once (a scan may end before a slow
+/// broker has handed out everything; listing changes nothing, so it is retried), and checks that
+/// there are exactly `n`.
+async fn list_all(
+    bus: &dyn Bus,
+    topic: &str,
+    options: &ScanOptions,
+    n: usize,
+    what: &str,
+) -> Vec<DeadLetter> {
+    let listing = retry_until(what, "listing the dead letters", || async {
+        let listing = dead_letters::list(bus, topic, options)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: listing {topic} failed: {e}"));
+        (listing.letters.len() >= n).then_some(listing)
+    })
+    .await;
+    assert_eq!(
+        listing.letters.len(),
+        n,
+        "{what}: listed {:?}",
+        listing.letters
+    );
+    listing.letters
+}
+
+/// Runs `attempt` until it gives something, for at most three times [`SOON`].
+async fn retry_until<T, F, Fut>(what: &str, doing: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + 3 * SOON;
+    loop {
+        if let Some(done) = attempt().await {
+            return done;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: {doing} did not succeed within {:?}",
+            3 * SOON
+        );
+    }
 }

@@ -56,7 +56,10 @@
 //!   its assignment on tansu, so the worker loop closes again after its drain.) `flush` flushes
 //!   the producer.
 //! * **Reconnecting** is librdkafka's job; errors from the consumer stream are logged and the
-//!   subscription keeps reading.
+//!   subscription keeps reading. [`Bus::connection`] is as good as librdkafka lets it be: a
+//!   consumer told that *all* brokers are down marks the bus's connection lost, and a metadata
+//!   request (started by asking, at most one at a time) that the brokers answer marks it up
+//!   again. A bus without subscriptions hears of no outage (its producer retries by itself).
 //!
 //! Capabilities: no native delay (retry topic), lease extension yes (client-side), no native
 //! attempt count (header), durable, multi-process.
@@ -156,6 +159,16 @@ struct BusInner {
     known_topics: Mutex<HashSet<String>>,
     /// Partition counts, for choosing a retry partition.
     partition_counts: Mutex<HashMap<String, i32>>,
+    /// What the consumers have heard about the brokers, for [`Bus::connection`].
+    link: Arc<BrokerLink>,
+}
+
+/// Set when a consumer hears from librdkafka that every broker is down; cleared by a metadata
+/// request that the brokers answer.
+#[derive(Default)]
+struct BrokerLink {
+    down: Mutex<Option<String>>,
+    probing: std::sync::atomic::AtomicBool,
 }
 
 /// Where a republished retry copy should go.
@@ -226,6 +239,7 @@ impl KafkaBus {
                 admin,
                 known_topics: Mutex::new(HashSet::new()),
                 partition_counts: Mutex::new(HashMap::new()),
+                link: Arc::new(BrokerLink::default()),
             }),
         })
     }
@@ -460,6 +474,32 @@ impl Bus for KafkaBus {
         }
     }
 
+    /// Lost once a consumer heard that all brokers are down, until a metadata request (started
+    /// here, one at a time) is answered.
+    fn connection(&self) -> crate::Connection {
+        use std::sync::atomic::Ordering;
+        let Some(why) = lock(&self.inner.link.down).clone() else {
+            return crate::Connection::Up;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if !self.inner.link.probing.swap(true, Ordering::AcqRel) {
+                let inner = self.inner.clone();
+                runtime.spawn_blocking(move || {
+                    let answered = inner
+                        .producer
+                        .client()
+                        .fetch_metadata(None, REQUEST_TIMEOUT)
+                        .is_ok();
+                    if answered {
+                        *lock(&inner.link.down) = None;
+                    }
+                    inner.link.probing.store(false, Ordering::Release);
+                });
+            }
+        }
+        crate::Connection::Lost(why)
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             // librdkafka's default `message.max.bytes` (1,000,000) less the record and batch
@@ -519,6 +559,7 @@ impl Bus for KafkaBus {
             .client_config(&role)
             .create_with_context(SubContext {
                 shared: shared.clone(),
+                link: self.inner.link.clone(),
             })
             .map_err(|e| {
                 backend_error(format!(
@@ -771,10 +812,14 @@ impl Shared {
 
 struct SubContext {
     shared: Arc<Shared>,
+    link: Arc<BrokerLink>,
 }
 
 impl ClientContext for SubContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            *lock(&self.link.down) = Some(format!("Kafka: all brokers are down ({reason})"));
+        }
         warn!(topic = %self.shared.topic, group = %self.shared.group, error = %error,
               reason = %reason, "kafka consumer error");
     }

@@ -28,6 +28,7 @@ pub use limits::Limits;
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod conformance;
+pub mod dead_letters;
 mod encoding;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -95,6 +96,22 @@ pub struct Capabilities {
     pub durable: bool,
     /// Several processes can share this bus (false only for the in-memory bus).
     pub multi_process: bool,
+}
+
+/// What a backend knows, right now, about its link to the broker; read by readiness probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// Connected, or a backend without a long-lived connection (each request opens its own).
+    Up,
+    /// The connection is lost and the backend is reconnecting; the text says what is wrong, for
+    /// a probe's answer (no secret in it).
+    Lost(String),
+}
+
+impl Connection {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Connection::Up)
+    }
 }
 
 /// How a subscription behaves.
@@ -237,6 +254,14 @@ pub trait Bus: Send + Sync + 'static {
 
     /// What one message may carry on this backend's broker (see [`limits`]).
     fn limits(&self) -> Limits;
+
+    /// The state of the connection to the broker, cheaply, without a round trip (readiness
+    /// probes ask it often). Backends holding a connection report it (RabbitMQ and NATS
+    /// exactly, Kafka as far as librdkafka tells its consumers); connectionless HTTP backends (SNS/SQS, Pub/Sub) and the in-memory bus keep this default,
+    /// `Up`: for them a failing receive is the signal, which the worker loop counts.
+    fn connection(&self) -> Connection {
+        Connection::Up
+    }
 
     /// Creates `topic` (and, where the backend needs one, the subscription for `group`) if missing.
     /// Idempotent. Used by `--create-topics` and by tests.

@@ -779,6 +779,18 @@ impl Bus for NatsBus {
         }
     }
 
+    /// The client's own view of its connection; it reconnects by itself (without limit).
+    fn connection(&self) -> crate::Connection {
+        use async_nats::connection::State;
+        match self.client.connection_state() {
+            State::Connected => crate::Connection::Up,
+            State::Pending => crate::Connection::Lost("NATS: connecting".to_string()),
+            State::Disconnected => {
+                crate::Connection::Lost("NATS connection lost; reconnecting".to_string())
+            }
+        }
+    }
+
     fn limits(&self) -> Limits {
         // The server's `max_payload` (1 MiB by default) covers headers and body together.
         let max_payload = self.client.server_info().max_payload;

@@ -168,6 +168,14 @@ async fn flush_after_publish_loses_nothing() {
     conformance::flush_after_publish_loses_nothing(&bus().await, &prefix).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_redrive_and_purge() {
+    let _gate = BROKER.read().await;
+    let prefix = unique_prefix("dead-letters");
+    let _cleanup = Cleanup::new(&prefix, &[("dl", G), ("dl.dead", &["inspect"])]);
+    conformance::dead_letters_list_redrive_and_purge(&bus().await, &prefix).await;
+}
+
 /// Messages published before any group exists wait for the first group instead of being dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_published_before_the_group_exists_reach_it() {

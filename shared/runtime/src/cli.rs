@@ -27,6 +27,11 @@ pub struct BusArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "MILLRACE_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
+    /// /healthz fails (503) once the service's loop (the worker loop, or the workflow-manager's
+    /// pass loop) has not made progress for this long. The worker loop beats every second, idle
+    /// or not; a workflow-manager beats between passes, so keep this above its longest pass.
+    #[arg(long, env = "MILLRACE_HEARTBEAT_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub heartbeat_timeout: Duration,
 }
 
 /// Who a facilitator's service is: its config, its index and its store.
@@ -68,6 +73,10 @@ pub struct WorkerArgs {
     /// {topic}.rejected unread. The bus's own message cap lowers it further.
     #[arg(long, env = "MILLRACE_MAX_TASK_BODY", default_value = "256KiB", value_parser = parse_bytes)]
     pub max_task_body: usize,
+    /// /healthz fails (503) while one task has been running longer than this (it is presumed
+    /// stuck; its lease is extended for as long as it runs). Keep it above the longest task.
+    #[arg(long, env = "MILLRACE_STUCK_TASK_AFTER", default_value = "30m", value_parser = duration)]
+    pub stuck_task_after: Duration,
 }
 
 impl WorkerArgs {
@@ -80,6 +89,7 @@ impl WorkerArgs {
         c.backoff_max = self.backoff_max;
         c.drain_grace = self.drain_grace;
         c.max_body = self.max_task_body;
+        c.stuck_task_after = self.stuck_task_after;
         c
     }
 }

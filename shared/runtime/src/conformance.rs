@@ -16,6 +16,7 @@ use millrace_bus::{
     dead_topic, rejected_topic, Bus, Delivery, Message, SubscribeOptions, ATTR_ATTEMPT, ATTR_REASON,
 };
 
+use crate::propagation::{TRACEPARENT, TRACESTATE};
 use crate::{run_worker, Handler, Shutdown, Task, TaskError, WorkerConfig, WorkerReport};
 
 /// Generous: Kafka consumer-group rebalances on a loaded machine take seconds each.
@@ -87,15 +88,20 @@ async fn stop(
         .unwrap_or_else(|e| panic!("the worker ended with an error: {e}"))
 }
 
-/// Fails every time with a transient error naming the attempt.
+/// Fails every time with a transient error naming the attempt; records the trace context each
+/// delivery carried.
 struct AlwaysFails {
     calls: AtomicUsize,
+    traces: Mutex<Vec<Option<String>>>,
 }
 
 #[async_trait]
 impl Handler for AlwaysFails {
     async fn handle(&self, task: &Task) -> Result<(), TaskError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut traces) = self.traces.lock() {
+            traces.push(task.attributes.get(TRACEPARENT).cloned());
+        }
         Err(TaskError::Transient(format!(
             "store unavailable (attempt {})",
             task.attempt
@@ -103,16 +109,26 @@ impl Handler for AlwaysFails {
     }
 }
 
+/// A W3C trace context, as a publisher's span puts it in a message.
+const A_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// After `max_attempts` transient failures the message is in `{topic}.dead`, body intact, with
-/// the last error and the attempt in its attributes.
+/// the last error and the attempt in its attributes. Its trace context (`traceparent`) reaches
+/// the handler at every delivery, redeliveries included, and stays on the dead copy.
 pub async fn dead_letters_after_max_attempts(bus: Arc<dyn Bus>, prefix: &str) {
     let topic = format!("{prefix}.dl");
     prepare(&*bus, &topic).await;
-    bus.publish(&topic, Message::new("{\"task\":\"doomed\"}"))
-        .await
-        .unwrap_or_else(|e| panic!("publish: {e}"));
+    bus.publish(
+        &topic,
+        Message::new("{\"task\":\"doomed\"}")
+            .with_attribute(TRACEPARENT, A_TRACEPARENT)
+            .with_attribute(TRACESTATE, "millrace=conformance"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("publish: {e}"));
     let handler = Arc::new(AlwaysFails {
         calls: AtomicUsize::new(0),
+        traces: Mutex::new(Vec::new()),
     });
     let shutdown = Shutdown::new();
     let worker = tokio::spawn(run_worker(
@@ -145,6 +161,18 @@ pub async fn dead_letters_after_max_attempts(bus: Arc<dyn Bus>, prefix: &str) {
         handler.calls.load(Ordering::SeqCst),
         3,
         "handled exactly max_attempts times"
+    );
+    let traces = handler.traces.lock().map(|t| t.clone()).unwrap_or_default();
+    assert_eq!(
+        traces,
+        vec![Some(A_TRACEPARENT.to_string()); 3],
+        "every delivery, redeliveries included, carries the publisher's traceparent"
+    );
+    assert_eq!(
+        dead.attributes.get(TRACEPARENT).map(String::as_str),
+        Some(A_TRACEPARENT),
+        "the dead copy stays in the original's trace: {:?}",
+        dead.attributes
     );
     assert_eq!(report.dead, 1);
     let _ = dead.ack().await;

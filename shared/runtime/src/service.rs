@@ -7,20 +7,24 @@ use anyhow::Context;
 use millrace_bus::{dead_topic, rejected_topic, Bus, INSPECT_GROUP};
 
 use crate::cli::BusArgs;
-use crate::health::{self, Readiness};
-use crate::{run_worker, Handler, Shutdown, WorkerConfig};
+use crate::health::{self, Health, Liveness, Readiness};
+use crate::worker::run_worker_observed;
+use crate::{Handler, Shutdown, WorkerConfig};
 
 /// What a running service holds.
 pub struct Service {
     pub bus: Arc<dyn Bus>,
+    /// `/readyz`: follows the bus's connection; the service marks it started.
     pub readiness: Readiness,
+    /// `/healthz`: the service's loop beats it (`--heartbeat-timeout`).
+    pub liveness: Liveness,
     pub shutdown: Shutdown,
 }
 
 /// Connects the bus named by `args`; creates `topics` (each with its `.dead` and `.rejected`
 /// companions, and `group` where one is given) if `--create-topics` is set, or else checks that
 /// they exist, so that a missing topic is a start-up error naming it; and starts the health
-/// endpoint.
+/// endpoint, whose `/readyz` follows the bus's connection from then on.
 pub async fn start(
     name: &str,
     args: &BusArgs,
@@ -55,27 +59,32 @@ pub async fn start(
     }
     let shutdown = Shutdown::from_signals();
     let readiness = Readiness::new();
-    let addr = health::serve(args.metrics_addr, readiness.clone(), shutdown.clone())
+    readiness.watch_bus(bus.clone());
+    let liveness = Liveness::new(args.heartbeat_timeout);
+    let health = Health::new(readiness.clone(), liveness.clone());
+    let addr = health::serve(args.metrics_addr, health, shutdown.clone())
         .await
         .with_context(|| format!("{name}: cannot serve metrics on {}", args.metrics_addr))?;
     tracing::info!(service = name, bus = bus.name(), metrics = %addr, "started");
     Ok(Service {
         bus,
         readiness,
+        liveness,
         shutdown,
     })
 }
 
 impl Service {
-    /// Marks the service ready and runs the worker loop with `handler` until SIGTERM/Ctrl-C.
+    /// Runs the worker loop with `handler` until SIGTERM/Ctrl-C; the loop marks the service ready
+    /// once it consumes and keeps `/healthz` beating.
     pub async fn consume(
         self,
         name: &str,
         config: WorkerConfig,
         handler: Arc<dyn Handler>,
     ) -> anyhow::Result<()> {
-        self.readiness.set_ready(true);
-        let report = run_worker(self.bus, config, handler, self.shutdown).await?;
+        let health = Health::new(self.readiness, self.liveness);
+        let report = run_worker_observed(self.bus, config, handler, self.shutdown, health).await?;
         tracing::info!(service = name, ?report, "stopped");
         Ok(())
     }

@@ -30,6 +30,13 @@
 //! * **Log volume is bounded.** A failure of one kind logs its detail once a minute per topic
 //!   ([`LogLimiter`]), with the number of occurrences it stands for; the rest is counted. No log
 //!   line carries more than a bounded slice of a message.
+//! * **Health is observed.** The loop beats [`Liveness`] every iteration and at least every
+//!   [`HEARTBEAT_EVERY`] while it waits (for a slot or a message), so an idle worker stays alive
+//!   and a wedged one goes silent; each running task is registered, so one that runs longer
+//!   than `stuck_task_after` shows. After [`RECEIVE_FAILURES_UNREADY`] failed receives in a row
+//!   the loop marks [`Readiness`] as failing (for buses without a connection to watch, such as
+//!   SNS/SQS and Pub/Sub, this is the signal); a delivery, or a wait of
+//!   [`RECEIVE_OK_AFTER`] without a failure, clears it.
 //! * **Metrics are current.** A task's outcome is counted the moment it is settled, not when the
 //!   loop next looks, so a scrape of an idle worker agrees with its log.
 //!
@@ -55,7 +62,14 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::health::{Health, Liveness, Readiness, DEFAULT_STUCK_TASK_AFTER, HEARTBEAT_EVERY};
 use crate::Shutdown;
+
+/// Failed receives in a row after which the worker reports its subscription as failing.
+pub const RECEIVE_FAILURES_UNREADY: u32 = 3;
+/// A receive that has waited this long without failing counts as working again (an idle
+/// subscription hands out nothing, yet is fine).
+pub const RECEIVE_OK_AFTER: Duration = Duration::from_secs(10);
 
 /// The default `max_body`: task bodies are small JSON documents; 256 KiB is SNS's whole message.
 pub const DEFAULT_MAX_BODY: usize = 256 * 1024;
@@ -116,6 +130,9 @@ pub struct WorkerConfig {
     /// The longest task body handled, in bytes; a longer one is rejected unread. The bus's own
     /// cap ([`Limits::max_body_bytes`]) lowers it further. Default [`DEFAULT_MAX_BODY`].
     pub max_body: usize,
+    /// A task running longer than this makes `/healthz` fail (the worker is presumed wedged).
+    /// Default [`DEFAULT_STUCK_TASK_AFTER`] (30 min).
+    pub stuck_task_after: Duration,
 }
 
 impl WorkerConfig {
@@ -130,6 +147,7 @@ impl WorkerConfig {
             backoff_max: Duration::from_secs(5 * 60),
             drain_grace: Duration::from_secs(25),
             max_body: DEFAULT_MAX_BODY,
+            stuck_task_after: DEFAULT_STUCK_TASK_AFTER,
         }
     }
 }
@@ -253,6 +271,8 @@ struct Context {
     max_body: usize,
     moved: MovedAside,
     logs: LogLimiter,
+    /// Where running tasks are registered (`/healthz`).
+    liveness: Liveness,
 }
 
 impl Context {
@@ -279,11 +299,33 @@ pub async fn run_worker(
     handler: Arc<dyn Handler>,
     shutdown: Shutdown,
 ) -> Result<WorkerReport, BusError> {
+    run_worker_observed(bus, config, handler, shutdown, Health::default()).await
+}
+
+/// As [`run_worker`], reporting to `health`: the loop's heartbeat and running tasks to its
+/// liveness (`/healthz`), a subscription that keeps failing to receive to its readiness
+/// (`/readyz`). Readiness is marked started once the subscription is open, and stopped when the
+/// loop stops receiving (at shutdown).
+pub async fn run_worker_observed(
+    bus: Arc<dyn Bus>,
+    config: WorkerConfig,
+    handler: Arc<dyn Handler>,
+    shutdown: Shutdown,
+    health: Health,
+) -> Result<WorkerReport, BusError> {
+    let Health {
+        readiness,
+        liveness,
+    } = health;
+    liveness.set_stuck_after(config.stuck_task_after);
+    liveness.beat();
     let concurrency = config.concurrency.max(1);
     let options = SubscribeOptions::new(config.group.clone())
         .lease(config.lease)
         .prefetch(concurrency);
     let mut subscription = bus.subscribe(&config.topic, options).await?;
+    // Consuming from here on; `/readyz` also follows the bus's connection and the receives.
+    readiness.set_ready(true);
     let limits = bus.limits();
     let max_body = config.max_body.min(limits.max_body_bytes());
     let ctx = Arc::new(Context {
@@ -294,6 +336,7 @@ pub async fn run_worker(
         max_body,
         moved: MovedAside::default(),
         logs: LogLimiter::new(Duration::from_secs(60)),
+        liveness: liveness.clone(),
     });
     let config = &ctx.config;
     let topic = config.topic.as_str();
@@ -301,28 +344,55 @@ pub async fn run_worker(
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut report = WorkerReport::default();
     let mut closed_by_bus = false;
+    let mut receive_failures = ReceiveFailures::new(topic, readiness);
+    let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(topic, group = %config.group, concurrency, max_body, bus = bus.name(), "worker started");
 
-    loop {
+    'receive: loop {
+        liveness.beat();
         while let Some(joined) = tasks.try_join_next() {
             report.count_join(topic, joined);
         }
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.wait() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed; if it were, there would be no slots to work in.
-                Err(_) => break,
-            },
+        // Both waits beat while they last: an idle worker, or one whose slots are all busy, is
+        // alive. Neither future is cancelled by a beat (a NATS `next` withdraws its pull when
+        // cancelled), only by shutdown.
+        let acquire = slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break 'receive,
+                permit = &mut acquire => match permit {
+                    Ok(permit) => break permit,
+                    // The semaphore is never closed; if it were, there would be no slots to work
+                    // in.
+                    Err(_) => break 'receive,
+                },
+                _ = ticks.tick() => liveness.beat(),
+            }
         };
-        let received = tokio::select! {
-            biased;
-            _ = shutdown.wait() => break,
-            received = subscription.next() => received,
+        let waiting_since = Instant::now();
+        let received = {
+            let next = subscription.next();
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break 'receive,
+                    received = &mut next => break received,
+                    _ = ticks.tick() => {
+                        liveness.beat();
+                        if waiting_since.elapsed() >= RECEIVE_OK_AFTER {
+                            receive_failures.ok();
+                        }
+                    }
+                }
+            }
         };
         match received {
             Ok(delivery) => {
+                receive_failures.ok();
                 tasks.spawn(process(ctx.clone(), delivery, permit));
             }
             Err(BusError::Closed) => {
@@ -334,6 +404,7 @@ pub async fn run_worker(
                 // A broker hiccup must not end the worker; give back the slot while waiting.
                 drop(permit);
                 let error = bounded_text(&error.to_string(), MAX_REASON_BYTES).into_owned();
+                receive_failures.failed(&error);
                 if let Some(occurrences) = ctx.may_log("receive") {
                     tracing::warn!(topic, %error, occurrences, "receiving failed; retrying in 1s");
                 }
@@ -345,6 +416,7 @@ pub async fn run_worker(
         }
     }
 
+    receive_failures.readiness.set_ready(false);
     tracing::info!(topic, in_flight = tasks.len(), "worker stopping; draining");
     if let Err(error) = subscription.close().await {
         tracing::warn!(topic, %error, "closing the subscription failed");
@@ -390,6 +462,42 @@ pub async fn run_worker(
     Ok(report)
 }
 
+/// Counts failed receives in a row and tells readiness when there are too many.
+struct ReceiveFailures<'a> {
+    topic: &'a str,
+    readiness: Readiness,
+    in_a_row: u32,
+}
+
+impl<'a> ReceiveFailures<'a> {
+    fn new(topic: &'a str, readiness: Readiness) -> Self {
+        ReceiveFailures {
+            topic,
+            readiness,
+            in_a_row: 0,
+        }
+    }
+
+    fn failed(&mut self, error: &str) {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        if self.in_a_row >= RECEIVE_FAILURES_UNREADY {
+            self.readiness.set_receive_failing(Some(format!(
+                "receiving from {} failed {} times in a row: {}",
+                self.topic,
+                self.in_a_row,
+                bounded_text(error, 200)
+            )));
+        }
+    }
+
+    fn ok(&mut self) {
+        if self.in_a_row > 0 {
+            self.in_a_row = 0;
+            self.readiness.set_receive_failing(None);
+        }
+    }
+}
+
 /// Keeps `millrace_tasks_in_flight` right however the task ends, including by abort.
 struct InFlightGauge(metrics::Gauge);
 
@@ -416,14 +524,18 @@ async fn process(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphoreP
         attempt: delivery.attempt,
         topic: ctx.config.topic.clone(),
     };
-    let span = tracing::info_span!(
-        "task",
-        topic = %task.topic,
-        message_id = %bounded_text(&task.message_id, 128),
-        attempt = task.attempt
+    // The publisher's trace continues here (OpenTelemetry's consumer span).
+    let span = crate::propagation::consumer_span(
+        ctx.bus.name(),
+        &task.topic,
+        &ctx.config.group,
+        &bounded_text(&task.message_id, 128),
+        task.attempt,
+        &task.attributes,
     );
     async move {
         let _gauge = InFlightGauge::new(&task.topic);
+        let _running = ctx.liveness.task_started();
         let started = Instant::now();
         let result = if task.body.len() > ctx.max_body {
             // Not read beyond its length: nothing in it can be trusted to be worth parsing.
@@ -572,16 +684,16 @@ async fn move_aside(
         return outcome;
     }
     let attempt = task.attempt.to_string();
-    let (message, trimmed) = bound_copy(
-        &task.body,
-        &[
-            (ATTR_REASON, reason),
-            (ATTR_ATTEMPT, &attempt),
-            (ATTR_ORIGIN_TOPIC, &task.topic),
-        ],
-        &task.attributes,
-        &ctx.limits,
-    );
+    let mut ours = vec![
+        (ATTR_REASON, reason),
+        (ATTR_ATTEMPT, attempt.as_str()),
+        (ATTR_ORIGIN_TOPIC, task.topic.as_str()),
+    ];
+    // The copy stays in the original's trace, whatever else of it has to go.
+    if let Some(parent) = task.attributes.get(crate::propagation::TRACEPARENT) {
+        ours.push((crate::propagation::TRACEPARENT, parent.as_str()));
+    }
+    let (message, trimmed) = bound_copy(&task.body, &ours, &task.attributes, &ctx.limits);
     if trimmed.body_cut_from.is_some() || trimmed.dropped_attributes > 0 {
         metrics::counter!("millrace_copies_trimmed_total", "topic" => task.topic.clone())
             .increment(1);
