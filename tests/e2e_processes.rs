@@ -453,8 +453,13 @@ fn e2e(bus_url: &str, label: &str, stores: Stores, env: &[(&str, &str)], plain: 
         stores,
         env,
         plain,
+        None,
     )
 }
+
+/// A check run while the fleet still runs, every result in, with each service's name and its
+/// metrics address (`127.0.0.1:PORT`).
+type WhileRunning<'a> = &'a dyn Fn(&[(String, String)]);
 
 /// What each service's `/metrics` showed once every result was in (service name → text).
 type Scraped = Vec<(String, String)>;
@@ -474,6 +479,7 @@ fn e2e_with(
     stores: Stores,
     env: &[(&str, &str)],
     plain: Plain,
+    while_running: Option<WhileRunning>,
 ) -> Scraped {
     let bus_url = urls.test;
     let _turn = ONE_AT_A_TIME
@@ -669,8 +675,10 @@ fn e2e_with(
     let report = String::from_utf8_lossy(&status.stdout).to_string();
     watchdog.step("scraping every service's /metrics");
     let mut scraped = Vec::new();
+    let mut addresses = Vec::new();
     for (name, _) in &fleet.children {
         let addr = fleet.logged_address(name, "metrics=");
+        addresses.push((name.clone(), addr.clone()));
         let text = runtime
             .block_on(async {
                 reqwest::get(format!("http://{addr}/metrics"))
@@ -680,6 +688,10 @@ fn e2e_with(
             })
             .unwrap_or_else(|e| panic!("{label}: scraping {name}'s /metrics at {addr}: {e}"));
         scraped.push((name.clone(), text));
+    }
+    if let Some(check) = while_running {
+        watchdog.step("checking the running fleet (a real Prometheus scraping it)");
+        check(&addresses);
     }
     watchdog.step("waiting for the hostile corpus to be published");
     let published = publisher.join();
@@ -860,6 +872,7 @@ fn e2e_amqp() {
         Stores::Files,
         &[(VAR, &user.password)],
         Plain::Amqp,
+        None,
     );
 }
 
@@ -870,8 +883,13 @@ fn e2e_amqp() {
 fn e2e_nats() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (endpoint, received) = otlp::start(&runtime);
-    let scraped = e2e(
-        "nats://127.0.0.1:4222",
+    let url = "nats://127.0.0.1:4222";
+    let scraped = e2e_with(
+        BusUrls {
+            services: url,
+            test: url,
+            secret: None,
+        },
         "nats",
         Stores::Files,
         &[
@@ -879,6 +897,7 @@ fn e2e_nats() {
             ("OTEL_BSP_SCHEDULE_DELAY", "500"),
         ],
         Plain::Nats,
+        Some(&prometheus_scrapes_every_queried_metric),
     );
     assert!(
         received.undecodable().is_empty(),
@@ -980,6 +999,106 @@ fn check_metrics_reference(scraped: &Scraped) {
         "metrics reference: {} documented, {} exported by this fleet",
         documented.len(),
         exported.len()
+    );
+}
+
+/// A real Prometheus (scripts/prometheus.sh, Debian's package) scrapes the running fleet: every
+/// metric the dashboard and the alert rules in deploy/monitoring query must be in it, by the
+/// exact name the query uses.
+fn prometheus_scrapes_every_queried_metric(services: &[(String, String)]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut queried = std::collections::BTreeSet::new();
+    for file in [
+        "deploy/monitoring/prometheus-rules.yaml",
+        "deploy/monitoring/grafana-dashboard.json",
+    ] {
+        let text = std::fs::read_to_string(root.join(file))
+            .unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        for (at, _) in text.match_indices("millrace_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            queried.insert(name);
+        }
+    }
+    assert!(
+        queried.len() > 10,
+        "too few metrics found in deploy/monitoring: {queried:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    let targets: Vec<String> = services.iter().map(|(_, a)| format!("'{a}'")).collect();
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: millrace\n    \
+             static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let script = root.join("scripts/prometheus.sh");
+    let started = Command::new(&script)
+        .arg("start")
+        .arg(&config)
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/prometheus.sh start: {e}"));
+    struct Stop(PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = Command::new(&self.0).arg("stop").output();
+        }
+    }
+    let _stop = Stop(script.clone());
+    assert!(
+        started.status.success(),
+        "scripts/prometheus.sh start failed:\n{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let address = String::from_utf8_lossy(&started.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        address.starts_with("http://"),
+        "scripts/prometheus.sh start printed {address:?}"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let names = |url: String| -> Vec<String> {
+        runtime
+            .block_on(async { reqwest::get(url).await.ok()?.text().await.ok() })
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| {
+                v.get("data")?.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|n| n.as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let known = names(format!("{address}/api/v1/label/__name__/values"));
+        let missing: Vec<&String> = queried.iter().filter(|q| !known.contains(q)).collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        missing.is_empty(),
+        "Prometheus scraped the running fleet ({} targets), but these metrics that \
+         deploy/monitoring queries are not in it: {missing:?}",
+        services.len()
+    );
+    println!(
+        "prometheus: all {} metrics the dashboard and the alert rules query were scraped from {} services",
+        queried.len(),
+        services.len()
     );
 }
 

@@ -58,7 +58,7 @@ use millrace_protocol::tasks::{
     topics, AggregateTask, SumPartReady, TaskMessage, SUM_PART_READY_VERSION,
 };
 use millrace_protocol::vdaf::{Accumulator, Prio3Vdaf, ReportId};
-use millrace_runtime::{lag, propagation, Handler, Task, TaskError};
+use millrace_runtime::{lag, propagation, zeroed, Handler, Task, TaskError};
 use millrace_store::Store;
 
 pub struct AggregateWorker {
@@ -131,6 +131,15 @@ impl AggregateWorker {
         // Every signing key this facilitator has had: states signed before a rotation stay
         // readable.
         let own_keys = facilitator_keys.only(config.facilitator_name(facilitator)?);
+        for a in &config.aggregations {
+            zeroed::counter(
+                "millrace_windows_refused_total",
+                &[
+                    ("aggregation", &a.id),
+                    ("by", config.facilitator_name(facilitator)?),
+                ],
+            );
+        }
         let mut digests = BTreeMap::new();
         for a in &config.aggregations {
             digests.insert(a.id.clone(), config.aggregation_digest(a)?);

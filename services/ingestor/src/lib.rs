@@ -22,6 +22,8 @@ pub mod batcher;
 pub mod problem;
 
 use std::collections::HashMap;
+
+use millrace_runtime::zeroed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,12 +178,29 @@ impl Ingestor {
                 settings.max_pending_bytes, settings.max_body_bytes
             )));
         }
+        zeroed::counter("millrace_ingestor_overloaded_total", &[]);
+        for facilitator in ["0", "1"] {
+            zeroed::counter(
+                "millrace_ingestor_store_errors_total",
+                &[("facilitator", facilitator)],
+            );
+        }
         let mut aggregations = HashMap::new();
         for agg in config
             .aggregations
             .iter()
             .filter(|a| a.ingestors.iter().any(|i| i == name))
         {
+            zeroed::counter(
+                "millrace_ingestor_batches_failed_total",
+                &[("aggregation", &agg.id)],
+            );
+            for problem in [ProblemKind::Overloaded, ProblemKind::Unavailable] {
+                zeroed::counter(
+                    "millrace_ingestor_refusals_total",
+                    &[("aggregation", &agg.id), ("problem", problem.slug())],
+                );
+            }
             let mut keys: [Vec<(u8, Validity)>; 2] = [Vec::new(), Vec::new()];
             for (f, list) in keys.iter_mut().enumerate() {
                 for k in facilitator_hpke_entries(&config, f as u8) {

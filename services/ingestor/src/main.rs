@@ -45,6 +45,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     millrace_runtime::telemetry::init_logging("info");
+    // The recorder first: the ingestor registers its failure counters at zero when it is made.
+    if health::metrics_handle().is_none() {
+        anyhow::bail!("ingestor: cannot install the metrics recorder");
+    }
     let config = Arc::new(Config::load(&args.config)?);
     let stores = [
         Store::open(&args.store0).context("facilitator 0's store")?,

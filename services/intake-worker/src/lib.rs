@@ -38,7 +38,7 @@ use millrace_protocol::formats::{
 };
 use millrace_protocol::layout::{ingestion_key, states_key, validation_key, Partition};
 use millrace_protocol::tasks::{IntakeTask, TaskMessage};
-use millrace_runtime::{lag, propagation, Handler, Task, TaskError};
+use millrace_runtime::{lag, propagation, zeroed, Handler, Task, TaskError};
 use millrace_store::Store;
 
 /// What one intake-worker needs.
@@ -76,6 +76,9 @@ impl IntakeWorker {
         own: Store,
         peer: Store,
     ) -> anyhow::Result<Self> {
+        for a in &config.aggregations {
+            zeroed::counter("millrace_batches_rejected_total", &[("aggregation", &a.id)]);
+        }
         let signer = config.facilitator_signer(facilitator)?;
         let hpke = Arc::new(config.hpke_private_keys(facilitator)?);
         let ingestors = config.ingestor_keys()?;

@@ -58,7 +58,7 @@ use millrace_protocol::results::{
     AggregationResult, Computation, ComputationState, COMPUTATION_VERSION, RESULT_VERSION,
 };
 use millrace_protocol::tasks::{topics, ResultReady, SumPartReady, TaskMessage, TASK_VERSION};
-use millrace_runtime::{lag, propagation, Handler, Shutdown, Task, TaskError};
+use millrace_runtime::{lag, propagation, zeroed, Handler, Shutdown, Task, TaskError};
 use millrace_store::markers::{self, Claim};
 use millrace_store::{Store, StoreError};
 
@@ -164,6 +164,11 @@ impl Mill {
         let facilitator_keys = config.facilitator_keys()?;
         let digests = config.aggregation_digests();
         for a in &config.aggregations {
+            zeroed::counter("millrace_windows_failed_total", &[("aggregation", &a.id)]);
+            zeroed::counter(
+                "millrace_windows_refused_total",
+                &[("aggregation", &a.id), ("by", "mill")],
+            );
             if !digests.contains_key(&a.id) {
                 tracing::warn!(aggregation = %a.id, "no verify_key_id and no readable verify key: sum-part-ready messages of this aggregation are not checked against its aggregation digest (the two parts are still compared with each other)");
             }

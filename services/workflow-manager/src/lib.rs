@@ -55,8 +55,10 @@ use millrace_protocol::agreement::AggregationDigest;
 use millrace_protocol::config::Aggregation;
 use millrace_protocol::config::Config;
 use millrace_protocol::crypto::{KeyRing, Signer25519};
+use millrace_protocol::formats::ExclusionReason;
 use millrace_runtime::health::{Liveness, HEARTBEAT_EVERY};
 use millrace_runtime::propagation::{publish, SpanContext};
+use millrace_runtime::zeroed;
 use millrace_runtime::Shutdown;
 use millrace_store::markers::{self, Claim};
 use millrace_store::{LogLimiter, Store};
@@ -262,6 +264,32 @@ impl WorkflowManager {
     }
 
     pub fn new(config: Arc<Config>, store: Store, bus: Arc<dyn Bus>, settings: Settings) -> Self {
+        for agg in &config.aggregations {
+            let id = agg.id.as_str();
+            for cause in ["store", "bus", "setup", "window"] {
+                zeroed::counter(
+                    "millrace_pass_failures_total",
+                    &[("aggregation", id), ("cause", cause)],
+                );
+            }
+            for reason in [
+                ExclusionReason::PeerMissing,
+                ExclusionReason::MaxAge,
+                ExclusionReason::BeyondHorizon,
+            ] {
+                zeroed::counter(
+                    "millrace_batches_excluded_total",
+                    &[("aggregation", id), ("reason", reason.label())],
+                );
+            }
+            for name in [
+                "millrace_batches_late_total",
+                "millrace_manifests_refused_total",
+                "millrace_windows_failed_total",
+            ] {
+                zeroed::counter(name, &[("aggregation", id)]);
+            }
+        }
         let signer = (settings.facilitator == windows::LEADER).then(|| {
             config.facilitator_signer(windows::LEADER).map_err(|e| {
                 format!(

@@ -12,6 +12,7 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;
+pub mod zeroed;
 
 pub use shutdown::Shutdown;
 pub use worker::{

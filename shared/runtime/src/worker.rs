@@ -326,6 +326,18 @@ pub async fn run_worker_observed(
     let mut subscription = bus.subscribe(&config.topic, options).await?;
     // Consuming from here on; `/readyz` also follows the bus's connection and the receives.
     readiness.set_ready(true);
+    for outcome in ["dead", "rejected"] {
+        crate::zeroed::counter(
+            "millrace_tasks_total",
+            &[("topic", &config.topic), ("outcome", outcome)],
+        );
+    }
+    for to in [dead_topic(&config.topic), rejected_topic(&config.topic)] {
+        crate::zeroed::counter(
+            "millrace_messages_unmovable_total",
+            &[("topic", &config.topic), ("to", &to)],
+        );
+    }
     let limits = bus.limits();
     let max_body = config.max_body.min(limits.max_body_bytes());
     let ctx = Arc::new(Context {
