@@ -966,6 +966,7 @@ fn check_metrics_reference(scraped: &Scraped) {
         "millrace_reports_validated_total",
         "millrace_windows_succeeded_total",
         "millrace_ingestor_reports_accepted_total",
+        "millrace_task_attempts",
         millrace_runtime::lag::BATCH_INTAKE,
         millrace_runtime::lag::BATCH_VALIDATION,
         millrace_runtime::lag::WINDOW_MANIFEST,
@@ -978,16 +979,16 @@ fn check_metrics_reference(scraped: &Scraped) {
             ));
         }
     }
-    for name in millrace_runtime::lag::ALL {
+    let lags = millrace_runtime::lag::ALL.map(|name| (name, "86400"));
+    for (name, last) in lags.into_iter().chain([("millrace_task_attempts", "21")]) {
         let bucket = format!("{name}_bucket{{");
+        let le = format!("le=\"{last}\"");
         let has_buckets = scraped.iter().any(|(_, text)| {
             text.lines()
-                .any(|l| l.starts_with(&bucket) && l.contains("le=\"86400\""))
+                .any(|l| l.starts_with(&bucket) && l.contains(&le))
         });
         if !has_buckets {
-            problems.push(format!(
-                "{name} has no explicit buckets (no le=\"86400\" bucket)"
-            ));
+            problems.push(format!("{name} has no explicit buckets (no {le} bucket)"));
         }
     }
     assert!(

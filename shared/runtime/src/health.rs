@@ -279,6 +279,12 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                     Matcher::Suffix("_lag_seconds".to_string()),
                     &crate::lag::BUCKETS,
                 )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Full("millrace_task_attempts".to_string()),
+                        &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
+                    )
+                })
                 .ok()
                 .and_then(|builder| builder.install_recorder().ok())
         })

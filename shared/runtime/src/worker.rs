@@ -572,6 +572,9 @@ async fn process(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphoreP
         };
         metrics::histogram!("millrace_task_duration_seconds", "topic" => task.topic.clone())
             .record(started.elapsed().as_secs_f64());
+        // Which delivery of its message this was: retries show as mass above 1.
+        metrics::histogram!("millrace_task_attempts", "topic" => task.topic.clone())
+            .record(f64::from(task.attempt));
         settle(&ctx, &task, delivery, result)
             .await
             .record(&task.topic)
