@@ -2124,12 +2124,9 @@ mod view_tests {
         (config, stores, w)
     }
 
-    #[tokio::test]
-    async fn the_json_view_is_versioned_with_a_fixed_shape() {
-        let dir = tempfile::tempdir().unwrap();
-        let now = chrono::Utc::now().timestamp();
-        let (config, stores, w) = small_state(dir.path(), now).await;
-        // A FAILED window of another aggregation in the collector's store.
+    /// A FAILED record, saying `detail`, for a window of "spend" five hours ago, in the
+    /// collector's store; returns that window.
+    async fn write_failed(stores: &StatusStores, now: i64, detail: &str) -> Window {
         let failed = Window::containing(now - 5 * HOUR, HOUR);
         let record = Computation {
             version: COMPUTATION_VERSION,
@@ -2139,13 +2136,24 @@ mod view_tests {
             generation: 0,
             updated_at: now,
             since: None,
-            detail: Some("sum part of facilitator 1 (beta) never came".into()),
+            detail: Some(detail.into()),
         };
         stores
             .collector
             .create(&computation_key("spend", failed), record.to_json())
             .await
             .unwrap();
+        failed
+    }
+
+    #[tokio::test]
+    async fn the_json_view_is_versioned_with_a_fixed_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let (config, stores, w) = small_state(dir.path(), now).await;
+        // A FAILED window of another aggregation in the collector's store.
+        let failed =
+            write_failed(&stores, now, "sum part of facilitator 1 (beta) never came").await;
         let view = build_view(&config, &stores, None, now).await.unwrap();
         let json = serde_json::to_value(&view).unwrap();
         let keys = |v: &serde_json::Value| -> Vec<String> {
@@ -2234,22 +2242,7 @@ mod view_tests {
         let dir = tempfile::tempdir().unwrap();
         let now = chrono::Utc::now().timestamp();
         let (config, stores, _) = small_state(dir.path(), now).await;
-        let failed = Window::containing(now - 5 * HOUR, HOUR);
-        let record = Computation {
-            version: COMPUTATION_VERSION,
-            aggregation: "spend".into(),
-            window: failed.name(),
-            state: ComputationState::Failed,
-            generation: 0,
-            updated_at: now,
-            since: None,
-            detail: Some("<script>alert('x')</script> & \"more\"".into()),
-        };
-        stores
-            .collector
-            .create(&computation_key("spend", failed), record.to_json())
-            .await
-            .unwrap();
+        let failed = write_failed(&stores, now, "<script>alert('x')</script> & \"more\"").await;
         let view = build_view(&config, &stores, None, now).await.unwrap();
         let page = render_html(&view, Duration::from_secs(5), Some("<b>boom</b>"));
         assert!(!page.contains("<script>alert"), "{page}");
